@@ -1,0 +1,19 @@
+// The native half of dyad-fs: only what JavaScript cannot do by itself on
+// /dev/fuse (mount, non-blocking reads on the loop, writev replies, ioctls).
+// Nothing here knows about DYAD.
+#include <napi.h>
+
+#include "device.h"
+#include "mount.h"
+
+static Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  exports.Set("FuseDevice", FuseDevice::Init(env));
+  exports.Set("openDevice", Napi::Function::New(env, OpenDevice));
+  exports.Set("mount", Napi::Function::New(env, Mount));
+  exports.Set("umount", Napi::Function::New(env, Umount));
+  exports.Set("closeFd", Napi::Function::New(env, CloseFd));
+  exports.Set("fusermountMount", Napi::Function::New(env, FusermountMount));
+  return exports;
+}
+
+NODE_API_MODULE(dyadfuse, Init)
