@@ -5,6 +5,7 @@
 
 #include "device.h"
 #include "mount.h"
+#include "sys.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("FuseDevice", FuseDevice::Init(env));
@@ -13,6 +14,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("umount", Napi::Function::New(env, Umount));
   exports.Set("closeFd", Napi::Function::New(env, CloseFd));
   exports.Set("fusermountMount", Napi::Function::New(env, FusermountMount));
+  exports.Set("fallocate", Napi::Function::New(env, Fallocate));
+  exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("utimens", Napi::Function::New(env, Utimens));
   return exports;
 }
 

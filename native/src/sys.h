@@ -1,0 +1,7 @@
+// Plain system-call wrappers; see sys.cc.
+#pragma once
+#include <napi.h>
+
+Napi::Value Fallocate(const Napi::CallbackInfo& info);
+Napi::Value Lseek(const Napi::CallbackInfo& info);
+Napi::Value Utimens(const Napi::CallbackInfo& info);

@@ -1,0 +1,121 @@
+/**
+ * dyad-mount: mount a DYAD managed directory and serve it.
+ *
+ * Runs in the foreground (what systemd, Slurm and Flux want); --background
+ * starts a copy of itself and returns once the mount answers.
+ */
+import { Command, InvalidArgumentError, Option } from 'commander';
+import { spawn } from 'node:child_process';
+import fs from 'node:fs';
+import { Daemon } from '../node/daemon.js';
+import { Logger, type Level } from '../node/log.js';
+import { DyadError } from '../errors.js';
+
+function positiveNumber(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`${name} must be a number >= 0`);
+    return n;
+  };
+}
+
+const program = new Command('dyad-mount')
+  .description('Mount a DYAD managed directory (DMD) backed by node-local storage.')
+  .argument('<mountpoint>', 'directory to mount over; by default its own contents are the storage')
+  .option('--storage <dir>', 'serve this directory instead of the mountpoint\'s own contents')
+  .addOption(
+    new Option('--passthrough <mode>', 'kernel passthrough for local reads and writes (needs root and Linux 6.9+)')
+      .choices(['auto', 'off'])
+      .default('auto'),
+  )
+  .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
+  .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin'), 0)
+  .option('--background', 'start the daemon in the background and return once the mount is ready')
+  .option('--log <file>', 'append log lines to this file instead of stderr')
+  .addOption(new Option('--log-level <level>', 'log verbosity').choices(['error', 'warn', 'info', 'debug']).default('info'))
+  .showHelpAfterError('(run dyad-mount --help for usage)');
+
+program.parse();
+const opts = program.opts<{
+  storage?: string;
+  passthrough: 'auto' | 'off';
+  attrTimeout: number;
+  spin: number;
+  background?: boolean;
+  log?: string;
+  logLevel: Level;
+}>();
+const mountpoint = program.args[0]!;
+
+function fail(err: unknown): never {
+  const msg = err instanceof DyadError ? err.message : err instanceof Error ? err.message : String(err);
+  process.stderr.write(`dyad-mount: ${msg}\n`);
+  process.exit(1);
+}
+
+async function background(): Promise<void> {
+  const args = process.argv.slice(2).filter((a) => a !== '--background');
+  const logFd = opts.log ? fs.openSync(opts.log, 'a') : 'ignore';
+  if (!opts.log) process.stderr.write(`dyad-mount: no --log given: the background daemon's log lines are discarded\n`);
+  const child = spawn(process.execPath, [process.argv[1]!, ...args], {
+    detached: true,
+    stdio: ['ignore', logFd, logFd === 'ignore' ? 'pipe' : logFd, 'ipc'],
+    env: { ...process.env, DYAD_MOUNT_READY_IPC: '1' },
+  });
+  let errText = '';
+  child.stderr?.on('data', (d: Buffer) => (errText += d.toString()));
+  await new Promise<void>((resolve) => {
+    child.on('message', (m: { ready?: boolean }) => {
+      if (m.ready) {
+        process.stdout.write(`dyad-mount: ${mountpoint} mounted (daemon pid ${child.pid})\n`);
+        child.disconnect();
+        child.stderr?.destroy();
+        child.unref();
+        resolve();
+      }
+    });
+    child.on('exit', (code) => {
+      process.stderr.write(errText || `dyad-mount: daemon exited with code ${code}\n`);
+      process.exit(code || 1);
+    });
+  });
+  process.exit(0);
+}
+
+async function foreground(): Promise<void> {
+  if (opts.log) {
+    const out = fs.createWriteStream(opts.log, { flags: 'a' });
+    process.stderr.write = out.write.bind(out) as typeof process.stderr.write;
+  }
+  const logger = new Logger('dyad-mount', opts.logLevel);
+  const daemon = new Daemon({
+    mountpoint,
+    storage: opts.storage,
+    passthrough: opts.passthrough,
+    ttlMs: opts.attrTimeout * 1000,
+    spinUs: opts.spin,
+    logger,
+  });
+  await daemon.start();
+  let stopping = false;
+  const stop = async (why: string) => {
+    if (stopping) return;
+    stopping = true;
+    logger.info(`${why}: unmounting ${daemon.mountpoint}`);
+    await daemon.stop();
+    process.exit(0);
+  };
+  process.on('SIGINT', () => void stop('SIGINT'));
+  process.on('SIGTERM', () => void stop('SIGTERM'));
+  daemon.onUnmounted(() => {
+    logger.info(`${daemon.mountpoint} was unmounted`);
+    void daemon.stop().then(() => process.exit(0));
+  });
+  if (process.env.DYAD_MOUNT_READY_IPC && process.send) {
+    process.send({ ready: true });
+    // The starter has gone; without --log there is no one left to read stderr.
+    if (!opts.log) process.stderr.write = (() => true) as typeof process.stderr.write;
+  }
+}
+
+(opts.background ? background() : foreground()).catch(fail);

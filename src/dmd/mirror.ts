@@ -1,0 +1,602 @@
+/**
+ * The managed directory as a faithful mirror of its storage: every FUSE
+ * operation becomes the same operation on the backing directory.
+ *
+ * With kernel passthrough, an open file is registered with the kernel once
+ * per inode (the kernel refuses two different backing files for one inode),
+ * and reads, writes and mmap never reach the daemon. Without it the daemon
+ * serves READ straight from the backing fd in native code.
+ *
+ * DYAD behaviour (waiting for missing files, publishing on close) is added
+ * by subclasses through the protected hooks at the bottom.
+ */
+import fs from 'node:fs';
+import { EventEmitter } from 'node:events';
+import { FATTR_ATIME, FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FATTR_UID, FUSE_ROOT_ID, RENAME_EXCHANGE, RENAME_NOREPLACE } from '../fuse/abi.js';
+import { InodeTable } from '../fuse/inodes.js';
+import { native } from '../fuse/native.js';
+import type { FuseSession } from '../fuse/session.js';
+import type {
+  AttrReply,
+  CreateReply,
+  DirEntry,
+  Entry,
+  FdSlice,
+  FileSystem,
+  OpenReply,
+  RequestContext,
+  SetAttrIn,
+  StatFs,
+} from '../fuse/types.js';
+import { callerOf, type Caller } from '../fuse/caller.js';
+import { DyadError, errnos } from '../errors.js';
+import { Storage, fstat, lstat, toAttr } from './storage.js';
+
+const O_ACCMODE = 3;
+const { O_RDONLY, O_RDWR, O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_TRUNC, O_NOFOLLOW, O_DIRECT, O_SYNC, O_DSYNC, O_NOATIME } =
+  fs.constants;
+const S_IFMT = 0o170000;
+const S_IFDIR = 0o040000;
+const S_ISGID = 0o2000;
+
+/** A file or directory the kernel knows by a node id. */
+export interface Node {
+  id: number;
+  parent: Node | undefined;
+  name: string;
+  ino: number;
+  isDir: boolean;
+  /** Shared passthrough registration: one per inode, as the kernel requires. */
+  backing?: { fd: number; id: number; refs: number };
+  /** Our fds opened on this node, for fstat after unlink. */
+  openFds: Set<number>;
+  unlinked: boolean;
+  /** Other names of a hard-linked file, so unlinking one keeps the node reachable. */
+  aliases?: Array<{ parent: Node; name: string }>;
+}
+
+export interface Handle {
+  fd: number;
+  node: Node;
+  flags: number;
+  passthrough: boolean;
+  /** Opened for writing (the DMD publishes such files when closed). */
+  writable: boolean;
+}
+
+interface DirHandle {
+  node: Node;
+  entries: Array<{ name: string; mode: number; ino: number }>;
+}
+
+export interface MirrorOptions {
+  /** Use kernel passthrough when the session negotiated it. */
+  passthrough?: boolean;
+  /** Entry and attribute validity for local files, in ms. */
+  ttlMs?: number;
+}
+
+export class MirrorFs extends EventEmitter implements FileSystem {
+  protected readonly nodes: InodeTable<Node>;
+  protected readonly byIno = new Map<number, Node>();
+  protected readonly handles = new Map<number, Handle>();
+  private readonly dirs = new Map<number, DirHandle>();
+  private nextFh = 1;
+  protected session?: FuseSession;
+  protected passthrough = false;
+  protected readonly ttlMs: number;
+  private readonly wantPassthrough: boolean;
+  private readonly isRoot = process.getuid?.() === 0;
+
+  constructor(readonly storage: Storage, opts: MirrorOptions = {}) {
+    super();
+    this.ttlMs = opts.ttlMs ?? 60_000;
+    this.wantPassthrough = opts.passthrough ?? true;
+    const st = lstat(storage.root);
+    const root: Node = {
+      id: FUSE_ROOT_ID,
+      parent: undefined,
+      name: '',
+      ino: Number(st.ino),
+      isDir: true,
+      openFds: new Set(),
+      unlinked: false,
+    };
+    this.nodes = new InodeTable(root);
+  }
+
+  attach(session: FuseSession): void {
+    this.session = session;
+  }
+
+  init(info: { passthrough: boolean }): void {
+    this.passthrough = this.wantPassthrough && info.passthrough;
+    // The kernel already applied the caller's umask to every mode we get.
+    process.umask(0);
+  }
+
+  get passthroughActive(): boolean {
+    return this.passthrough;
+  }
+
+  get nodeCount(): number {
+    return this.nodes.size;
+  }
+
+  // ---- paths and nodes -----------------------------------------------
+
+  /** Path of a node relative to the storage root. */
+  protected rel(node: Node): string {
+    if (!node.parent) return '';
+    const parts: string[] = [];
+    for (let n: Node | undefined = node; n && n.parent; n = n.parent) parts.push(n.name);
+    return parts.reverse().join('/');
+  }
+
+  protected childRel(parent: Node, name: string): string {
+    const p = this.rel(parent);
+    return p === '' ? name : `${p}/${name}`;
+  }
+
+  protected node(nodeid: number): Node {
+    const n = this.nodes.get(nodeid);
+    if (!n) throw new DyadError('DYAD_ESTALE', errnos.ESTALE, `unknown node id ${nodeid}`);
+    return n;
+  }
+
+  protected abs(node: Node): string {
+    return this.storage.abs(this.rel(node));
+  }
+
+  /** Registers (or finds) the node for a stat'ed child and counts a lookup. */
+  protected entryFor(parent: Node, name: string, st: fs.BigIntStats): Entry {
+    const ino = Number(st.ino);
+    const isDir = (Number(st.mode) & S_IFMT) === S_IFDIR;
+    let node = this.byIno.get(ino);
+    if (node && node.isDir !== isDir) {
+      // The inode number was reused by a file of another type.
+      this.byIno.delete(ino);
+      node = undefined;
+    }
+    if (node) {
+      if (node.isDir || Number(st.nlink) <= 1) {
+        // A rename we did not see: follow the latest name.
+        node.parent = parent;
+        node.name = name;
+      } else if (node.parent !== parent || node.name !== name) {
+        node.aliases ??= [];
+        if (!node.aliases.some((a) => a.parent === parent && a.name === name)) node.aliases.push({ parent, name });
+      }
+    } else {
+      node = { id: 0, parent, name, ino, isDir, openFds: new Set(), unlinked: false };
+      node.id = this.nodes.add(node);
+      this.byIno.set(ino, node);
+    }
+    this.nodes.ref(node.id);
+    return { nodeid: node.id, generation: 0, attr: toAttr(st), entryTtlMs: this.ttlMs, attrTtlMs: this.ttlMs };
+  }
+
+  /** Makes a new file belong to the caller (the daemon runs as root). */
+  protected own(ctx: RequestContext, parent: Node, p: string): void {
+    if (!this.isRoot || (ctx.uid === 0 && ctx.gid === 0)) return;
+    let gid = ctx.gid;
+    const pst = fs.statSync(this.abs(parent));
+    if (pst.mode & S_ISGID) gid = pst.gid;
+    fs.lchownSync(p, ctx.uid, gid);
+  }
+
+  // ---- lookups ---------------------------------------------------------
+
+  lookup(ctx: RequestContext, parent: number, name: string): Entry | Promise<Entry> {
+    const dir = this.node(parent);
+    let st: fs.BigIntStats;
+    try {
+      st = lstat(this.storage.abs(this.childRel(dir, name)));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+      return this.lookupMissing(ctx, dir, name, callerOf(ctx.pid));
+    }
+    return this.entryFor(dir, name, st);
+  }
+
+  forget(nodeid: number, nlookup: number): void {
+    const node = this.nodes.forget(nodeid, nlookup);
+    if (!node) return;
+    if (this.byIno.get(node.ino) === node) this.byIno.delete(node.ino);
+    if (node.backing) {
+      this.session?.backingClose(node.backing.id);
+      fs.closeSync(node.backing.fd);
+      node.backing = undefined;
+    }
+  }
+
+  getattr(ctx: RequestContext, nodeid: number, fh: number | undefined): AttrReply | Promise<AttrReply> {
+    const node = this.node(nodeid);
+    const h = fh !== undefined ? this.handles.get(fh) : undefined;
+    const fd = h?.fd ?? (node.unlinked ? node.openFds.values().next().value : undefined) ?? node.backing?.fd;
+    const st = fd !== undefined ? fstat(fd) : lstat(this.abs(node));
+    return { attr: toAttr(st), ttlMs: this.ttlMs };
+  }
+
+  setattr(ctx: RequestContext, nodeid: number, s: SetAttrIn): AttrReply | Promise<AttrReply> {
+    const node = this.node(nodeid);
+    const p = this.abs(node);
+    const h = s.fh !== undefined ? this.handles.get(s.fh) : undefined;
+    if (s.valid & FATTR_MODE && s.mode !== undefined) {
+      if (h) fs.fchmodSync(h.fd, s.mode & 0o7777);
+      else fs.chmodSync(p, s.mode & 0o7777);
+    }
+    if (s.valid & (FATTR_UID | FATTR_GID)) {
+      const uid = s.valid & FATTR_UID ? (s.uid ?? -1) : -1;
+      const gid = s.valid & FATTR_GID ? (s.gid ?? -1) : -1;
+      fs.lchownSync(p, uid, gid);
+    }
+    if (s.valid & FATTR_SIZE && s.size !== undefined) {
+      const fd = h?.fd ?? node.backing?.fd;
+      if (fd !== undefined) fs.ftruncateSync(fd, s.size);
+      else fs.truncateSync(p, s.size);
+    }
+    if (s.valid & (FATTR_ATIME | FATTR_MTIME)) {
+      const split = (t: bigint | 'now' | undefined, set: boolean): [number, number] => {
+        if (!set || t === undefined) return [0, -2]; // UTIME_OMIT
+        if (t === 'now') return [0, -1]; // UTIME_NOW
+        return [Number(t / 1_000_000_000n), Number(t % 1_000_000_000n)];
+      };
+      const [as, an] = split(s.atimeNs, (s.valid & FATTR_ATIME) !== 0);
+      const [ms, mn] = split(s.mtimeNs, (s.valid & FATTR_MTIME) !== 0);
+      const rc = native.utimens(p, as, an, ms, mn, true);
+      if (rc < 0) throw new DyadError('DYAD_ESETATTR', -rc, `utimens ${this.rel(node)} failed`);
+    }
+    const fd = h?.fd ?? node.backing?.fd;
+    const st = fd !== undefined ? fstat(fd) : lstat(p);
+    this.afterChange(node);
+    return { attr: toAttr(st), ttlMs: this.ttlMs };
+  }
+
+  readlink(ctx: RequestContext, nodeid: number): string {
+    return fs.readlinkSync(this.abs(this.node(nodeid)));
+  }
+
+  // ---- namespace changes -------------------------------------------
+
+  symlink(ctx: RequestContext, parent: number, name: string, target: string): Entry {
+    const dir = this.node(parent);
+    const p = this.storage.abs(this.childRel(dir, name));
+    fs.symlinkSync(target, p);
+    this.own(ctx, dir, p);
+    return this.entryFor(dir, name, lstat(p));
+  }
+
+  mknod(ctx: RequestContext, parent: number, name: string, mode: number, rdev: number): Entry {
+    const dir = this.node(parent);
+    const p = this.storage.abs(this.childRel(dir, name));
+    if ((mode & S_IFMT) !== 0o100000) {
+      // Node has no mknod(2); regular files are all a DMD holds.
+      throw new DyadError('DYAD_EPERM', errnos.EPERM, `${name}: only regular files can be created with mknod`);
+    }
+    fs.closeSync(fs.openSync(p, O_CREAT | O_EXCL | O_WRONLY, mode & 0o7777));
+    this.own(ctx, dir, p);
+    return this.entryFor(dir, name, lstat(p));
+  }
+
+  mkdir(ctx: RequestContext, parent: number, name: string, mode: number): Entry {
+    const dir = this.node(parent);
+    const p = this.storage.abs(this.childRel(dir, name));
+    fs.mkdirSync(p, { mode: mode & 0o7777 });
+    this.own(ctx, dir, p);
+    return this.entryFor(dir, name, lstat(p));
+  }
+
+  /**
+   * Bookkeeping for a name that goes away: the node is unlinked with its
+   * last name, otherwise it moves to one of its other names.
+   */
+  private dropName(parent: Node, name: string, st: fs.BigIntStats): void {
+    const node = this.byIno.get(Number(st.ino));
+    if (!node) return;
+    if (node.isDir || Number(st.nlink) <= 1) {
+      node.unlinked = true;
+      this.byIno.delete(node.ino);
+      return;
+    }
+    if (node.parent === parent && node.name === name) {
+      const next = node.aliases?.shift();
+      if (next) {
+        node.parent = next.parent;
+        node.name = next.name;
+      }
+    } else {
+      node.aliases = node.aliases?.filter((a) => a.parent !== parent || a.name !== name);
+    }
+  }
+
+  unlink(ctx: RequestContext, parent: number, name: string): void {
+    this.removeName(this.node(parent), name, (p) => fs.unlinkSync(p));
+  }
+
+  rmdir(ctx: RequestContext, parent: number, name: string): void {
+    this.removeName(this.node(parent), name, (p) => fs.rmdirSync(p));
+  }
+
+  private removeName(dir: Node, name: string, op: (p: string) => void): void {
+    const rel = this.childRel(dir, name);
+    const p = this.storage.abs(rel);
+    let st: fs.BigIntStats | undefined;
+    try {
+      st = lstat(p);
+    } catch {
+      /* op reports the error */
+    }
+    op(p);
+    if (st) this.dropName(dir, name, st);
+    this.afterRemove(rel);
+  }
+
+  rename(ctx: RequestContext, parent: number, name: string, newParent: number, newName: string, flags: number): void {
+    const from = this.node(parent);
+    const to = this.node(newParent);
+    const src = this.storage.abs(this.childRel(from, name));
+    const dst = this.storage.abs(this.childRel(to, newName));
+    if (flags & RENAME_EXCHANGE) {
+      throw new DyadError('DYAD_EINVAL', errnos.EINVAL, 'RENAME_EXCHANGE is not supported');
+    }
+    if (flags & RENAME_NOREPLACE && fs.existsSync(dst)) {
+      throw new DyadError('DYAD_EEXIST', errnos.EEXIST, `${newName} exists`);
+    }
+    const st = lstat(src);
+    let replaced: fs.BigIntStats | undefined;
+    try {
+      replaced = lstat(dst);
+    } catch {
+      /* no target */
+    }
+    fs.renameSync(src, dst);
+    if (replaced && replaced.ino !== st.ino) this.dropName(to, newName, replaced);
+    const node = this.byIno.get(Number(st.ino));
+    if (node) {
+      const alias = node.aliases?.find((a) => a.parent === from && a.name === name);
+      if (alias) {
+        alias.parent = to;
+        alias.name = newName;
+      } else {
+        node.parent = to;
+        node.name = newName;
+      }
+    }
+    this.afterRename(this.childRel(from, name), this.childRel(to, newName), node);
+  }
+
+  link(ctx: RequestContext, nodeid: number, newParent: number, newName: string): Entry {
+    const node = this.node(nodeid);
+    const to = this.node(newParent);
+    const dst = this.storage.abs(this.childRel(to, newName));
+    fs.linkSync(this.abs(node), dst);
+    return this.entryFor(to, newName, lstat(dst));
+  }
+
+  // ---- files ----------------------------------------------------------
+
+  private backingFor(node: Node, p: string): number {
+    if (node.backing) {
+      node.backing.refs++;
+      return node.backing.id;
+    }
+    let fd: number;
+    try {
+      fd = fs.openSync(p, O_RDWR | O_NOFOLLOW);
+    } catch {
+      fd = fs.openSync(p, O_RDONLY | O_NOFOLLOW);
+    }
+    try {
+      const id = this.session!.backingOpen(fd);
+      node.backing = { fd, id, refs: 1 };
+      return id;
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  private openHandle(node: Node, p: string, flags: number, created: boolean): OpenReply {
+    const acc = flags & O_ACCMODE;
+    const writable = acc !== O_RDONLY;
+    let fh: number;
+    let reply: OpenReply;
+    if (this.passthrough) {
+      if (flags & O_TRUNC && !created) fs.truncateSync(p, 0);
+      const backingId = this.backingFor(node, p);
+      fh = this.nextFh++;
+      this.handles.set(fh, { fd: node.backing!.fd, node, flags, passthrough: true, writable });
+      reply = { fh, backingId, noFlush: !writable };
+    } else {
+      const keep = acc | (flags & (O_APPEND | O_TRUNC | O_DIRECT | O_SYNC | O_DSYNC | O_NOATIME));
+      const fd = fs.openSync(p, (created ? keep & ~O_TRUNC : keep) | O_NOFOLLOW);
+      fh = this.nextFh++;
+      node.openFds.add(fd);
+      this.handles.set(fh, { fd, node, flags, passthrough: false, writable });
+      reply = { fh, noFlush: !writable, directIo: (flags & O_DIRECT) !== 0 };
+    }
+    return reply;
+  }
+
+  open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
+    const node = this.node(nodeid);
+    return this.openHandle(node, this.abs(node), flags, false);
+  }
+
+  create(ctx: RequestContext, parent: number, name: string, mode: number, flags: number): CreateReply {
+    const dir = this.node(parent);
+    const p = this.storage.abs(this.childRel(dir, name));
+    // Create with the caller's flags (O_EXCL decides EEXIST), then open the
+    // handle the normal way so passthrough and non-passthrough agree.
+    const fd = fs.openSync(p, O_CREAT | O_WRONLY | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW, mode & 0o7777);
+    fs.closeSync(fd);
+    this.own(ctx, dir, p);
+    const entry = this.entryFor(dir, name, lstat(p));
+    const node = this.nodes.get(entry.nodeid)!;
+    try {
+      return { entry, open: this.openHandle(node, p, flags, true) };
+    } catch (err) {
+      this.forget(entry.nodeid, 1);
+      throw err;
+    }
+  }
+
+  read(ctx: RequestContext, nodeid: number, fh: number, offset: number, size: number): FdSlice {
+    const h = this.handle(fh);
+    return { fd: h.fd, offset, size };
+  }
+
+  write(ctx: RequestContext, nodeid: number, fh: number, offset: number, data: Buffer): number {
+    const h = this.handle(fh);
+    return fs.writeSync(h.fd, data, 0, data.length, offset);
+  }
+
+  flush(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
+    this.handle(fh);
+  }
+
+  release(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
+    const h = this.handles.get(fh);
+    if (!h) return;
+    this.handles.delete(fh);
+    const node = h.node;
+    if (h.passthrough) {
+      // The backing registration stays until FORGET while other opens use it.
+      if (node.backing && --node.backing.refs === 0) {
+        this.session?.backingClose(node.backing.id);
+        fs.closeSync(node.backing.fd);
+        node.backing = undefined;
+      }
+    } else {
+      node.openFds.delete(h.fd);
+      fs.closeSync(h.fd);
+    }
+    if (h.writable) return this.afterWriteClose(node, h);
+  }
+
+  fsync(ctx: RequestContext, nodeid: number, fh: number, datasync: boolean): void {
+    const h = this.handle(fh);
+    if (datasync) fs.fdatasyncSync(h.fd);
+    else fs.fsyncSync(h.fd);
+  }
+
+  fallocate(ctx: RequestContext, nodeid: number, fh: number, offset: number, length: number, mode: number): void {
+    const h = this.handle(fh);
+    const rc = native.fallocate(h.fd, mode, offset, length);
+    if (rc < 0) throw new DyadError('DYAD_EFALLOCATE', -rc, `fallocate failed`);
+  }
+
+  lseek(ctx: RequestContext, nodeid: number, fh: number, offset: number, whence: number): number {
+    const h = this.handle(fh);
+    const rc = native.lseek(h.fd, offset, whence);
+    if (rc < 0) throw new DyadError('DYAD_ELSEEK', -rc, `lseek failed`);
+    return rc;
+  }
+
+  protected handle(fh: number): Handle {
+    const h = this.handles.get(fh);
+    if (!h) throw new DyadError('DYAD_EBADF', errnos.EBADF, `unknown file handle ${fh}`);
+    return h;
+  }
+
+  // ---- directories ----------------------------------------------------
+
+  opendir(ctx: RequestContext, nodeid: number): OpenReply | Promise<OpenReply> {
+    const node = this.node(nodeid);
+    const p = this.abs(node);
+    const entries: DirHandle['entries'] = [
+      { name: '.', mode: S_IFDIR, ino: node.ino },
+      { name: '..', mode: S_IFDIR, ino: node.parent?.ino ?? node.ino },
+    ];
+    for (const d of fs.readdirSync(p, { withFileTypes: true })) {
+      entries.push({ name: d.name, mode: direntMode(d), ino: 0 });
+    }
+    this.addExtraEntries(node, entries);
+    const fh = this.nextFh++;
+    this.dirs.set(fh, { node, entries });
+    return { fh };
+  }
+
+  readdir(ctx: RequestContext, nodeid: number, fh: number, offset: number, plus: boolean): DirEntry[] {
+    const d = this.dirs.get(fh);
+    if (!d) throw new DyadError('DYAD_EBADF', errnos.EBADF, `unknown directory handle ${fh}`);
+    const out: DirEntry[] = [];
+    // The packer stops at the first entry that does not fit; offering a
+    // page's worth is enough.
+    const end = Math.min(d.entries.length, offset + 512);
+    for (let i = offset; i < end; i++) {
+      const e = d.entries[i]!;
+      const de: DirEntry = { name: e.name, mode: e.mode, ino: e.ino || 0xffff_ffff, nextOffset: i + 1 };
+      if (plus && e.name !== '.' && e.name !== '..') de.entry = () => this.readdirEntry(d.node, e.name);
+      out.push(de);
+    }
+    return out;
+  }
+
+  /** READDIRPLUS: the entry of one child, as a LOOKUP would give it. */
+  protected readdirEntry(dir: Node, name: string): Entry {
+    try {
+      return this.entryFor(dir, name, lstat(this.storage.abs(this.childRel(dir, name))));
+    } catch {
+      // Gone since opendir: a zero node id tells the kernel to skip it.
+      return { nodeid: 0, generation: 0, attr: zeroAttr(), entryTtlMs: 0, attrTtlMs: 0 };
+    }
+  }
+
+  releasedir(ctx: RequestContext, nodeid: number, fh: number): void {
+    this.dirs.delete(fh);
+  }
+
+  fsyncdir(ctx: RequestContext, nodeid: number): void {
+    const fd = fs.openSync(this.abs(this.node(nodeid)), O_RDONLY);
+    try {
+      fs.fsyncSync(fd);
+    } finally {
+      fs.closeSync(fd);
+    }
+  }
+
+  statfs(): StatFs {
+    return this.storage.statfs();
+  }
+
+  access(ctx: RequestContext, nodeid: number, mask: number): void {
+    fs.accessSync(this.abs(this.node(nodeid)), mask);
+  }
+
+  // ---- hooks for the DMD layer ------------------------------------------
+
+  /** A name missing from storage: plain mirrors say ENOENT. */
+  protected lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
+    throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${this.childRel(dir, name)}: no such file`);
+  }
+
+  /** Entries to list beside those in storage (e.g. published remotely). */
+  protected addExtraEntries(dir: Node, entries: Array<{ name: string; mode: number; ino: number }>): void {}
+
+  /** The last close of a handle opened for writing. */
+  protected afterWriteClose(node: Node, h: Handle): void | Promise<void> {}
+
+  protected afterChange(node: Node): void {}
+
+  protected afterRemove(rel: string): void {}
+
+  protected afterRename(fromRel: string, toRel: string, node: Node | undefined): void {}
+}
+
+function direntMode(d: fs.Dirent): number {
+  if (d.isDirectory()) return S_IFDIR;
+  if (d.isSymbolicLink()) return 0o120000;
+  if (d.isFile()) return 0o100000;
+  if (d.isFIFO()) return 0o010000;
+  if (d.isSocket()) return 0o140000;
+  if (d.isCharacterDevice()) return 0o020000;
+  if (d.isBlockDevice()) return 0o060000;
+  return 0;
+}
+
+function zeroAttr() {
+  return { ino: 0, size: 0, blocks: 0, atimeNs: 0n, mtimeNs: 0n, ctimeNs: 0n, mode: 0, nlink: 0, uid: 0, gid: 0, rdev: 0, blksize: 0 };
+}
+

@@ -1,0 +1,110 @@
+/**
+ * What the calling thread is doing, read from /proc/<tid>/syscall while it is
+ * blocked in our request. FUSE sends the same LOOKUP for `cat f`, `touch f`
+ * and `stat f`; only the system call tells a reader (who may be worth making
+ * wait) from a creator or a mere probe (which must never wait).
+ *
+ * The request header's pid is the caller's thread id, and its syscall file
+ * stays readable while it sleeps in the FUSE request. openat2 keeps its flags
+ * in a struct in the caller's memory, read through /proc/<tid>/mem.
+ */
+import fs from 'node:fs';
+
+export type CallerKind =
+  /** open/openat/openat2/execve without O_CREAT: wants existing content. */
+  | 'open'
+  /** open with O_CREAT, creat, mkdir, mknod, symlink, link, rename target. */
+  | 'create'
+  /** stat, access, readlink, chdir, unlink, xattr...: asks, never waits. */
+  | 'probe'
+  /** /proc unreadable, or a syscall we do not know (io_uring, ...). */
+  | 'unknown';
+
+export interface Caller {
+  kind: CallerKind;
+  syscall: number;
+  /** open flags, for the open family. */
+  flags?: number;
+}
+
+const O_CREAT = 0o100;
+
+type Rule = { kind: CallerKind; flagsArg?: number; how?: boolean };
+
+// x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl).
+const X86_64: Record<number, Rule> = {
+  2: { kind: 'open', flagsArg: 1 }, // open
+  257: { kind: 'open', flagsArg: 2 }, // openat
+  437: { kind: 'open', how: true }, // openat2
+  59: { kind: 'open' }, // execve
+  322: { kind: 'open' }, // execveat
+  85: { kind: 'create' }, // creat
+  83: { kind: 'create' }, // mkdir
+  258: { kind: 'create' }, // mkdirat
+  133: { kind: 'create' }, // mknod
+  259: { kind: 'create' }, // mknodat
+  88: { kind: 'create' }, // symlink
+  266: { kind: 'create' }, // symlinkat
+  86: { kind: 'create' }, // link
+  265: { kind: 'create' }, // linkat
+  82: { kind: 'create' }, // rename
+  264: { kind: 'create' }, // renameat
+  316: { kind: 'create' }, // renameat2
+};
+
+// aarch64 numbers (include/uapi/asm-generic/unistd.h); no legacy calls.
+const AARCH64: Record<number, Rule> = {
+  56: { kind: 'open', flagsArg: 2 }, // openat
+  437: { kind: 'open', how: true }, // openat2
+  221: { kind: 'open' }, // execve
+  281: { kind: 'open' }, // execveat
+  34: { kind: 'create' }, // mkdirat
+  33: { kind: 'create' }, // mknodat
+  36: { kind: 'create' }, // symlinkat
+  37: { kind: 'create' }, // linkat
+  38: { kind: 'create' }, // renameat
+  276: { kind: 'create' }, // renameat2
+};
+
+const TABLE = process.arch === 'arm64' ? AARCH64 : process.arch === 'x64' ? X86_64 : undefined;
+
+function readHow(tid: number, addr: bigint): number | undefined {
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(`/proc/${tid}/mem`, 'r');
+    const buf = Buffer.alloc(8);
+    if (fs.readSync(fd, buf, 0, 8, addr) !== 8) return undefined;
+    return Number(buf.readBigUInt64LE(0) & 0xffff_ffffn);
+  } catch {
+    return undefined;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+}
+
+/** Classifies the system call thread `tid` is blocked in. */
+export function callerOf(tid: number): Caller {
+  if (!tid || !TABLE) return { kind: 'unknown', syscall: -1 };
+  let text: string;
+  try {
+    text = fs.readFileSync(`/proc/${tid}/syscall`, 'latin1');
+  } catch {
+    return { kind: 'unknown', syscall: -1 };
+  }
+  const fields = text.trim().split(' ');
+  const nr = Number(fields[0]);
+  if (!Number.isInteger(nr)) return { kind: 'unknown', syscall: -1 }; // "running" or "-1 ..."
+  const rule = TABLE[nr];
+  if (!rule) return { kind: 'probe', syscall: nr };
+  let flags: number | undefined;
+  if (rule.flagsArg !== undefined) {
+    flags = Number(BigInt(fields[1 + rule.flagsArg] ?? '0') & 0xffff_ffffn);
+  } else if (rule.how) {
+    flags = readHow(tid, BigInt(fields[3] ?? '0'));
+    if (flags === undefined) return { kind: 'unknown', syscall: nr };
+  }
+  if (rule.kind === 'open' && flags !== undefined && flags & O_CREAT) {
+    return { kind: 'create', syscall: nr, flags };
+  }
+  return flags === undefined ? { kind: rule.kind, syscall: nr } : { kind: rule.kind, syscall: nr, flags };
+}

@@ -1,0 +1,96 @@
+/**
+ * Test helpers: real mounts made by the real CLI (a separate daemon
+ * process), or in-process for tests that need to look inside the daemon.
+ * Every mount is torn down by the test that made it.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { execFile, execFileSync, spawn } from 'node:child_process';
+import { promisify } from 'node:util';
+import { fileURLToPath } from 'node:url';
+
+export const exec = promisify(execFile);
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
+export const dyadMountBin = path.join(repoRoot, 'bin', 'dyad-mount.js');
+export const dyadBin = path.join(repoRoot, 'bin', 'dyad.js');
+
+interface Tap {
+  teardown(fn: () => unknown): void;
+}
+
+export function tmpdir(t: Tap, prefix = 'dyadfs-'): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
+  t.teardown(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
+
+export function isMountedAt(dir: string): boolean {
+  const lines = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n');
+  return lines.some((l) => l.split(' ')[4] === dir);
+}
+
+export interface CliMount {
+  mnt: string;
+  log: string;
+  pid: number;
+  umount(): Promise<void>;
+}
+
+/** Mounts with `dyad-mount --background` and unmounts at teardown. */
+export async function mountCli(t: Tap, mnt: string, args: string[] = []): Promise<CliMount> {
+  const log = `${mnt}.log`;
+  const { stdout } = await exec(process.execPath, [dyadMountBin, '--background', '--log', log, ...args, mnt]);
+  const pid = Number(/pid (\d+)/.exec(stdout)?.[1]);
+  let done = false;
+  const umount = async () => {
+    if (done) return;
+    done = true;
+    if (isMountedAt(mnt)) await exec(process.execPath, [dyadBin, 'umount', mnt]).catch(() => exec('umount', ['-l', mnt]));
+    await waitExit(pid);
+  };
+  t.teardown(umount);
+  return { mnt, log, pid, umount };
+}
+
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+export async function waitExit(pid: number, ms = 10_000): Promise<void> {
+  const end = Date.now() + ms;
+  while (alive(pid) && Date.now() < end) await new Promise((r) => setTimeout(r, 20));
+}
+
+/** Runs a shell command line; resolves with exit code and output. */
+export function sh(cmd: string, opts: { cwd?: string; timeoutMs?: number } = {}): Promise<{ code: number; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn('bash', ['-c', cmd], { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => (stdout += d));
+    child.stderr.on('data', (d: Buffer) => (stderr += d));
+    const timer = opts.timeoutMs ? setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs) : undefined;
+    child.on('close', (code) => {
+      if (timer) clearTimeout(timer);
+      resolve({ code: code ?? -1, stdout, stderr });
+    });
+  });
+}
+
+/** Compiles a C fixture from test/fixtures once per process. */
+const built = new Map<string, string>();
+export function cFixture(name: string): string {
+  const cached = built.get(name);
+  if (cached) return cached;
+  const out = path.join(os.tmpdir(), `dyadfs-fixture-${name}-${process.pid}`);
+  execFileSync('cc', ['-O2', '-pthread', '-o', out, path.join(repoRoot, 'test', 'fixtures', `${name}.c`)]);
+  built.set(name, out);
+  process.on('exit', () => fs.rmSync(out, { force: true }));
+  return out;
+}
