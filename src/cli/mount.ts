@@ -107,6 +107,7 @@ async function foreground(): Promise<void> {
   };
   process.on('SIGINT', () => void stop('SIGINT'));
   process.on('SIGTERM', () => void stop('SIGTERM'));
+  process.on('SIGUSR1', () => logger.info(`requests: ${JSON.stringify(daemon.stats())}`));
   daemon.onUnmounted(() => {
     logger.info(`${daemon.mountpoint} was unmounted`);
     void daemon.stop().then(() => process.exit(0));

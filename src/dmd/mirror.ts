@@ -12,6 +12,7 @@
  */
 import fs from 'node:fs';
 import { EventEmitter } from 'node:events';
+import diagnostics from 'node:diagnostics_channel';
 import { FATTR_ATIME, FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FATTR_UID, FUSE_ROOT_ID, RENAME_EXCHANGE, RENAME_NOREPLACE } from '../fuse/abi.js';
 import { InodeTable } from '../fuse/inodes.js';
 import { native } from '../fuse/native.js';
@@ -36,6 +37,9 @@ const O_ACCMODE = 3;
 const { O_RDONLY, O_RDWR, O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_TRUNC, O_NOFOLLOW, O_DIRECT, O_SYNC, O_DSYNC, O_NOATIME } =
   fs.constants;
 const S_IFMT = 0o170000;
+
+/** Published for each LOOKUP of a name missing from storage, with the caller's intent. */
+export const missingChannel = diagnostics.channel('dyad-fs:dmd:missing');
 const S_IFDIR = 0o040000;
 const S_ISGID = 0o2000;
 
@@ -51,6 +55,11 @@ export interface Node {
   /** Our fds opened on this node, for fstat after unlink. */
   openFds: Set<number>;
   unlinked: boolean;
+  /**
+   * mtime and size when the kernel last cached this file's pages (served
+   * mode): an open that finds them unchanged lets the kernel keep its cache.
+   */
+  cacheStamp?: string;
   /** Other names of a hard-linked file, so unlinking one keeps the node reachable. */
   aliases?: Array<{ parent: Node; name: string }>;
 }
@@ -194,7 +203,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       st = lstat(this.storage.abs(this.childRel(dir, name)));
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-      return this.lookupMissing(ctx, dir, name, callerOf(ctx.pid));
+      const caller = callerOf(ctx.pid);
+      if (missingChannel.hasSubscribers) missingChannel.publish({ path: this.childRel(dir, name), caller, pid: ctx.pid });
+      return this.lookupMissing(ctx, dir, name, caller);
     }
     return this.entryFor(dir, name, st);
   }
@@ -414,7 +425,14 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       fh = this.nextFh++;
       node.openFds.add(fd);
       this.handles.set(fh, { fd, node, flags, passthrough: false, writable });
-      reply = { fh, noFlush: !writable, directIo: (flags & O_DIRECT) !== 0 };
+      // Like libfuse's auto_cache: keep the kernel's pages of this file when
+      // storage shows no change since they were cached. Writes through the
+      // mount keep those pages current; a change behind our back does not.
+      const st = fstat(fd);
+      const stamp = `${st.mtimeNs}:${st.size}`;
+      const keepCache = node.cacheStamp === stamp;
+      node.cacheStamp = stamp;
+      reply = { fh, noFlush: !writable, directIo: (flags & O_DIRECT) !== 0, keepCache };
     }
     return reply;
   }
@@ -469,6 +487,11 @@ export class MirrorFs extends EventEmitter implements FileSystem {
         node.backing = undefined;
       }
     } else {
+      if (h.writable) {
+        // Our own writes went through the kernel's cache, which stays valid.
+        const st = fstat(h.fd);
+        node.cacheStamp = `${st.mtimeNs}:${st.size}`;
+      }
       node.openFds.delete(h.fd);
       fs.closeSync(h.fd);
     }

@@ -100,9 +100,8 @@ export function unmount(mountpoint: string, opts: { lazy?: boolean } = {}): void
   if (isRoot()) {
     let rc = native.umount(mountpoint, opts.lazy ? MNT_DETACH : 0);
     if (rc === -errnos.EBUSY && !opts.lazy) rc = native.umount(mountpoint, MNT_DETACH);
-    if (rc < 0 && rc !== -errnos.EINVAL) {
-      throw new DyadError('DYAD_EUMOUNT', -rc, `umount ${mountpoint}: ${errnoName(-rc)}`);
-    }
+    if (rc === -errnos.EINVAL) throw new DyadError('DYAD_ENOTMOUNTED', errnos.EINVAL, `umount ${mountpoint}: not mounted`);
+    if (rc < 0) throw new DyadError('DYAD_EUMOUNT', -rc, `umount ${mountpoint}: ${errnoName(-rc)}`);
     return;
   }
   const helper = findOnPath('fusermount3') ?? findOnPath('fusermount');

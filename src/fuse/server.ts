@@ -47,6 +47,8 @@ export class FuseServer extends EventEmitter {
       try {
         unmount(this.mountpoint);
       } catch (err) {
+        // Already unmounted by someone else: nothing left to do.
+        if ((err as { code?: string }).code === 'DYAD_ENOTMOUNTED') return this.finish();
         this.emit('warning', err as Error);
         try {
           unmount(this.mountpoint, { lazy: true });
@@ -55,6 +57,10 @@ export class FuseServer extends EventEmitter {
         }
       }
     }
+    this.finish();
+  }
+
+  private finish(): void {
     this.session?.close();
     if (this.mounted) native.closeFd(this.mounted.fd);
     this.mounted = undefined;

@@ -109,6 +109,8 @@ export class FuseSession extends EventEmitter {
   private device?: FuseDeviceHandle;
   private readonly pending = new Map<bigint, Context>();
   private initInfo?: NegotiatedInit;
+  /** Requests received per opcode, for `kill -USR1` statistics and benchmarks. */
+  readonly counts = new Uint32Array(64);
   private closed = false;
 
   constructor(
@@ -141,6 +143,15 @@ export class FuseSession extends EventEmitter {
 
   get negotiated(): NegotiatedInit | undefined {
     return this.initInfo;
+  }
+
+  /** Non-zero request counts by opcode name. */
+  stats(): Record<string, number> {
+    const out: Record<string, number> = {};
+    this.counts.forEach((n, op) => {
+      if (n) out[opNames[op] ?? String(op)] = n;
+    });
+    return out;
   }
 
   get pendingCount(): number {
@@ -268,6 +279,7 @@ export class FuseSession extends EventEmitter {
 
   private onRequest(buf: Buffer): void {
     const opcode = buf.readUInt32LE(4);
+    this.counts[opcode & 63]!++;
     const unique = buf.readBigUInt64LE(8);
     const nodeid = u64(buf, 16);
     const ctx = new Context(unique, nodeid, buf.readUInt32LE(24), buf.readUInt32LE(28), buf.readUInt32LE(32));

@@ -86,6 +86,11 @@ export class Daemon {
     log.info(`serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason})`);
   }
 
+  /** Request counts by opcode since start. */
+  stats(): Record<string, number> {
+    return this.server?.session?.stats() ?? {};
+  }
+
   onUnmounted(cb: () => void): void {
     if (!this.server) throw new DyadError('DYAD_ESTATE', errnos.EINVAL, 'daemon not started');
     this.server.on('unmounted', cb);

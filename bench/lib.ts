@@ -1,0 +1,75 @@
+/** Small helpers shared by the benchmarks: timing, tables, child processes. */
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const repoRoot = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+
+export function median(xs: number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m]! : (s[m - 1]! + s[m]!) / 2;
+}
+
+export function percentile(xs: number[], p: number): number {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
+}
+
+export function run(cmd: string, args: string[], opts: { cwd?: string } = {}): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', cwd: opts.cwd });
+  if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr}`);
+  return r.stdout + r.stderr;
+}
+
+/** Compiles bench/<name>.c into a temp binary. */
+export function compile(name: string): string {
+  const out = path.join(os.tmpdir(), `dyadfs-bench-${name}-${process.pid}`);
+  execFileSync('cc', ['-O2', '-o', out, path.join(repoRoot, 'bench', `${name}.c`)]);
+  process.on('exit', () => fs.rmSync(out, { force: true }));
+  return out;
+}
+
+/** dd throughput in GB/s (10^9 bytes per second), parsed from dd's summary. */
+export function ddGBps(args: string[]): number {
+  const out = run('dd', [...args, 'status=none', 'status=progress']);
+  const m = /(\d+) bytes .* copied, ([\d.]+) s/.exec(out);
+  if (!m) throw new Error(`cannot parse dd output: ${out}`);
+  return Number(m[1]) / Number(m[2]) / 1e9;
+}
+
+export interface Row {
+  what: string;
+  value: number;
+  unit: string;
+  baseline?: { name: string; value: number };
+  /** Which way is better, for the ratio's reading. */
+  better: 'higher' | 'lower';
+  target?: string;
+}
+
+export function printTable(title: string, rows: Row[]): void {
+  console.log(`\n## ${title}\n`);
+  console.log('| measurement | value | baseline (same run) | ratio | target |');
+  console.log('| --- | --- | --- | --- | --- |');
+  for (const r of rows) {
+    const v = `${fmt(r.value)} ${r.unit}`;
+    const b = r.baseline ? `${r.baseline.name}: ${fmt(r.baseline.value)} ${r.unit}` : '';
+    const ratio = r.baseline ? `${(r.value / r.baseline.value).toFixed(2)}×` : '';
+    console.log(`| ${r.what} | ${v} | ${b} | ${ratio} | ${r.target ?? ''} |`);
+  }
+}
+
+function fmt(x: number): string {
+  return x >= 100 ? x.toFixed(0) : x >= 10 ? x.toFixed(1) : x.toFixed(2);
+}
+
+export function dropCaches(): void {
+  try {
+    fs.writeFileSync('/proc/sys/vm/drop_caches', '3');
+  } catch {
+    /* not root: warm numbers only */
+  }
+}

@@ -1,0 +1,80 @@
+/**
+ * Mount lifecycle through the CLI: the default storage is the mountpoint's
+ * own directory, files survive unmount and remount, a daemon killed with -9
+ * leaves a dead mount that the next start clears, and bad arguments give one
+ * clear line and a non-zero exit.
+ */
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { alive, dyadBin, dyadMountBin, exec, isMountedAt, mountCli, sh, tmpdir, waitExit } from './helpers/mount.js';
+
+t.test('unmount and remount over the same directory', async (t) => {
+  const mnt = path.join(tmpdir(t), 'dmd');
+  fs.mkdirSync(mnt);
+  fs.writeFileSync(path.join(mnt, 'before.txt'), 'was here');
+  const m = await mountCli(t, mnt);
+  t.ok(isMountedAt(mnt), 'mounted');
+  t.equal(fs.readFileSync(path.join(mnt, 'before.txt'), 'utf8'), 'was here', 'serves the directory it covers');
+  fs.writeFileSync(path.join(mnt, 'during.txt'), 'written through the mount');
+  await exec(process.execPath, [dyadBin, 'umount', mnt]);
+  await waitExit(m.pid);
+  t.notOk(isMountedAt(mnt), 'unmounted');
+  t.notOk(alive(m.pid), 'daemon exited after umount');
+  t.equal(fs.readFileSync(path.join(mnt, 'during.txt'), 'utf8'), 'written through the mount', 'file is in the directory after unmount');
+  const m2 = await mountCli(t, mnt);
+  t.equal(fs.readFileSync(path.join(mnt, 'during.txt'), 'utf8'), 'written through the mount', 'and through the remount');
+  await m2.umount();
+});
+
+t.test('SIGTERM unmounts cleanly', async (t) => {
+  const mnt = path.join(tmpdir(t), 'dmd');
+  fs.mkdirSync(mnt);
+  const m = await mountCli(t, mnt);
+  process.kill(m.pid, 'SIGTERM');
+  await waitExit(m.pid);
+  t.notOk(isMountedAt(mnt));
+  t.match(fs.readFileSync(m.log, 'utf8'), /SIGTERM: unmounting/);
+});
+
+t.test('stale mount after kill -9 is cleared at the next start', async (t) => {
+  const mnt = path.join(tmpdir(t), 'dmd');
+  fs.mkdirSync(mnt);
+  fs.writeFileSync(path.join(mnt, 'keep.txt'), 'kept');
+  const m = await mountCli(t, mnt);
+  process.kill(m.pid, 'SIGKILL');
+  await waitExit(m.pid);
+  t.throws(() => fs.statSync(mnt), { code: 'ENOTCONN' }, 'a dead mount is left behind');
+  const m2 = await mountCli(t, mnt);
+  t.match(fs.readFileSync(m2.log, 'utf8'), /cleared a stale mount/);
+  t.equal(fs.readFileSync(path.join(mnt, 'keep.txt'), 'utf8'), 'kept', 'the new daemon serves the storage');
+  await m2.umount();
+  t.doesNotThrow(() => fs.statSync(mnt));
+});
+
+t.test('bad arguments: one line, non-zero exit', async (t) => {
+  const dir = tmpdir(t);
+  const file = path.join(dir, 'f');
+  fs.writeFileSync(file, '');
+  const cases: Array<[string[], RegExp]> = [
+    [[], /missing required argument 'mountpoint'/],
+    [[path.join(dir, 'nope')], /no such directory/],
+    [[file], /not a directory/],
+    [['--passthrough', 'maybe', dir], /argument 'maybe' is invalid/],
+    [['--attr-timeout', '-3', dir], /--attr-timeout must be a number/],
+    [['--storage', file, dir], /--storage .*: not a directory/],
+  ];
+  for (const [args, re] of cases) {
+    const r = await sh(`${process.execPath} ${dyadMountBin} ${args.join(' ')}`);
+    t.not(r.code, 0, `exit code for ${args.join(' ') || '(no args)'}`);
+    t.match(r.stderr, re);
+    t.notOk(isMountedAt(dir));
+  }
+  const help = await sh(`${process.execPath} ${dyadMountBin} --help`);
+  for (const opt of ['--storage', '--passthrough', '--attr-timeout', '--spin', '--background', '--log', '--log-level']) {
+    t.match(help.stdout, opt, `--help explains ${opt}`);
+  }
+  const um = await sh(`${process.execPath} ${dyadBin} umount ${dir}`);
+  t.not(um.code, 0, 'umount of something not mounted fails');
+  t.match(um.stderr, /umount/);
+});
