@@ -8,6 +8,8 @@ import { Command, InvalidArgumentError, Option } from 'commander';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { Daemon } from '../node/daemon.js';
+import { resolveConfig, type Flags } from '../node/config.js';
+import { addDyadOptions } from './options.js';
 import { Logger, type Level } from '../node/log.js';
 import { DyadError } from '../errors.js';
 
@@ -19,15 +21,11 @@ function positiveNumber(name: string) {
   };
 }
 
-const program = new Command('dyad-mount')
-  .description('Mount a DYAD managed directory (DMD) backed by node-local storage.')
-  .argument('<mountpoint>', 'directory to mount over; by default its own contents are the storage')
-  .option('--storage <dir>', 'serve this directory instead of the mountpoint\'s own contents')
-  .addOption(
-    new Option('--passthrough <mode>', 'kernel passthrough for local reads and writes (needs root and Linux 6.9+)')
-      .choices(['auto', 'off'])
-      .default('auto'),
-  )
+const program = addDyadOptions(
+  new Command('dyad-mount')
+    .description('Mount a DYAD managed directory (DMD) backed by node-local storage.')
+    .argument('[mountpoint]', 'directory to mount over; by default its own contents are the storage (default: DYAD_PATH_CONSUMER or DYAD_PATH_PRODUCER)'),
+)
   .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
   .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin'), 0)
   .option('--background', 'start the daemon in the background and return once the mount is ready')
@@ -36,16 +34,18 @@ const program = new Command('dyad-mount')
   .showHelpAfterError('(run dyad-mount --help for usage)');
 
 program.parse();
-const opts = program.opts<{
-  storage?: string;
-  passthrough: 'auto' | 'off';
-  attrTimeout: number;
-  spin: number;
-  background?: boolean;
-  log?: string;
-  logLevel: Level;
-}>();
-const mountpoint = program.args[0]!;
+const opts = program.opts<
+  Flags & {
+    passthrough: 'auto' | 'off';
+    secretFile?: string;
+    attrTimeout: number;
+    spin: number;
+    background?: boolean;
+    log?: string;
+    logLevel: Level;
+  }
+>();
+const mountpoint = program.args[0];
 
 function fail(err: unknown): never {
   const msg = err instanceof DyadError ? err.message : err instanceof Error ? err.message : String(err);
@@ -67,7 +67,7 @@ async function background(): Promise<void> {
   await new Promise<void>((resolve) => {
     child.on('message', (m: { ready?: boolean }) => {
       if (m.ready) {
-        process.stdout.write(`dyad-mount: ${mountpoint} mounted (daemon pid ${child.pid})\n`);
+        process.stdout.write(`dyad-mount: ${mountpoint ?? 'DMD'} mounted (daemon pid ${child.pid})\n`);
         child.disconnect();
         child.stderr?.destroy();
         child.unref();
@@ -89,8 +89,8 @@ async function foreground(): Promise<void> {
   }
   const logger = new Logger('dyad-mount', opts.logLevel);
   const daemon = new Daemon({
-    mountpoint,
-    storage: opts.storage,
+    config: resolveConfig(mountpoint, opts),
+    secretFile: opts.secretFile,
     passthrough: opts.passthrough,
     ttlMs: opts.attrTimeout * 1000,
     spinUs: opts.spin,

@@ -18,6 +18,7 @@ import { InodeTable } from '../fuse/inodes.js';
 import { native } from '../fuse/native.js';
 import type { FuseSession } from '../fuse/session.js';
 import type {
+  Attr,
   AttrReply,
   CreateReply,
   DirEntry,
@@ -73,9 +74,17 @@ export interface Handle {
   writable: boolean;
 }
 
+/** A directory entry as opendir snapshots it; `extra` marks entries not in storage. */
+export interface ListedEntry {
+  name: string;
+  mode: number;
+  ino: number;
+  extra?: unknown;
+}
+
 interface DirHandle {
   node: Node;
-  entries: Array<{ name: string; mode: number; ino: number }>;
+  entries: ListedEntry[];
 }
 
 export interface MirrorOptions {
@@ -183,6 +192,24 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     }
     this.nodes.ref(node.id);
     return { nodeid: node.id, generation: 0, attr: toAttr(st), entryTtlMs: this.ttlMs, attrTtlMs: this.ttlMs };
+  }
+
+  /**
+   * A node for something not (yet) in storage, such as a file published on
+   * another node. Its entry and attributes are not cached by the kernel.
+   */
+  protected virtualEntry(parent: Node, name: string, attr: Attr): Entry {
+    const node: Node = { id: 0, parent, name, ino: attr.ino, isDir: (attr.mode & S_IFMT) === S_IFDIR, openFds: new Set(), unlinked: false };
+    node.id = this.nodes.add(node);
+    this.nodes.ref(node.id);
+    return { nodeid: node.id, generation: 0, attr, entryTtlMs: 0, attrTtlMs: 0 };
+  }
+
+  /** A virtual node whose file has arrived in storage becomes a normal one. */
+  protected materialize(node: Node): void {
+    const st = lstat(this.abs(node));
+    node.ino = Number(st.ino);
+    if (!this.byIno.has(node.ino)) this.byIno.set(node.ino, node);
   }
 
   /** Makes a new file belong to the caller (the daemon runs as root). */
@@ -528,17 +555,25 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   opendir(ctx: RequestContext, nodeid: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
     const p = this.abs(node);
-    const entries: DirHandle['entries'] = [
+    const entries: ListedEntry[] = [
       { name: '.', mode: S_IFDIR, ino: node.ino },
       { name: '..', mode: S_IFDIR, ino: node.parent?.ino ?? node.ino },
     ];
     for (const d of fs.readdirSync(p, { withFileTypes: true })) {
       entries.push({ name: d.name, mode: direntMode(d), ino: 0 });
     }
-    this.addExtraEntries(node, entries);
-    const fh = this.nextFh++;
-    this.dirs.set(fh, { node, entries });
-    return { fh };
+    const open = (): OpenReply => {
+      const fh = this.nextFh++;
+      this.dirs.set(fh, { node, entries });
+      return { fh };
+    };
+    const extra = this.extraEntries(node);
+    if (!extra) return open();
+    return extra.then((more) => {
+      const local = new Set(entries.map((e) => e.name));
+      for (const e of more) if (!local.has(e.name)) entries.push(e);
+      return open();
+    });
   }
 
   readdir(ctx: RequestContext, nodeid: number, fh: number, offset: number, plus: boolean): DirEntry[] {
@@ -551,16 +586,16 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     for (let i = offset; i < end; i++) {
       const e = d.entries[i]!;
       const de: DirEntry = { name: e.name, mode: e.mode, ino: e.ino || 0xffff_ffff, nextOffset: i + 1 };
-      if (plus && e.name !== '.' && e.name !== '..') de.entry = () => this.readdirEntry(d.node, e.name);
+      if (plus && e.name !== '.' && e.name !== '..') de.entry = () => this.readdirEntry(d.node, e);
       out.push(de);
     }
     return out;
   }
 
   /** READDIRPLUS: the entry of one child, as a LOOKUP would give it. */
-  protected readdirEntry(dir: Node, name: string): Entry {
+  protected readdirEntry(dir: Node, e: ListedEntry): Entry {
     try {
-      return this.entryFor(dir, name, lstat(this.storage.abs(this.childRel(dir, name))));
+      return this.entryFor(dir, e.name, lstat(this.storage.abs(this.childRel(dir, e.name))));
     } catch {
       // Gone since opendir: a zero node id tells the kernel to skip it.
       return { nodeid: 0, generation: 0, attr: zeroAttr(), entryTtlMs: 0, attrTtlMs: 0 };
@@ -596,7 +631,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   }
 
   /** Entries to list beside those in storage (e.g. published remotely). */
-  protected addExtraEntries(dir: Node, entries: Array<{ name: string; mode: number; ino: number }>): void {}
+  protected extraEntries(dir: Node): Promise<ListedEntry[]> | undefined {
+    return undefined;
+  }
 
   /** The last close of a handle opened for writing. */
   protected afterWriteClose(node: Node, h: Handle): void | Promise<void> {}

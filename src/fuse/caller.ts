@@ -25,18 +25,23 @@ export interface Caller {
   syscall: number;
   /** open flags, for the open family. */
   flags?: number;
+  /** Thread id, and the syscall's dirfd and path pointer where it has them (see callerPath). */
+  tid?: number;
+  dirfd?: number;
+  pathPtr?: bigint;
 }
 
 const O_CREAT = 0o100;
 
-type Rule = { kind: CallerKind; flagsArg?: number; how?: boolean };
+/** flagsArg/pathArg: argument positions; dirfd: the path is relative to argument 0. */
+type Rule = { kind: CallerKind; flagsArg?: number; how?: boolean; pathArg?: number; dirfd?: boolean };
 
 // x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 const X86_64: Record<number, Rule> = {
-  2: { kind: 'open', flagsArg: 1 }, // open
-  257: { kind: 'open', flagsArg: 2 }, // openat
-  437: { kind: 'open', how: true }, // openat2
-  59: { kind: 'open' }, // execve
+  2: { kind: 'open', flagsArg: 1, pathArg: 0 }, // open
+  257: { kind: 'open', flagsArg: 2, pathArg: 1, dirfd: true }, // openat
+  437: { kind: 'open', how: true, pathArg: 1, dirfd: true }, // openat2
+  59: { kind: 'open', pathArg: 0 }, // execve
   322: { kind: 'open' }, // execveat
   85: { kind: 'create' }, // creat
   83: { kind: 'create' }, // mkdir
@@ -54,9 +59,9 @@ const X86_64: Record<number, Rule> = {
 
 // aarch64 numbers (include/uapi/asm-generic/unistd.h); no legacy calls.
 const AARCH64: Record<number, Rule> = {
-  56: { kind: 'open', flagsArg: 2 }, // openat
-  437: { kind: 'open', how: true }, // openat2
-  221: { kind: 'open' }, // execve
+  56: { kind: 'open', flagsArg: 2, pathArg: 1, dirfd: true }, // openat
+  437: { kind: 'open', how: true, pathArg: 1, dirfd: true }, // openat2
+  221: { kind: 'open', pathArg: 0 }, // execve
   281: { kind: 'open' }, // execveat
   34: { kind: 'create' }, // mkdirat
   33: { kind: 'create' }, // mknodat
@@ -103,8 +108,47 @@ export function callerOf(tid: number): Caller {
     flags = readHow(tid, BigInt(fields[3] ?? '0'));
     if (flags === undefined) return { kind: 'unknown', syscall: nr };
   }
-  if (rule.kind === 'open' && flags !== undefined && flags & O_CREAT) {
-    return { kind: 'create', syscall: nr, flags };
+  const kind = rule.kind === 'open' && flags !== undefined && flags & O_CREAT ? 'create' : rule.kind;
+  const c: Caller = { kind, syscall: nr, tid };
+  if (flags !== undefined) c.flags = flags;
+  if (rule.pathArg !== undefined) {
+    c.pathPtr = BigInt(fields[1 + rule.pathArg] ?? '0');
+    if (rule.dirfd) c.dirfd = Number(BigInt.asIntN(32, BigInt(fields[1] ?? '0')));
   }
-  return flags === undefined ? { kind: rule.kind, syscall: nr } : { kind: rule.kind, syscall: nr, flags };
+  return c;
+}
+
+const AT_FDCWD = -100;
+
+/**
+ * The absolute path the caller passed to its open, as far as /proc can tell
+ * (its cwd or dirfd joined with the string in its memory), or undefined.
+ * Read only when needed: it costs a few /proc reads.
+ */
+export function callerPath(c: Caller): string | undefined {
+  if (c.tid === undefined || c.pathPtr === undefined || c.pathPtr === 0n) return undefined;
+  let fd: number | undefined;
+  let raw: string;
+  try {
+    fd = fs.openSync(`/proc/${c.tid}/mem`, 'r');
+    const buf = Buffer.alloc(4096);
+    const n = fs.readSync(fd, buf, 0, buf.length, c.pathPtr);
+    const end = buf.indexOf(0);
+    if (end < 0 || end > n) return undefined;
+    raw = buf.toString('utf8', 0, end);
+  } catch {
+    return undefined;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+  if (raw.startsWith('/')) return raw;
+  try {
+    const base =
+      c.dirfd === undefined || c.dirfd === AT_FDCWD
+        ? fs.readlinkSync(`/proc/${c.tid}/cwd`)
+        : fs.readlinkSync(`/proc/${c.tid}/fd/${c.dirfd}`);
+    return `${base}/${raw}`;
+  } catch {
+    return undefined;
+  }
 }

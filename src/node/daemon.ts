@@ -1,28 +1,35 @@
 /**
- * The per-node daemon: opens the storage, builds the file system for it,
- * mounts it and keeps it served until told to stop or unmounted.
+ * The per-node daemon: wires configuration, the KVS (served here or reached
+ * over the network), the transfer service and the managed-directory file
+ * system, mounts it, and keeps it served until told to stop or unmounted.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import { FuseServer } from '../fuse/server.js';
 import { requestChannel } from '../fuse/session.js';
-import { MirrorFs } from '../dmd/mirror.js';
+import { clearStaleMount } from '../fuse/mount.js';
+import { DmdFs } from '../dmd/dmd.js';
 import { Storage } from '../dmd/storage.js';
 import { ConfigError, DyadError, errnos } from '../errors.js';
+import { CachedKvs, KvsServer, SecretSource, openKvs, secretPath, type Kvs } from '../kvs/index.js';
+import { backendFor } from '../dtl/index.js';
+import type { TransferClient, TransferServer } from '../dtl/types.js';
+import type { DyadConfig } from './config.js';
 import { Logger } from './log.js';
 
 export interface DaemonOptions {
-  mountpoint: string;
-  /** Storage directory; defaults to the mountpoint's own directory. */
-  storage?: string;
+  config: DyadConfig;
   /** 'auto' uses kernel passthrough when the kernel offers it and we are root. */
   passthrough: 'auto' | 'off';
   ttlMs: number;
   spinUs: number;
+  /** Namespace secret file for a KVS served elsewhere (else DYAD_SECRET[_FILE], else the KVS data dir's). */
+  secretFile?: string;
   logger: Logger;
 }
 
-export function validateMountpoint(mountpoint: string): string {
+export function validateMountpoint(mountpoint: string | undefined): string {
+  if (!mountpoint) throw new ConfigError('no mountpoint: give MOUNTPOINT or set DYAD_PATH_CONSUMER / DYAD_PATH_PRODUCER');
   const mp = path.resolve(mountpoint);
   let st: fs.Stats;
   try {
@@ -41,30 +48,107 @@ export function validateMountpoint(mountpoint: string): string {
   return mp;
 }
 
+function splitHostPort(hp: string): { host: string; port: number } {
+  const i = hp.lastIndexOf(':');
+  return { host: hp.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(hp.slice(i + 1)) };
+}
+
 export class Daemon {
   private server?: FuseServer;
   private storage?: Storage;
-  fs?: MirrorFs;
+  private kvsServer?: KvsServer;
+  private kvs?: Kvs;
+  private transferServer?: TransferServer;
+  private transferClient?: TransferClient;
+  fs?: DmdFs;
   readonly mountpoint: string;
+  /** The embedded KVS URL when this daemon serves it. */
+  kvsUrl?: string;
 
   constructor(private readonly opts: DaemonOptions) {
-    this.mountpoint = validateMountpoint(opts.mountpoint);
+    this.mountpoint = validateMountpoint(opts.config.mountpoint.value);
   }
 
   async start(): Promise<void> {
+    try {
+      await this.startInner();
+    } catch (err) {
+      await this.stop().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async startInner(): Promise<void> {
     const log = this.opts.logger;
-    const storageDir = path.resolve(this.opts.storage ?? this.mountpoint);
-    if (this.opts.storage && !fs.statSync(storageDir, { throwIfNoEntry: false })?.isDirectory()) {
+    const cfg = this.opts.config;
+    const storageDir = path.resolve(cfg.storage.value ?? this.mountpoint);
+    if (cfg.storage.value && !fs.statSync(storageDir, { throwIfNoEntry: false })?.isDirectory()) {
       throw new ConfigError(`--storage ${storageDir}: not a directory`, errnos.ENOTDIR);
     }
-    // Open the storage before mounting: when it is the mountpoint itself,
-    // this fd is the only way left to reach it.
-    const { clearStaleMount } = await import('../fuse/mount.js');
+    const ns = cfg.namespace.value;
+
+    // Metadata: serve the embedded KVS here, or reach the configured one.
+    let secret: string | undefined;
+    if (!cfg.kvs.value) {
+      const listen = splitHostPort(cfg.kvsServe.value ?? '127.0.0.1:0');
+      fs.mkdirSync(cfg.kvsData.value, { recursive: true, mode: 0o700 });
+      this.kvsServer = await KvsServer.open({
+        dataDir: cfg.kvsData.value,
+        keyDepth: cfg.keyDepth.value,
+        keyBins: cfg.keyBins.value,
+        log: (level, msg) => log[level](`kvs: ${msg}`),
+      });
+      const bound = await this.kvsServer.listen(listen.host, listen.port);
+      this.kvsUrl = `dyad://${bound.host.includes(':') ? `[${bound.host}]` : bound.host}:${bound.port}`;
+      if (!this.kvsServer.store.hasNamespace(ns)) await this.kvsServer.createNamespace(ns);
+      secret = this.kvsServer.store.namespaceSecret(ns);
+      log.info(`serving the embedded KVS at ${this.kvsUrl} (data in ${cfg.kvsData.value}, namespace ${ns})`);
+    } else {
+      const fallback = secretPath(path.join(cfg.kvsData.value, 'secrets'), ns);
+      const secretFile = this.opts.secretFile ?? (process.env.DYAD_SECRET || process.env.DYAD_SECRET_FILE ? undefined : fs.existsSync(fallback) ? fallback : undefined);
+      secret = await new SecretSource(secretFile ? { secretFile } : {}).namespaceSecret(ns);
+      if (!secret) {
+        throw new ConfigError(`no secret for namespace ${ns}: set DYAD_SECRET or DYAD_SECRET_FILE, or pass --secret-file (the KVS exports it as <data>/secrets/${ns}.secret)`);
+      }
+    }
+    const url = cfg.kvs.value ?? this.kvsUrl!;
+    const raw = await openKvs(url, { secret });
+    if (!(await raw.hasNamespace(ns).catch(() => false))) {
+      await raw.close();
+      throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);
+    }
+    this.kvs = new CachedKvs(raw);
+
+    // Transfers: serve our storage to other nodes, pull from theirs.
     if (clearStaleMount(this.mountpoint)) log.warn(`cleared a stale mount at ${this.mountpoint} (its daemon had died)`);
     this.storage = Storage.open(storageDir);
+    if (!cfg.sharedStorage.value) {
+      const backend = backendFor(cfg.dtl.value);
+      const listen = splitHostPort(cfg.listen.value);
+      this.transferServer = await backend.serve({ root: this.storage.root, host: listen.host, port: listen.port, secret });
+      this.transferClient = backend.client({ secret });
+      await this.kvs.registerRank(ns, { rank: cfg.rank.value, address: this.transferServer.address, meta: { dtl: backend.name } });
+      log.info(`rank ${cfg.rank.value}: ${backend.name} transfer service at ${this.transferServer.address}`);
+    }
+
     const isRoot = process.getuid?.() === 0;
     const wantPassthrough = this.opts.passthrough === 'auto' && isRoot;
-    const fsys = new MirrorFs(this.storage, { passthrough: wantPassthrough, ttlMs: this.opts.ttlMs });
+    const fsys = new DmdFs(this.storage, {
+      passthrough: wantPassthrough,
+      ttlMs: this.opts.ttlMs,
+      mountpoint: this.mountpoint,
+      kvs: this.kvs,
+      ns,
+      rank: cfg.rank.value,
+      serviceMux: cfg.serviceMux.value,
+      sharedStorage: cfg.sharedStorage.value,
+      transfer: this.transferClient,
+      asyncPublish: cfg.asyncPublish.value,
+      fsyncWrite: cfg.fsyncWrite.value,
+      waitTimeoutMs: cfg.waitTimeoutMs.value,
+      peerTimeoutMs: cfg.peerTimeoutMs.value,
+      log,
+    });
     this.fs = fsys;
     const server = new FuseServer(this.mountpoint, fsys, { passthrough: wantPassthrough, spinUs: this.opts.spinUs });
     this.server = server;
@@ -83,7 +167,9 @@ export class Daemon {
         : !isRoot
           ? 'off (needs CAP_SYS_ADMIN; the daemon serves reads and writes)'
           : 'off (the kernel did not offer it; the daemon serves reads and writes)';
-    log.info(`serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason})`);
+    log.info(
+      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''})`,
+    );
   }
 
   /** Request counts by opcode since start. */
@@ -98,6 +184,11 @@ export class Daemon {
 
   async stop(): Promise<void> {
     await this.server?.stop();
+    await this.transferServer?.close().catch(() => undefined);
+    await this.transferClient?.close().catch(() => undefined);
+    await this.kvs?.close().catch(() => undefined);
+    await this.kvsServer?.close().catch(() => undefined);
     this.storage?.close();
+    this.storage = undefined;
   }
 }

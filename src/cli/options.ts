@@ -1,0 +1,27 @@
+/**
+ * The DYAD settings shared by `dyad-mount` and `dyad config`, so both
+ * accept the same flags and resolve them the same way (src/node/config.ts).
+ */
+import { Command, Option } from 'commander';
+
+export function addDyadOptions(cmd: Command): Command {
+  return cmd
+    .option('--storage <dir>', "serve this directory instead of the mountpoint's own contents")
+    .option('--rank <n>', 'this node\'s rank (default: DYAD_RANK, FLUX_TASK_RANK, SLURM_NODEID, PMI_RANK, else 0)')
+    .option('--kvs <url>', 'use this KVS: dyad://HOST:PORT (embedded KVS served by another daemon) or etcd://HOST:PORT[,...]')
+    .option('--kvs-serve <host:port>', 'serve the embedded KVS here (default without --kvs: 127.0.0.1, any free port)')
+    .option('--kvs-data <dir>', 'where a served embedded KVS keeps its data and secrets (default ~/.local/state/dyad-fs/kvs)')
+    .option('--secret-file <file>', 'namespace secret for a KVS served elsewhere (default: DYAD_SECRET, DYAD_SECRET_FILE, <kvs-data>/secrets/<ns>.secret)')
+    .option('--namespace <name>', 'KVS namespace (DYAD_KVS_NAMESPACE; default dyad)')
+    .option('--dtl <mode>', 'transfer: TCP (also FLUX_RPC) or UCX (DYAD_DTL_MODE; default TCP)')
+    .option('--listen <host:port>', 'address of this node\'s transfer service (default 127.0.0.1:0; use a reachable address across hosts)')
+    .option('--shared-storage', 'storage is shared by all nodes: synchronise only, never transfer (DYAD_SHARED_STORAGE)')
+    .option('--async-publish', 'close() does not wait for the publication (DYAD_ASYNC_PUBLISH)')
+    .option('--fsync-write', 'fsync written files before publishing them (DYAD_FSYNC_WRITE)')
+    .option('--service-mux <n>', 'ranks per node sharing one storage (DYAD_SERVICE_MUX)')
+    .option('--key-depth <n>', 'KVS key hash levels, for a served KVS (DYAD_KEY_DEPTH; default 3)')
+    .option('--key-bins <n>', 'KVS key bins per level, for a served KVS (DYAD_KEY_BINS; default 1024)')
+    .option('--wait-timeout <seconds>', 'readers of unpublished files give up with ETIMEDOUT (DYAD_WAIT_TIMEOUT; default: wait forever)')
+    .option('--peer-timeout <seconds>', 'a silent or unreachable owner fails a pull with EIO after this long (default 10)')
+    .addOption(new Option('--passthrough <mode>', 'kernel passthrough for local reads and writes (needs root and Linux 6.9+)').choices(['auto', 'off']).default('auto'));
+}

@@ -1,0 +1,269 @@
+/**
+ * The DYAD managed directory: the storage mirror plus DYAD's producer and
+ * consumer behaviour.
+ *
+ * - A file opened for writing is published when it is closed (close() waits
+ *   for the KVS, unless publishing is asynchronous).
+ * - Opening for reading a name that is not in local storage waits until some
+ *   node publishes it, pulls it into local storage, then opens it. The wait
+ *   happens in OPEN, not LOOKUP, so it holds no directory lock: LOOKUP hands
+ *   the opener a placeholder node the kernel may not cache.
+ * - stat and readdir show files published elsewhere from their records,
+ *   without moving a byte; they never wait.
+ *
+ * See docs/SEMANTICS.md for the contract.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import diagnostics from 'node:diagnostics_channel';
+import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
+import { Fetcher } from './fetch.js';
+import { Storage, lstat } from './storage.js';
+import { callerPath, type Caller } from '../fuse/caller.js';
+import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
+import type { FileRecord, Kvs } from '../kvs/types.js';
+import type { TransferClient } from '../dtl/types.js';
+import { digestFile } from '../dtl/digest.js';
+import { DyadError, errnoOf, errnos } from '../errors.js';
+
+export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
+
+const S_IFDIR = 0o040000;
+const S_IFREG = 0o100000;
+/** Inode numbers shown for files not (yet) in local storage. */
+const VIRTUAL_INO_BASE = 2 ** 52;
+
+export interface DmdLog {
+  info(msg: string): void;
+  warn(msg: string): void;
+  error(msg: string): void;
+}
+
+export interface DmdOptions extends MirrorOptions {
+  /** Absolute path of the mountpoint, to tell a path's last component from the rest. */
+  mountpoint: string;
+  kvs: Kvs;
+  ns: string;
+  rank: number;
+  serviceMux: number;
+  sharedStorage: boolean;
+  transfer?: TransferClient;
+  asyncPublish: boolean;
+  fsyncWrite: boolean;
+  /** Reader waits give up with ETIMEDOUT after this long; undefined waits forever. */
+  waitTimeoutMs?: number;
+  peerTimeoutMs: number;
+  log: DmdLog;
+}
+
+interface Virtual {
+  /** The record the node shows; undefined while nothing is published yet. */
+  rec?: FileRecord;
+}
+
+export class DmdFs extends MirrorFs {
+  private readonly virtual = new Map<number, Virtual>();
+  /** What we last published per upath (mtime:size), so FLUSH and RELEASE publish once. */
+  private readonly published = new Map<string, string>();
+  readonly fetcher: Fetcher;
+
+  constructor(storage: Storage, private readonly o: DmdOptions) {
+    super(storage, o);
+    this.fetcher = new Fetcher({
+      kvs: o.kvs,
+      ns: o.ns,
+      rank: o.rank,
+      serviceMux: o.serviceMux,
+      sharedStorage: o.sharedStorage,
+      transfer: o.transfer,
+      storage,
+      peerTimeoutMs: o.peerTimeoutMs,
+      log: o.log,
+    });
+  }
+
+  // ---- readers of missing names -------------------------------------
+
+  protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
+    const upath = this.childRel(dir, name);
+    if (caller.kind === 'create') {
+      // Creating never waits, whatever is published under that name.
+      throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
+    }
+    if (caller.kind === 'open' && !this.isLastComponent(caller, upath)) {
+      // A directory on a reader's path: wait for it here, as for a file.
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then((rec) => this.localOrRemote(dir, name, rec));
+    }
+    return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
+      if (rec) return this.localOrRemote(dir, name, rec);
+      if (caller.kind !== 'open') throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
+      // Nothing published yet: the opener gets a placeholder and waits in OPEN.
+      return this.remoteEntry(dir, name, undefined);
+    });
+  }
+
+  /** Is upath the whole path the caller is opening (not a directory on the way)? */
+  private isLastComponent(caller: Caller, upath: string): boolean {
+    const p = callerPath(caller);
+    if (!p) return false; // unknown: waiting in LOOKUP is always correct, if coarser
+    const want = path.posix.join(this.o.mountpoint, upath);
+    return path.posix.normalize(p).replace(/\/+$/, '') === want;
+  }
+
+  /** Entry for a published record: directories exist locally, files are virtual until pulled. */
+  private localOrRemote(dir: Node, name: string, rec: FileRecord): Entry {
+    const p = this.storage.abs(this.childRel(dir, name));
+    if (rec.kind === 'dir') fs.mkdirSync(p, { recursive: true, mode: 0o755 });
+    try {
+      return this.entryFor(dir, name, lstat(p));
+    } catch {
+      return this.remoteEntry(dir, name, rec);
+    }
+  }
+
+  private remoteEntry(dir: Node, name: string, rec: FileRecord | undefined): Entry {
+    const entry = this.virtualEntry(dir, name, this.remoteAttr(rec, 0));
+    entry.attr.ino = VIRTUAL_INO_BASE + entry.nodeid;
+    this.virtual.set(entry.nodeid, rec ? { rec } : {});
+    return entry;
+  }
+
+  private remoteAttr(rec: FileRecord | undefined, ino: number): Attr {
+    const ns = BigInt(Math.round((rec?.mtimeMs ?? Date.now()) * 1e6));
+    const size = rec?.size ?? 0;
+    return {
+      ino,
+      size,
+      blocks: Math.ceil(size / 512),
+      atimeNs: ns,
+      mtimeNs: ns,
+      ctimeNs: ns,
+      mode: rec ? (rec.kind === 'dir' ? S_IFDIR | 0o755 : rec.mode) : S_IFREG | 0o644,
+      nlink: 1,
+      uid: process.getuid?.() ?? 0,
+      gid: process.getgid?.() ?? 0,
+      rdev: 0,
+      blksize: 4096,
+    };
+  }
+
+  override forget(nodeid: number, nlookup: number): void {
+    super.forget(nodeid, nlookup);
+    if (this.virtual.has(nodeid) && !this.nodes.get(nodeid)) this.virtual.delete(nodeid);
+  }
+
+  override getattr(ctx: RequestContext, nodeid: number, fh: number | undefined): AttrReply | Promise<AttrReply> {
+    const v = this.virtual.get(nodeid);
+    if (!v) return super.getattr(ctx, nodeid, fh);
+    return { attr: this.remoteAttr(v.rec, VIRTUAL_INO_BASE + nodeid), ttlMs: 0 };
+  }
+
+  override open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
+    const node = this.node(nodeid);
+    const upath = this.rel(node);
+    if (this.virtual.has(nodeid)) {
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => {
+        this.materialize(node);
+        this.virtual.delete(nodeid);
+        return super.open(ctx, nodeid, flags);
+      });
+    }
+    if (this.o.sharedStorage && (flags & 3) === fs.constants.O_RDONLY) {
+      // Shared storage: the file may be there while its producer still writes
+      // it on another node; a reader waits for the publication.
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => super.open(ctx, nodeid, flags));
+    }
+    return super.open(ctx, nodeid, flags);
+  }
+
+  // ---- listings -----------------------------------------------------------
+
+  protected override extraEntries(dir: Node): Promise<ListedEntry[]> {
+    return this.o.kvs.list(this.o.ns, this.rel(dir)).then(
+      (list) =>
+        list.map((e) => ({
+          name: e.name,
+          mode: e.record.kind === 'dir' ? S_IFDIR : e.record.mode,
+          ino: 0,
+          extra: e.record,
+        })),
+      () => [], // nothing published in this directory
+    );
+  }
+
+  protected override readdirEntry(dir: Node, e: ListedEntry): Entry {
+    const entry = super.readdirEntry(dir, e);
+    if (entry.nodeid !== 0 || !e.extra) return entry;
+    return this.localOrRemote(dir, e.name, e.extra as FileRecord);
+  }
+
+  // ---- producers --------------------------------------------------------------
+
+  protected override afterWriteClose(node: Node, h: Handle): void | Promise<void> {
+    // The last writer's RELEASE: the kernel sends it once every descriptor
+    // sharing the open is closed (a shell's `>` dup2s and closes one early,
+    // which is why FLUSH is too soon).
+    if (this.writersOf(node) > 0) return;
+    return this.publishSoon(node);
+  }
+
+  /** Handles still open for writing on a node. */
+  private writersOf(node: Node): number {
+    let n = 0;
+    for (const h of this.handles.values()) if (h.node === node && h.writable) n++;
+    return n;
+  }
+
+  private publishSoon(node: Node): Promise<void> | undefined {
+    const p = this.publish(this.rel(node));
+    if (!this.o.asyncPublish) return p;
+    p.catch(() => undefined);
+    return undefined;
+  }
+
+  /** Publishes a local file unless this exact version is published already. */
+  async publish(upath: string): Promise<void> {
+    const abs = this.storage.abs(upath);
+    try {
+      const before = lstat(abs);
+      const stamp = `${before.mtimeNs}:${before.size}`;
+      if (this.published.get(upath) === stamp || !before.isFile()) return;
+      if (this.o.fsyncWrite) fsyncPath(abs);
+      const { digest, size } = await digestFile(abs);
+      const rec = await this.o.kvs.publish(this.o.ns, upath, {
+        owner: this.o.rank,
+        size,
+        mode: Number(before.mode),
+        mtimeMs: Number(before.mtimeNs / 1_000_000n),
+        digest,
+      });
+      this.published.set(upath, stamp);
+      if (publishChannel.hasSubscribers) publishChannel.publish({ upath, record: rec });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return; // removed before we got to it
+      this.o.log.error(`publish of ${upath} failed: ${(err as Error).message}`);
+      throw new DyadError('DYAD_EPUBLISH', errnoOf(err) === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO, `${upath}: publish failed`, { cause: err });
+    }
+  }
+
+  protected override afterRemove(rel: string): void {
+    if (!this.published.delete(rel)) return;
+    this.o.kvs.unpublish(this.o.ns, rel).catch((err: Error) => this.o.log.warn(`unpublish of ${rel} failed: ${err.message}`));
+  }
+
+  protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void {
+    if (!this.published.delete(fromRel)) return;
+    this.o.kvs.unpublish(this.o.ns, fromRel).catch((err: Error) => this.o.log.warn(`unpublish of ${fromRel} failed: ${err.message}`));
+    if (node && !node.isDir) this.publish(toRel).catch(() => undefined);
+  }
+}
+
+/** fsync through a fresh descriptor: it flushes the file's data whoever wrote it. */
+function fsyncPath(p: string): void {
+  const fd = fs.openSync(p, fs.constants.O_RDONLY);
+  try {
+    fs.fsyncSync(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
+}

@@ -1,0 +1,154 @@
+/**
+ * Bringing a published file into local storage: wait for its record, then
+ * pull it from the owner unless the owner shares this node's storage.
+ *
+ * One fetch per upath at a time however many readers ask (single flight);
+ * each reader can give up on its own (signal, timeout) and the shared work
+ * is cancelled only when no reader is left.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import diagnostics from 'node:diagnostics_channel';
+import type { FileRecord, Kvs } from '../kvs/types.js';
+import type { TransferClient } from '../dtl/types.js';
+import { DyadError, errnoOf, errnos } from '../errors.js';
+import type { Storage } from './storage.js';
+
+export const pullChannel = diagnostics.channel('dyad-fs:dmd:pull');
+
+export interface FetchLog {
+  info(msg: string): void;
+  error(msg: string): void;
+}
+
+export interface FetcherOptions {
+  kvs: Kvs;
+  ns: string;
+  rank: number;
+  /** Ranks per node sharing one storage (DYAD_SERVICE_MUX). */
+  serviceMux: number;
+  /** Storage is shared by all nodes: never transfer. */
+  sharedStorage: boolean;
+  transfer?: TransferClient;
+  storage: Storage;
+  peerTimeoutMs: number;
+  log: FetchLog;
+}
+
+interface Flight {
+  promise: Promise<FileRecord>;
+  waiters: number;
+  controller: AbortController;
+}
+
+export class Fetcher {
+  private readonly flights = new Map<string, Flight>();
+  private readonly addresses = new Map<number, string>();
+
+  constructor(private readonly o: FetcherOptions) {}
+
+  /** Does a file owned by `owner` already sit in our storage? */
+  isLocalOwner(owner: number): boolean {
+    if (this.o.sharedStorage || owner === this.o.rank) return true;
+    const mux = Math.max(1, this.o.serviceMux);
+    return Math.floor(owner / mux) === Math.floor(this.o.rank / mux);
+  }
+
+  /**
+   * Resolves once upath is published and its content is in local storage
+   * (for a directory: once it exists locally).
+   */
+  ensureLocal(upath: string, opts: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<FileRecord> {
+    let flight = this.flights.get(upath);
+    if (!flight) {
+      const controller = new AbortController();
+      const promise = this.fetch(upath, controller.signal).finally(() => this.flights.delete(upath));
+      flight = { promise, waiters: 0, controller };
+      this.flights.set(upath, flight);
+    }
+    const f = flight;
+    f.waiters++;
+    return new Promise<FileRecord>((resolve, reject) => {
+      let timer: NodeJS.Timeout | undefined;
+      let done = false;
+      const leave = (err?: DyadError) => {
+        if (done) return;
+        done = true;
+        if (timer) clearTimeout(timer);
+        opts.signal?.removeEventListener('abort', onAbort);
+        if (--f.waiters === 0 && err) f.controller.abort(err);
+      };
+      const onAbort = () => {
+        const err = new DyadError('DYAD_EINTR', errnos.EINTR, `${upath}: wait interrupted`);
+        leave(err);
+        reject(err);
+      };
+      if (opts.signal?.aborted) return onAbort();
+      opts.signal?.addEventListener('abort', onAbort, { once: true });
+      if (opts.timeoutMs !== undefined) {
+        timer = setTimeout(() => {
+          const err = new DyadError('DYAD_ETIMEDOUT', errnos.ETIMEDOUT, `${upath}: not published within ${opts.timeoutMs} ms`);
+          leave(err);
+          reject(err);
+        }, opts.timeoutMs);
+      }
+      f.promise.then(
+        (rec) => {
+          leave();
+          resolve(rec);
+        },
+        (err: unknown) => {
+          leave();
+          reject(err);
+        },
+      );
+    });
+  }
+
+  private async fetch(upath: string, signal: AbortSignal): Promise<FileRecord> {
+    const rec = await this.o.kvs.wait(this.o.ns, upath, { signal });
+    const dest = this.o.storage.abs(upath);
+    if (rec.kind === 'dir') {
+      fs.mkdirSync(dest, { recursive: true, mode: 0o755 });
+      return rec;
+    }
+    if (this.isLocalOwner(rec.owner)) {
+      if (fs.existsSync(dest)) return rec;
+      throw new DyadError('DYAD_EMISSING', errnos.EIO, `${upath}: published by rank ${rec.owner} on this node but missing from storage`);
+    }
+    const transfer = this.o.transfer;
+    if (!transfer) throw new DyadError('DYAD_ENODTL', errnos.EIO, `${upath}: no transfer service configured`);
+    let address: string | undefined;
+    const started = process.hrtime.bigint();
+    try {
+      address = await this.addressOf(rec.owner);
+      fs.mkdirSync(path.dirname(dest), { recursive: true, mode: 0o755 });
+      const { bytes } = await transfer.pull(
+        address,
+        { upath, size: rec.size, digest: rec.digest },
+        dest,
+        { signal, peerTimeoutMs: this.o.peerTimeoutMs, mode: rec.mode & 0o7777 },
+      );
+      const ms = Number(process.hrtime.bigint() - started) / 1e6;
+      if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: rec.owner, bytes, ms });
+      return rec;
+    } catch (err) {
+      // The owner may have restarted on another port: ask the registry again next time.
+      this.addresses.delete(rec.owner);
+      const errno = errnoOf(err);
+      if (errno === errnos.EINTR) throw err;
+      this.o.log.error(`pull of ${upath} from rank ${rec.owner}${address ? ` (${address})` : ''} failed: ${(err as Error).message}`);
+      const out = errno === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO;
+      throw new DyadError('DYAD_EPULL', out, `${upath}: pull from rank ${rec.owner} failed: ${(err as Error).message}`, { cause: err });
+    }
+  }
+
+  private async addressOf(rank: number): Promise<string> {
+    const known = this.addresses.get(rank);
+    if (known) return known;
+    const info = await this.o.kvs.lookupRank(this.o.ns, rank);
+    if (!info) throw new DyadError('DYAD_ENORANK', errnos.EIO, `rank ${rank} has no transfer address registered`);
+    this.addresses.set(rank, info.address);
+    return info.address;
+  }
+}

@@ -1,0 +1,173 @@
+/**
+ * The daemon's configuration: command-line flags win over DYAD's environment
+ * variables, which win over defaults, and every value remembers where it came
+ * from so `dyad config` can say. Invalid values stop the start with one line
+ * naming the setting.
+ */
+import os from 'node:os';
+import path from 'node:path';
+import { ConfigError } from '../errors.js';
+
+export type Source = 'flag' | 'env' | 'default';
+
+export interface Setting<T> {
+  value: T;
+  source: Source;
+  /** The flag or variable it came from. */
+  from?: string;
+}
+
+/** Flags as commander hands them over (strings, or booleans for switches). */
+export interface Flags {
+  storage?: string;
+  rank?: string;
+  kvs?: string;
+  kvsServe?: string;
+  kvsData?: string;
+  namespace?: string;
+  dtl?: string;
+  listen?: string;
+  sharedStorage?: boolean;
+  asyncPublish?: boolean;
+  fsyncWrite?: boolean;
+  serviceMux?: string;
+  keyDepth?: string;
+  keyBins?: string;
+  waitTimeout?: string;
+  peerTimeout?: string;
+}
+
+export interface DyadConfig {
+  mountpoint: Setting<string | undefined>;
+  storage: Setting<string | undefined>;
+  rank: Setting<number>;
+  kvs: Setting<string | undefined>;
+  kvsServe: Setting<string | undefined>;
+  kvsData: Setting<string>;
+  namespace: Setting<string>;
+  dtl: Setting<'TCP' | 'UCX'>;
+  listen: Setting<string>;
+  sharedStorage: Setting<boolean>;
+  asyncPublish: Setting<boolean>;
+  fsyncWrite: Setting<boolean>;
+  serviceMux: Setting<number>;
+  keyDepth: Setting<number>;
+  keyBins: Setting<number>;
+  waitTimeoutMs: Setting<number | undefined>;
+  peerTimeoutMs: Setting<number>;
+}
+
+type Env = NodeJS.ProcessEnv;
+
+function pick<T>(flag: string | undefined, flagName: string, env: Env, vars: string[], parse: (v: string, name: string) => T, dflt: T): Setting<T> {
+  if (flag !== undefined) return { value: parse(flag, flagName), source: 'flag', from: flagName };
+  for (const v of vars) {
+    const raw = env[v];
+    if (raw !== undefined && raw !== '') return { value: parse(raw, v), source: 'env', from: v };
+  }
+  return { value: dflt, source: 'default' };
+}
+
+/** DYAD's booleans are "set means true", whatever the value (even 0). */
+function pickBool(flag: boolean | undefined, flagName: string, env: Env, v: string): Setting<boolean> {
+  if (flag) return { value: true, source: 'flag', from: flagName };
+  if (env[v] !== undefined) return { value: true, source: 'env', from: v };
+  return { value: false, source: 'default' };
+}
+
+function int(min: number, max = Number.MAX_SAFE_INTEGER) {
+  return (v: string, name: string): number => {
+    const n = Number(v);
+    if (!/^-?\d+$/.test(v.trim()) || n < min || n > max) {
+      throw new ConfigError(`${name}=${v}: expected an integer from ${min}${max < Number.MAX_SAFE_INTEGER ? ` to ${max}` : ''}`);
+    }
+    return n;
+  };
+}
+
+function seconds(v: string, name: string): number {
+  const n = Number(v);
+  if (!Number.isFinite(n) || n <= 0) throw new ConfigError(`${name}=${v}: expected a number of seconds > 0`);
+  return Math.round(n * 1000);
+}
+
+function hostPort(v: string, name: string): string {
+  if (!/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/.test(v) || Number(v.slice(v.lastIndexOf(':') + 1)) > 65535) {
+    throw new ConfigError(`${name}=${v}: expected HOST:PORT`);
+  }
+  return v;
+}
+
+/** DYAD matches DTL modes by case-sensitive prefix; FLUX_RPC is our TCP transport. */
+export function parseDtl(v: string, name: string): 'TCP' | 'UCX' {
+  const modes: Array<[string, 'TCP' | 'UCX']> = [
+    ['FLUX_RPC', 'TCP'],
+    ['TCP', 'TCP'],
+    ['UCX', 'UCX'],
+  ];
+  if (v === '') return 'TCP';
+  for (const [mode, dtl] of modes) if (mode.startsWith(v)) return dtl;
+  throw new ConfigError(`${name}=${v}: unknown transfer mode (expected TCP, FLUX_RPC or UCX)`);
+}
+
+function namespace(v: string, name: string): string {
+  if (!/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(v)) {
+    throw new ConfigError(`${name}=${v}: a namespace is 1-128 letters, digits, '_', '.' or '-'`);
+  }
+  return v;
+}
+
+export function defaultKvsData(): string {
+  const state = process.env.XDG_STATE_HOME || path.join(os.homedir(), '.local', 'state');
+  return path.join(state, 'dyad-fs', 'kvs');
+}
+
+export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env = process.env): DyadConfig {
+  const mp: Setting<string | undefined> =
+    mountpoint !== undefined
+      ? { value: mountpoint, source: 'flag', from: 'MOUNTPOINT' }
+      : env.DYAD_PATH_CONSUMER
+        ? { value: env.DYAD_PATH_CONSUMER, source: 'env', from: 'DYAD_PATH_CONSUMER' }
+        : env.DYAD_PATH_PRODUCER
+          ? { value: env.DYAD_PATH_PRODUCER, source: 'env', from: 'DYAD_PATH_PRODUCER' }
+          : { value: undefined, source: 'default' };
+  const cfg: DyadConfig = {
+    mountpoint: mp,
+    storage: pick(f.storage, '--storage', env, [], (v) => v, undefined as string | undefined),
+    rank: pick(f.rank, '--rank', env, ['DYAD_RANK', 'FLUX_TASK_RANK', 'SLURM_NODEID', 'PMI_RANK'], int(0), 0),
+    kvs: pick(f.kvs, '--kvs', env, ['DYAD_KVS'], (v) => v, undefined as string | undefined),
+    kvsServe: pick(f.kvsServe, '--kvs-serve', env, [], hostPort, undefined as string | undefined),
+    kvsData: pick(f.kvsData, '--kvs-data', env, ['DYAD_KVS_DATA'], (v) => path.resolve(v), defaultKvsData()),
+    namespace: pick(f.namespace, '--namespace', env, ['DYAD_KVS_NAMESPACE'], namespace, 'dyad'),
+    dtl: pick(f.dtl, '--dtl', env, ['DYAD_DTL_MODE'], parseDtl, 'TCP' as const),
+    listen: pick(f.listen, '--listen', env, ['DYAD_LISTEN'], hostPort, '127.0.0.1:0'),
+    sharedStorage: pickBool(f.sharedStorage, '--shared-storage', env, 'DYAD_SHARED_STORAGE'),
+    asyncPublish: pickBool(f.asyncPublish, '--async-publish', env, 'DYAD_ASYNC_PUBLISH'),
+    fsyncWrite: pickBool(f.fsyncWrite, '--fsync-write', env, 'DYAD_FSYNC_WRITE'),
+    // DYAD turns values below 1 into 1; we say so instead.
+    serviceMux: pick(f.serviceMux, '--service-mux', env, ['DYAD_SERVICE_MUX'], int(1), 1),
+    keyDepth: pick(f.keyDepth, '--key-depth', env, ['DYAD_KEY_DEPTH'], int(0, 64), 3),
+    keyBins: pick(f.keyBins, '--key-bins', env, ['DYAD_KEY_BINS'], int(1, 0xffffffff), 1024),
+    waitTimeoutMs: pick(f.waitTimeout, '--wait-timeout', env, ['DYAD_WAIT_TIMEOUT'], seconds, undefined as number | undefined),
+    peerTimeoutMs: pick(f.peerTimeout, '--peer-timeout', env, ['DYAD_PEER_TIMEOUT'], seconds, 10_000),
+  };
+  if (cfg.kvs.value && cfg.kvsServe.value) {
+    throw new ConfigError('--kvs and --kvs-serve exclude each other: a daemon either serves the embedded KVS or uses one');
+  }
+  if (cfg.kvs.value && !/^(dyad|etcd|etcds|mem):/.test(cfg.kvs.value)) {
+    throw new ConfigError(`${cfg.kvs.from}=${cfg.kvs.value}: expected dyad://HOST:PORT or etcd://HOST:PORT[,HOST:PORT...]`);
+  }
+  return cfg;
+}
+
+/** The table `dyad config` prints. */
+export function describeConfig(cfg: DyadConfig): string {
+  const rows = Object.entries(cfg).map(([k, s]) => {
+    const st = s as Setting<unknown>;
+    const value = st.value === undefined ? '(unset)' : String(st.value);
+    return [k, value, st.source + (st.from ? ` (${st.from})` : '')];
+  });
+  const w0 = Math.max(...rows.map((r) => r[0]!.length));
+  const w1 = Math.max(...rows.map((r) => r[1]!.length));
+  return rows.map((r) => `${r[0]!.padEnd(w0)}  ${r[1]!.padEnd(w1)}  ${r[2]}`).join('\n');
+}
