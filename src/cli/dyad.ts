@@ -1,18 +1,28 @@
 /**
- * dyad: administration commands around dyad-mount.
+ * dyad: administration around dyad-mount.
+ *
+ *   dyad umount MOUNTPOINT
+ *   dyad kvs serve --listen HOST:PORT --data DIR
+ *   dyad namespace create|remove|list [NAME] --kvs URL
+ *   dyad config [dyad-mount options] [MOUNTPOINT]
  */
 import { Command } from 'commander';
-import { unmount } from '../fuse/mount.js';
-import { DyadError } from '../errors.js';
+import fs from 'node:fs';
 import path from 'node:path';
+import { unmount } from '../fuse/mount.js';
+import { ConfigError, DyadError } from '../errors.js';
+import { EmbeddedKvsClient, KvsServer, adminSecretPath } from '../kvs/index.js';
+import { defaultKvsData, describeConfig, resolveConfig, type Flags } from '../node/config.js';
+import { addDyadOptions } from './options.js';
+import { Logger } from '../node/log.js';
 
 function fail(err: unknown): never {
   const msg = err instanceof Error ? err.message : String(err);
   process.stderr.write(`dyad: ${msg}\n`);
-  process.exit(err instanceof DyadError && err.errno ? 1 : 1);
+  process.exit(1);
 }
 
-const program = new Command('dyad').description('Manage dyad-fs mounts, namespaces and the embedded KVS.');
+const program = new Command('dyad').description('Manage dyad-fs mounts, namespaces and the embedded KVS.').showHelpAfterError();
 
 program
   .command('umount')
@@ -20,11 +30,95 @@ program
   .argument('<mountpoint>')
   .option('-l, --lazy', 'detach now even if the mount is busy')
   .action((mountpoint: string, o: { lazy?: boolean }) => {
-    try {
-      unmount(path.resolve(mountpoint), { lazy: !!o.lazy });
-    } catch (err) {
-      fail(err);
-    }
+    unmount(path.resolve(mountpoint), { lazy: !!o.lazy });
   });
 
-program.parseAsync().catch(fail);
+const kvs = program.command('kvs').description('the embedded key-value store');
+kvs
+  .command('serve')
+  .description('serve the embedded KVS in the foreground (no mount); other daemons use it with --kvs dyad://HOST:PORT')
+  .option('--listen <host:port>', 'address to listen on', '127.0.0.1:7400')
+  .option('--data <dir>', 'data directory (journal, admin secret, namespace secrets)', defaultKvsData())
+  .option('--key-depth <n>', 'DYAD key hash levels (DYAD_KEY_DEPTH; default 3)')
+  .option('--key-bins <n>', 'DYAD key bins per level (DYAD_KEY_BINS; default 1024)')
+  .action(async (o: { listen: string; data: string; keyDepth?: string; keyBins?: string }) => {
+    const cfg = resolveConfig(undefined, { keyDepth: o.keyDepth, keyBins: o.keyBins, kvsServe: o.listen });
+    const log = new Logger('dyad-kvs');
+    const i = o.listen.lastIndexOf(':');
+    fs.mkdirSync(o.data, { recursive: true, mode: 0o700 });
+    const server = await KvsServer.open({
+      dataDir: path.resolve(o.data),
+      keyDepth: cfg.keyDepth.value,
+      keyBins: cfg.keyBins.value,
+      log: (level, msg) => log[level](msg),
+    });
+    const bound = await server.listen(o.listen.slice(0, i).replace(/^\[|\]$/g, ''), Number(o.listen.slice(i + 1)));
+    log.info(`serving the embedded KVS at dyad://${bound.host}:${bound.port} (data in ${path.resolve(o.data)})`);
+    const stop = async () => {
+      await server.close();
+      process.exit(0);
+    };
+    process.on('SIGINT', () => void stop());
+    process.on('SIGTERM', () => void stop());
+  });
+
+interface NsOpts {
+  kvs: string;
+  data: string;
+  adminSecretFile?: string;
+}
+
+async function adminClient(o: NsOpts): Promise<EmbeddedKvsClient> {
+  if (!o.kvs.startsWith('dyad://')) throw new ConfigError(`--kvs ${o.kvs}: namespaces are managed here for dyad:// KVS URLs`);
+  const local = adminSecretPath(o.data);
+  const adminSecretFile =
+    o.adminSecretFile ?? (process.env.DYAD_ADMIN_SECRET || process.env.DYAD_ADMIN_SECRET_FILE ? undefined : fs.existsSync(local) ? local : undefined);
+  return EmbeddedKvsClient.connect(o.kvs, adminSecretFile ? { adminSecretFile } : {});
+}
+
+const ns = program.command('namespace').description('KVS namespaces (each has its own secret)');
+const nsOptions = (c: Command) =>
+  c
+    .requiredOption('--kvs <url>', 'the KVS, dyad://HOST:PORT')
+    .option('--data <dir>', 'the KVS data directory, to find the admin secret when on the same machine', defaultKvsData())
+    .option('--admin-secret-file <file>', 'admin secret (default: DYAD_ADMIN_SECRET[_FILE], or <data>/admin.secret)');
+
+nsOptions(ns.command('create').description('create a namespace; its secret is exported to <data>/secrets/NAME.secret').argument('<name>')).action(
+  async (name: string, o: NsOpts) => {
+    const c = await adminClient(o);
+    try {
+      await c.createNamespace(name);
+      process.stdout.write(`created namespace ${name}\n`);
+    } finally {
+      await c.close();
+    }
+  },
+);
+nsOptions(ns.command('remove').description('remove a namespace and everything published in it').argument('<name>')).action(async (name: string, o: NsOpts) => {
+  const c = await adminClient(o);
+  try {
+    await c.removeNamespace(name);
+    process.stdout.write(`removed namespace ${name}\n`);
+  } finally {
+    await c.close();
+  }
+});
+nsOptions(ns.command('list').description('list namespaces')).action(async (o: NsOpts) => {
+  const c = await adminClient(o);
+  try {
+    for (const n of await c.listNamespaces()) process.stdout.write(`${n}\n`);
+  } finally {
+    await c.close();
+  }
+});
+
+addDyadOptions(
+  program
+    .command('config')
+    .description('print the effective dyad-mount configuration and where each value comes from')
+    .argument('[mountpoint]'),
+).action((mountpoint: string | undefined, o: Flags) => {
+  process.stdout.write(`${describeConfig(resolveConfig(mountpoint, o))}\n`);
+});
+
+program.parseAsync().catch((err: unknown) => fail(err instanceof DyadError || err instanceof Error ? err : new Error(String(err))));

@@ -34,6 +34,7 @@ const S_IFREG = 0o100000;
 const VIRTUAL_INO_BASE = 2 ** 52;
 
 export interface DmdLog {
+  debug(msg: string): void;
   info(msg: string): void;
   warn(msg: string): void;
   error(msg: string): void;
@@ -187,7 +188,11 @@ export class DmdFs extends MirrorFs {
           ino: 0,
           extra: e.record,
         })),
-      () => [], // nothing published in this directory
+      (err: unknown) => {
+        const code = (err as { code?: string }).code;
+        if (code === 'DYAD_ENOENT' || code === 'DYAD_ENOTDIR') return []; // nothing published here
+        throw err;
+      },
     );
   }
 
@@ -198,6 +203,21 @@ export class DmdFs extends MirrorFs {
   }
 
   // ---- producers --------------------------------------------------------------
+
+  /**
+   * close() of a descriptor open for writing: publish now, so close() returns
+   * after the publication, unless the closing process still holds another
+   * descriptor of the file (a shell's `>` opens, dup2s and closes the first
+   * descriptor before anything is written). Such files, and descriptors
+   * shared with other processes, are published at the last RELEASE.
+   */
+  override flush(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
+    const h = this.handle(fh);
+    if (!h.writable || !ctx.pid) return;
+    const mine = path.posix.join(this.o.mountpoint, this.rel(h.node));
+    if (holdsOtherDescriptor(ctx.pid, mine)) return;
+    return this.publishSoon(h.node);
+  }
 
   protected override afterWriteClose(node: Node, h: Handle): void | Promise<void> {
     // The last writer's RELEASE: the kernel sends it once every descriptor
@@ -266,4 +286,23 @@ function fsyncPath(p: string): void {
   } finally {
     fs.closeSync(fd);
   }
+}
+
+/** Does process `pid` still have a descriptor open on `file` (by path)? */
+function holdsOtherDescriptor(pid: number, file: string): boolean {
+  let fds: string[];
+  try {
+    fds = fs.readdirSync(`/proc/${pid}/fd`);
+  } catch {
+    return true; // cannot tell: leave it to the last RELEASE
+  }
+  for (const fd of fds) {
+    try {
+      // readlink, not stat: a stat would come back to this very daemon.
+      if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`) === file) return true;
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  return false;
 }

@@ -17,7 +17,7 @@ import type { Storage } from './storage.js';
 export const pullChannel = diagnostics.channel('dyad-fs:dmd:pull');
 
 export interface FetchLog {
-  info(msg: string): void;
+  debug(msg: string): void;
   error(msg: string): void;
 }
 
@@ -131,6 +131,7 @@ export class Fetcher {
       );
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
       if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: rec.owner, bytes, ms });
+      this.o.log.debug(`pulled ${upath} (${bytes} B) from rank ${rec.owner} in ${ms.toFixed(2)} ms`);
       return rec;
     } catch (err) {
       // The owner may have restarted on another port: ask the registry again next time.

@@ -117,7 +117,9 @@ export class Daemon {
       await raw.close();
       throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);
     }
-    this.kvs = new CachedKvs(raw);
+    // No cached absences: a stat right after another node published (and
+    // told us by other means) must see the file.
+    this.kvs = new CachedKvs(raw, { cacheNegative: false });
 
     // Transfers: serve our storage to other nodes, pull from theirs.
     if (clearStaleMount(this.mountpoint)) log.warn(`cleared a stale mount at ${this.mountpoint} (its daemon had died)`);

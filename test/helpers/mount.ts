@@ -40,7 +40,9 @@ export interface CliMount {
 /** Mounts with `dyad-mount --background` and unmounts at teardown. */
 export async function mountCli(t: Tap, mnt: string, args: string[] = []): Promise<CliMount> {
   const log = `${mnt}.log`;
-  const { stdout } = await exec(process.execPath, [dyadMountBin, '--background', '--log', log, ...args, mnt]);
+  // Each mount gets its own KVS state unless the test says otherwise.
+  const kvsArgs = args.some((a) => a === '--kvs' || a === '--kvs-data') ? [] : ['--kvs-data', `${mnt}.kvs`];
+  const { stdout } = await exec(process.execPath, [dyadMountBin, '--background', '--log', log, ...kvsArgs, ...args, mnt]);
   const pid = Number(/pid (\d+)/.exec(stdout)?.[1]);
   let done = false;
   const umount = async () => {
@@ -93,4 +95,37 @@ export function cFixture(name: string): string {
   built.set(name, out);
   process.on('exit', () => fs.rmSync(out, { force: true }));
   return out;
+}
+
+export interface Cluster {
+  nodes: Array<CliMount & { storage: string; rank: number }>;
+  kvsUrl: string;
+  secretFile: string;
+  base: string;
+}
+
+/**
+ * N nodes on this machine, each a daemon over its own storage; node 0 serves
+ * the embedded KVS and the others use it.
+ */
+export async function cluster(t: Tap, n: number, args: string[] = [], perNode: (rank: number) => string[] = () => []): Promise<Cluster> {
+  const base = tmpdir(t);
+  const nodes: Cluster['nodes'] = [];
+  let kvsUrl = '';
+  const secretFile = path.join(base, 'kvs', 'secrets', 'dyad.secret');
+  for (let rank = 0; rank < n; rank++) {
+    const mnt = path.join(base, `n${rank}`);
+    const storage = path.join(base, `s${rank}`);
+    fs.mkdirSync(mnt);
+    fs.mkdirSync(storage);
+    const kvs = rank === 0 ? ['--kvs-serve', '127.0.0.1:0', '--kvs-data', path.join(base, 'kvs')] : ['--kvs', kvsUrl, '--secret-file', secretFile];
+    const m = await mountCli(t, mnt, [...kvs, '--rank', String(rank), '--storage', storage, ...args, ...perNode(rank)]);
+    if (rank === 0) {
+      const url = /serving the embedded KVS at (dyad:\/\/\S+)/.exec(fs.readFileSync(m.log, 'utf8'))?.[1];
+      if (!url) throw new Error(`node 0 did not report its KVS URL: ${fs.readFileSync(m.log, 'utf8')}`);
+      kvsUrl = url;
+    }
+    nodes.push({ ...m, storage, rank });
+  }
+  return { nodes, kvsUrl, secretFile, base };
 }

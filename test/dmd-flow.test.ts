@@ -1,0 +1,146 @@
+/**
+ * Producer → consumer across nodes on one machine: each node a dyad-mount
+ * daemon over its own storage, node 0 serving the embedded KVS. Programs are
+ * plain shell tools: nothing is preloaded.
+ */
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { cFixture, cluster, sh } from './helpers/mount.js';
+
+const exited = (c: ChildProcess) =>
+  new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+    let out = '';
+    let err = '';
+    c.stdout?.on('data', (d: Buffer) => (out += d));
+    c.stderr?.on('data', (d: Buffer) => (err += d));
+    c.on('close', (code) => resolve({ code, out, err }));
+  });
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const pulls = (log: string) => fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.includes(' pulled ')).length;
+
+t.test('consumer first, producer first, listings, empty files', async (t) => {
+  const c = await cluster(t, 2, ['--log-level', 'debug']);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+
+  // Consumer first: the open blocks until the producer's file is published.
+  const cons = spawn('cat', [path.join(q.mnt, 'first.txt')]);
+  const done = exited(cons);
+  await sleep(500);
+  t.equal(cons.exitCode, null, 'consumer is still waiting');
+  fs.writeFileSync(path.join(p.mnt, 'first.txt'), 'made on node 0\n');
+  const r = await done;
+  t.equal(r.code, 0, r.err);
+  t.equal(r.out, 'made on node 0\n', 'consumer read the producer\'s bytes');
+  t.equal(fs.readFileSync(path.join(q.storage, 'first.txt'), 'utf8'), 'made on node 0\n', 'pulled into node 1 storage');
+
+  // Producer first; stat and readdir show the file before any byte moves.
+  fs.writeFileSync(path.join(p.mnt, 'second.bin'), Buffer.alloc(100_000, 3));
+  fs.mkdirSync(path.join(p.mnt, 'sub'));
+  fs.writeFileSync(path.join(p.mnt, 'sub', 'empty'), '');
+  const st = fs.statSync(path.join(q.mnt, 'second.bin'));
+  t.equal(st.size, 100_000, 'stat shows the published size');
+  t.ok(st.isFile());
+  t.notOk(fs.existsSync(path.join(q.storage, 'second.bin')), 'stat moved no bytes');
+  t.ok(fs.readdirSync(q.mnt).includes('second.bin'), 'readdir lists remote files');
+  t.ok(fs.readdirSync(q.mnt).includes('sub'), 'and directories holding them');
+  const ls = await sh(`ls -l ${q.mnt}`);
+  t.match(ls.stdout, /100000 .* second\.bin/);
+  t.notOk(fs.existsSync(path.join(q.storage, 'second.bin')), 'ls -l moved no bytes');
+  t.same(fs.readFileSync(path.join(q.mnt, 'second.bin')), Buffer.alloc(100_000, 3));
+  t.equal(fs.readFileSync(path.join(q.mnt, 'sub', 'empty'), 'utf8'), '', 'empty files are published and pulled');
+  t.ok(fs.existsSync(path.join(q.storage, 'sub', 'empty')));
+
+  // Reading it again costs nothing: it is local now.
+  const before = pulls(q.log);
+  t.equal(fs.readFileSync(path.join(q.mnt, 'first.txt'), 'utf8'), 'made on node 0\n');
+  t.equal(pulls(q.log), before, 'no second pull');
+  t.equal(fs.readdirSync(q.storage).filter((n) => n.startsWith('.dyad-part')).length, 0, 'no temp files left');
+});
+
+t.test('creating never blocks, probes never block', async (t) => {
+  const c = await cluster(t, 2);
+  const q = c.nodes[1]!;
+  const r = await sh(`touch ${path.join(q.mnt, 'new')} && stat ${path.join(q.mnt, 'missing')}; echo rc=$?; ls ${q.mnt}; test -e ${path.join(q.mnt, 'missing')}; echo e=$?`, { timeoutMs: 20_000 });
+  t.match(r.stdout, /rc=1/, 'stat of an unpublished name: ENOENT at once');
+  t.match(r.stdout, /\bnew\b/);
+  t.match(r.stdout, /e=1/);
+  fs.writeFileSync(path.join(c.nodes[0]!.mnt, 'both'), 'remote');
+  fs.writeFileSync(path.join(q.mnt, 'both'), 'local');
+  t.equal(fs.readFileSync(path.join(q.mnt, 'both'), 'utf8'), 'local', 'a create over a published name makes a local file');
+});
+
+t.test('many concurrent consumers of one file cause one pull', async (t) => {
+  const c = await cluster(t, 2, ['--log-level', 'debug']);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const readers = Array.from({ length: 12 }, () => exited(spawn('md5sum', [path.join(q.mnt, 'shared.bin')])));
+  await sleep(500);
+  const data = Buffer.alloc(3 << 20);
+  for (let i = 0; i < data.length; i++) data[i] = (i * 7) & 255;
+  fs.writeFileSync(path.join(p.mnt, 'shared.bin'), data);
+  const results = await Promise.all(readers);
+  const sums = new Set(results.map((r) => r.out.split(' ')[0]));
+  t.ok(results.every((r) => r.code === 0), 'all readers succeeded');
+  t.equal(sums.size, 1, 'all read the same bytes');
+  const local = await sh(`md5sum ${path.join(p.storage, 'shared.bin')}`);
+  t.equal([...sums][0], local.stdout.split(' ')[0], 'and they are the producer\'s');
+  t.equal(pulls(q.log), 1, 'exactly one pull');
+});
+
+t.test('nested directories that do not exist yet anywhere', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const cons = exited(spawn('cat', [path.join(q.mnt, 'a/b/c/deep.txt')]));
+  await sleep(300);
+  fs.mkdirSync(path.join(p.mnt, 'a/b/c'), { recursive: true });
+  fs.writeFileSync(path.join(p.mnt, 'a/b/c/deep.txt'), 'deep');
+  const r = await cons;
+  t.equal(r.code, 0, r.err);
+  t.equal(r.out, 'deep');
+  t.ok(fs.statSync(path.join(q.storage, 'a/b/c')).isDirectory(), 'directories exist on the consumer');
+});
+
+t.test('a timeout, and an interrupted wait', async (t) => {
+  const c = await cluster(t, 2, [], (rank) => (rank === 1 ? ['--wait-timeout', '1'] : []));
+  const q = c.nodes[1]!;
+  const r = await sh(`cat ${path.join(q.mnt, 'never.txt')}`, { timeoutMs: 30_000 });
+  t.not(r.code, 0);
+  t.match(r.stderr, /timed out/i, 'ETIMEDOUT after --wait-timeout');
+  const i = await sh(`${cFixture('open_intr')} ${path.join(c.nodes[0]!.mnt, 'never2.txt')} 1`, { timeoutMs: 30_000 });
+  t.equal(i.stdout.trim(), 'EINTR', 'a signal ends the wait with EINTR');
+  // The daemon keeps serving after both.
+  fs.writeFileSync(path.join(c.nodes[0]!.mnt, 'later.txt'), 'ok');
+  t.equal(fs.readFileSync(path.join(q.mnt, 'later.txt'), 'utf8'), 'ok');
+});
+
+t.test('a failed owner: EIO within the peer timeout, no partial file', async (t) => {
+  const c = await cluster(t, 3, ['--peer-timeout', '2']);
+  const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'orphan.bin'), Buffer.alloc(1 << 20, 1));
+  process.kill(p.pid, 'SIGKILL');
+  await sleep(200);
+  const r = await sh(`cat ${path.join(q.mnt, 'orphan.bin')} > /dev/null`, { timeoutMs: 60_000 });
+  t.not(r.code, 0);
+  t.match(r.stderr, /Input\/output error/, 'EIO');
+  t.notOk(fs.existsSync(path.join(q.storage, 'orphan.bin')), 'no file');
+  t.equal(fs.readdirSync(q.storage).filter((n) => n.startsWith('.dyad-part')).length, 0, 'no temp file');
+  t.match(fs.readFileSync(q.log, 'utf8'), /pull of orphan\.bin from rank 1 .*failed/, 'log names the file and the owner');
+});
+
+t.test('shared storage: synchronise only, never transfer', async (t) => {
+  const c0 = await cluster(t, 1, ['--shared-storage', '--log-level', 'debug']);
+  const shared = c0.nodes[0]!.storage;
+  const mntB = path.join(c0.base, 'b');
+  fs.mkdirSync(mntB);
+  const { mountCli } = await import('./helpers/mount.js');
+  const b = await mountCli(t, mntB, ['--kvs', c0.kvsUrl, '--secret-file', c0.secretFile, '--rank', '1', '--shared-storage', '--storage', shared, '--log-level', 'debug']);
+  const cons = exited(spawn('cat', [path.join(mntB, 'sync.txt')]));
+  await sleep(500);
+  fs.writeFileSync(path.join(c0.nodes[0]!.mnt, 'sync.txt'), 'shared bytes');
+  const r = await cons;
+  t.equal(r.code, 0, r.err);
+  t.equal(r.out, 'shared bytes');
+  t.equal(pulls(b.log), 0, 'nothing was transferred');
+  t.notMatch(fs.readFileSync(b.log, 'utf8'), /transfer service/, 'no transfer service in shared mode');
+});

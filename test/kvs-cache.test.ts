@@ -1,0 +1,186 @@
+/**
+ * CachedKvs: hits avoid the backend, and with a subscription the cache follows
+ * changes made by other clients (positive, negative and listing entries), drops
+ * everything on a reconnect, and falls back to short-lived positive entries for
+ * a backend that cannot push changes.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import t from 'tap';
+import {
+  CachedKvs,
+  EmbeddedKvsClient,
+  KvsServer,
+  MemoryKvs,
+  startKvsServer,
+  type DirEntry,
+  type FileRecord,
+  type Kvs,
+  type PublishInput,
+  type RankInfo,
+  type WaitOptions,
+} from '../src/kvs/index.js';
+
+const rec = (size: number): PublishInput => ({ owner: 2, size, mode: 0o100644, mtimeMs: 5, digest: '' });
+
+/** A Kvs without watch(), to exercise the fallback. */
+class Unwatchable implements Kvs {
+  constructor(private readonly k: Kvs) {}
+  publish(ns: string, p: string, r: PublishInput): Promise<FileRecord> {
+    return this.k.publish(ns, p, r);
+  }
+  lookup(ns: string, p: string): Promise<FileRecord | undefined> {
+    return this.k.lookup(ns, p);
+  }
+  wait(ns: string, p: string, o?: WaitOptions): Promise<FileRecord> {
+    return this.k.wait(ns, p, o);
+  }
+  unpublish(ns: string, p: string): Promise<boolean> {
+    return this.k.unpublish(ns, p);
+  }
+  list(ns: string, p: string): Promise<DirEntry[]> {
+    return this.k.list(ns, p);
+  }
+  createNamespace(ns: string): Promise<void> {
+    return this.k.createNamespace(ns);
+  }
+  removeNamespace(ns: string): Promise<void> {
+    return this.k.removeNamespace(ns);
+  }
+  listNamespaces(): Promise<string[]> {
+    return this.k.listNamespaces();
+  }
+  hasNamespace(ns: string): Promise<boolean> {
+    return this.k.hasNamespace(ns);
+  }
+  registerRank(ns: string, i: RankInfo): Promise<void> {
+    return this.k.registerRank(ns, i);
+  }
+  lookupRank(ns: string, r: number): Promise<RankInfo | undefined> {
+    return this.k.lookupRank(ns, r);
+  }
+  listRanks(ns: string): Promise<RankInfo[]> {
+    return this.k.listRanks(ns);
+  }
+  close(): Promise<void> {
+    return this.k.close();
+  }
+}
+
+t.test('over the embedded server', async (t) => {
+  const dataDir = await mkdtemp(join(tmpdir(), 'kvs-cache-'));
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }));
+  const s1 = await startKvsServer({ dataDir });
+  const port = s1.address!.port;
+  const secret = await s1.createNamespace('c');
+  const inner = await EmbeddedKvsClient.connect(s1.url, { secret, env: {}, reconnectMaxMs: 200 });
+  const cache = new CachedKvs(inner);
+  t.teardown(() => cache.close());
+  const other = await EmbeddedKvsClient.connect(s1.url, { secret, env: {} });
+  t.teardown(() => other.close());
+  t.equal(await cache.watching('c'), true, 'subscribed');
+
+  // Resolves once the cache's client has received the next change of 'c' (the
+  // cache's own listener was registered first, so it has run by then).
+  const nextChange = async (): Promise<void> => {
+    let stop: (() => void) | undefined;
+    await new Promise<void>((resolve) => {
+      void inner.watch('c', (ev) => ev.type === 'change' && resolve()).then((s) => (stop = s));
+    });
+    stop?.();
+  };
+  const misses = (): number => cache.stats().misses;
+
+  await other.publish('c', 'd/a', rec(1));
+  t.match(await cache.lookup('c', 'd/a'), { size: 1 });
+  const m0 = misses();
+  t.match(await cache.lookup('c', 'd/a'), { size: 1 });
+  t.equal(misses(), m0, 'second lookup is a hit');
+
+  t.equal(await cache.lookup('c', 'd/b'), undefined);
+  t.equal(await cache.lookup('c', 'd/b'), undefined);
+  t.equal(misses(), m0 + 1, 'absence is cached too');
+  let changed = nextChange();
+  await other.publish('c', 'd/b', rec(2));
+  await changed;
+  t.match(await cache.lookup('c', 'd/b'), { size: 2 }, 'another client publishing replaces the negative entry');
+
+  t.same((await cache.list('c', 'd')).map((e) => e.name), ['a', 'b']);
+  const m1 = misses();
+  t.same((await cache.list('c', 'd')).map((e) => e.name), ['a', 'b']);
+  t.match(await cache.lookup('c', 'd/a'), { size: 1 });
+  t.equal(misses(), m1, 'listing and the records it carried are hits');
+  changed = nextChange();
+  await other.publish('c', 'd/c', rec(3));
+  await changed;
+  t.same((await cache.list('c', 'd')).map((e) => e.name), ['a', 'b', 'c'], 'listing invalidated by the change');
+
+  changed = nextChange();
+  const v2 = await other.publish('c', 'd/a', rec(10));
+  await changed;
+  t.same(await cache.lookup('c', 'd/a'), v2, 'republish seen');
+  changed = nextChange();
+  await other.unpublish('c', 'd/a');
+  await changed;
+  t.equal(await cache.lookup('c', 'd/a'), undefined, 'unpublish seen');
+  const m2 = misses();
+  t.match(await cache.wait('c', 'd/b'), { size: 2 });
+  t.equal(misses(), m2, 'wait on a cached record returns at once');
+
+  // A restart: everything cached is dropped, and a change made before the
+  // client got back is not hidden by the stale negative entry.
+  t.equal(await cache.lookup('c', 'gap'), undefined);
+  await s1.close();
+  const s2 = await KvsServer.open({ dataDir });
+  t.teardown(() => s2.close());
+  await s2.store.publish('c', 'gap', rec(4));
+  await s2.listen('127.0.0.1', port);
+  t.match(await cache.lookup('c', 'gap'), { size: 4 });
+  t.match(await cache.lookup('c', 'd/b'), { size: 2 });
+});
+
+t.test('over an in-process store', async (t) => {
+  const store = MemoryKvs.open('');
+  const cache = new CachedKvs(store);
+  t.teardown(() => cache.close());
+  await store.createNamespace('m');
+  t.equal(await cache.watching('m'), true);
+  t.equal(await cache.lookup('m', 'x'), undefined);
+  await store.publish('m', 'x', rec(1)); // events are synchronous in-process
+  const m0 = cache.stats().misses;
+  t.match(await cache.lookup('m', 'x'), { size: 1 });
+  t.equal(cache.stats().misses, m0);
+  await cache.removeNamespace('m');
+  await t.rejects(cache.lookup('m', 'x'), { code: 'DYAD_ENONS' });
+});
+
+t.test('fallback without change notifications', async (t) => {
+  const base = MemoryKvs.open('');
+  await base.createNamespace('f');
+  await base.publish('f', 'x', rec(1));
+  const cache = new CachedKvs(new Unwatchable(base), { ttlMs: 60_000 });
+  t.teardown(() => cache.close());
+  t.equal(await cache.watching('f'), false);
+  await cache.lookup('f', 'x');
+  const m0 = cache.stats().misses;
+  await cache.lookup('f', 'x');
+  t.equal(cache.stats().misses, m0, 'positive records are cached');
+  await cache.lookup('f', 'nope');
+  await cache.lookup('f', 'nope');
+  t.equal(cache.stats().misses, m0 + 2, 'absences are not');
+  await cache.list('f', '');
+  await cache.list('f', '');
+  t.equal(cache.stats().misses, m0 + 4, 'nor listings');
+
+  const expiring = new CachedKvs(new Unwatchable(base), { ttlMs: 0 });
+  await expiring.lookup('f', 'x');
+  await expiring.lookup('f', 'x');
+  t.equal(expiring.stats().hits, 0, 'entries expire after ttlMs');
+
+  const noNeg = new CachedKvs(base, { cacheNegative: false });
+  t.equal(await noNeg.watching('f'), true);
+  await noNeg.lookup('f', 'nope');
+  await noNeg.lookup('f', 'nope');
+  t.equal(noNeg.stats().hits, 0, 'cacheNegative: false');
+});
