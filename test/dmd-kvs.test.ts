@@ -1,0 +1,114 @@
+/**
+ * The KVS as a separate service: `dyad kvs serve`, namespaces, a restart
+ * that loses no publication and lets waiting readers finish, and the start
+ * errors a user gets for a bad configuration.
+ */
+import t from 'tap';
+import fs from 'node:fs';
+import net from 'node:net';
+import path from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { dyadBin, dyadMountBin, exec, mountCli, sh, tmpdir } from './helpers/mount.js';
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+async function freePort(): Promise<number> {
+  const srv = net.createServer();
+  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
+  const port = (srv.address() as net.AddressInfo).port;
+  await new Promise((r) => srv.close(r));
+  return port;
+}
+
+async function startKvs(t: { teardown(fn: () => unknown): void }, port: number, data: string): Promise<ChildProcess> {
+  const child = spawn(process.execPath, [dyadBin, 'kvs', 'serve', '--listen', `127.0.0.1:${port}`, '--data', data], { stdio: ['ignore', 'ignore', 'pipe'] });
+  t.teardown(() => child.kill('SIGKILL'));
+  await new Promise<void>((resolve, reject) => {
+    let err = '';
+    child.stderr!.on('data', (d: Buffer) => {
+      err += d;
+      if (err.includes('serving the embedded KVS')) resolve();
+    });
+    child.on('exit', (code) => reject(new Error(`kvs serve exited ${code}: ${err}`)));
+  });
+  return child;
+}
+
+t.test('KVS restart: no publication lost, waits resume', async (t) => {
+  const base = tmpdir(t);
+  const data = path.join(base, 'kvs');
+  const port = await freePort();
+  const url = `dyad://127.0.0.1:${port}`;
+  let kvs = await startKvs(t, port, data);
+  const created = await exec(process.execPath, [dyadBin, 'namespace', 'create', 'wf', '--kvs', url, '--data', data]);
+  t.match(created.stdout, /created namespace wf/);
+  const list = await exec(process.execPath, [dyadBin, 'namespace', 'list', '--kvs', url, '--data', data]);
+  t.match(list.stdout, /^wf$/m);
+  const secret = path.join(data, 'secrets', 'wf.secret');
+  t.equal(fs.statSync(secret).mode & 0o777, 0o600, 'the namespace secret file is private');
+  const nodes = [];
+  for (const rank of [0, 1]) {
+    const mnt = path.join(base, `n${rank}`);
+    const storage = path.join(base, `s${rank}`);
+    fs.mkdirSync(mnt);
+    fs.mkdirSync(storage);
+    nodes.push({ ...(await mountCli(t, mnt, ['--kvs', url, '--secret-file', secret, '--namespace', 'wf', '--rank', String(rank), '--storage', storage])), storage });
+  }
+  const [p, q] = nodes as [(typeof nodes)[0], (typeof nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'before.txt'), 'published before the restart');
+  const waiting = sh(`cat ${path.join(q.mnt, 'after.txt')}`, { timeoutMs: 60_000 });
+  await sleep(300);
+  kvs.kill('SIGTERM');
+  await new Promise((r) => kvs.on('exit', r));
+  kvs = await startKvs(t, port, data);
+  fs.writeFileSync(path.join(p.mnt, 'after.txt'), 'published after the restart');
+  const r = await waiting;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'published after the restart', 'the waiting reader finished');
+  t.equal(fs.readFileSync(path.join(q.mnt, 'before.txt'), 'utf8'), 'published before the restart', 'the earlier publication survived');
+  kvs.kill('SIGTERM');
+});
+
+t.test('configuration errors stop the start with one line', async (t) => {
+  const base = tmpdir(t);
+  const mnt = path.join(base, 'm');
+  fs.mkdirSync(mnt);
+  const run = (env: string, args: string) => sh(`${env} ${process.execPath} ${dyadMountBin} --kvs-data ${path.join(base, 'kvs')} ${args} ${mnt}`, { timeoutMs: 30_000 });
+  const cases: Array<[string, string, RegExp]> = [
+    ['DYAD_KEY_BINS=0', '', /DYAD_KEY_BINS=0: expected an integer from 1/],
+    ['DYAD_DTL_MODE=SPEEDY', '', /DYAD_DTL_MODE=SPEEDY: unknown transfer mode/],
+    ['', '--rank -1', /--rank=-1: expected an integer/],
+    ['', '--listen nowhere', /--listen=nowhere: expected HOST:PORT/],
+    ['', '--kvs http://x:1', /expected dyad:\/\/HOST:PORT/],
+    ['DYAD_WAIT_TIMEOUT=soon', '', /DYAD_WAIT_TIMEOUT=soon: expected a number of seconds/],
+  ];
+  for (const [env, args, re] of cases) {
+    const r = await run(env, args);
+    t.not(r.code, 0, `${env}${args} fails`);
+    t.match(r.stderr, re);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
+  }
+  // A namespace that does not exist in a KVS served elsewhere.
+  const port = await freePort();
+  const data = path.join(base, 'kvs2');
+  const kvs = await startKvs(t, port, data);
+  await exec(process.execPath, [dyadBin, 'namespace', 'create', 'real', '--kvs', `dyad://127.0.0.1:${port}`, '--data', data]);
+  const r = await sh(`DYAD_KVS_NAMESPACE=ghost DYAD_SECRET_FILE=${path.join(data, 'secrets', 'real.secret')} ${process.execPath} ${dyadMountBin} --kvs dyad://127.0.0.1:${port} ${mnt}`, { timeoutMs: 30_000 });
+  t.not(r.code, 0);
+  t.match(r.stderr, /namespace ghost does not exist/);
+  t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
+  kvs.kill('SIGTERM');
+});
+
+t.test('dyad config shows values and their sources', async (t) => {
+  const r = await sh(`DYAD_KVS_NAMESPACE=envns DYAD_DTL_MODE=FLUX_RPC DYAD_ASYNC_PUBLISH=0 DYAD_SERVICE_MUX=2 ${process.execPath} ${dyadBin} config --rank 7 /tmp`);
+  t.equal(r.code, 0, r.stderr);
+  t.match(r.stdout, /^namespace\s+envns\s+env \(DYAD_KVS_NAMESPACE\)$/m);
+  t.match(r.stdout, /^rank\s+7\s+flag \(--rank\)$/m);
+  t.match(r.stdout, /^dtl\s+TCP\s+env \(DYAD_DTL_MODE\)$/m);
+  t.match(r.stdout, /^asyncPublish\s+true\s+env \(DYAD_ASYNC_PUBLISH\)$/m, 'DYAD booleans: set means true, even 0');
+  t.match(r.stdout, /^serviceMux\s+2\s+env/m);
+  t.match(r.stdout, /^keyBins\s+1024\s+default$/m);
+  const f = await sh(`DYAD_KVS_NAMESPACE=envns ${process.execPath} ${dyadBin} config --namespace flagns`);
+  t.match(f.stdout, /^namespace\s+flagns\s+flag/m, 'flags win over the environment');
+});
