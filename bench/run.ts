@@ -5,6 +5,8 @@
 const name = process.argv[2];
 const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void> }>> = {
   fuse: () => import('./fuse.js'),
+  transfer: () => import('./transfer.js'),
+  kvs: () => import('./kvs.js'),
 };
 if (!name || !benches[name]) {
   process.stderr.write(`usage: npm run bench -- <${Object.keys(benches).join('|')}> [options]\n`);

@@ -18,7 +18,8 @@
  */
 import { fork, execSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { createWriteStream, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { pipeline } from 'node:stream/promises';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -97,6 +98,27 @@ function rawStream(port: number, total: number, onread: boolean): Promise<number
   });
 }
 
+/** Baseline with the same disk work: `files` raw streams piped into files, all at once. */
+async function rawToFiles(port: number, files: number, bytes: number, dir: string): Promise<number> {
+  const t0 = process.hrtime.bigint();
+  await Promise.all(
+    Array.from({ length: files }, (_, i) => {
+      const sock = net.connect({ host: '127.0.0.1', port, noDelay: true }, () => {
+        const h = Buffer.alloc(8);
+        h.writeBigUInt64LE(BigInt(bytes));
+        sock.write(h);
+      });
+      let got = 0;
+      sock.on('data', (d: Buffer) => {
+        got += d.length;
+        if (got >= bytes) sock.end();
+      });
+      return pipeline(sock, createWriteStream(join(dir, `raw${i}`), { highWaterMark: 1 << 20 }));
+    }),
+  );
+  return Number(process.hrtime.bigint() - t0) / 1e9;
+}
+
 function settle(dir: string, prefaultBytes: number): void {
   rmSync(dir, { recursive: true, force: true });
   mkdirSync(dir, { recursive: true });
@@ -157,18 +179,21 @@ async function main(): Promise<void> {
     syncWrites: values['sync-writes'],
   });
   const total = nBig * bigBytes;
-  console.log(`dir ${base}; ${nBig} x ${values.mib} MiB, conns ${values.conns}, buffer ${values['buffer-kib']} KiB x ${values.buffers}, ${values['sync-writes'] ? 'sync' : 'async'} writes`);
+  console.log(`dir ${base}; ${nBig} x ${values.mib} MiB, conns ${values.conns}, buffer ${values['buffer-kib']} KiB x ${values.buffers}, ${values['sync-writes'] ? 'sync' : 'async'} writes, ${values.prefault ? 'prefaulted' : 'cold memory'}`);
   const gb = (secs: number): string => (total / secs / 1e9).toFixed(2);
   for (let r = 0; r < Number(values.rounds); r++) {
     settle(out, values.prefault ? Math.round(total * 1.5) : 0);
     const tData = await rawStream(ready.rawPort, total, false);
     const tOnread = await rawStream(ready.rawPort, total, true);
+    const tFiles = await rawToFiles(ready.rawPort, nBig, bigBytes, out);
+    settle(out, values.prefault ? Math.round(total * 1.5) : 0);
     const t0 = process.hrtime.bigint();
     await Promise.all(big.map((req, i) => client.pull(ready.pullAddress, req, join(out, `big${i}`))));
     const tPull = Number(process.hrtime.bigint() - t0) / 1e9;
     console.log(
-      `round ${r}: raw 'data' ${gb(tData)} GB/s, raw onread ${gb(tOnread)} GB/s, pull ${gb(tPull)} GB/s ` +
-        `(${(tData / tPull).toFixed(2)}x raw 'data', ${(tOnread / tPull).toFixed(2)}x raw onread)`,
+      `round ${r}: raw 'data' ${gb(tData)} GB/s, raw onread ${gb(tOnread)}, raw piped to files ${gb(tFiles)}, ` +
+        `pull ${gb(tPull)} GB/s = ${(tData / tPull).toFixed(2)}x raw 'data', ${(tOnread / tPull).toFixed(2)}x raw onread, ` +
+        `${(tFiles / tPull).toFixed(2)}x raw to files`,
     );
   }
   for (let r = 0; r < Number(values.rounds); r++) {

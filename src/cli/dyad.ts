@@ -41,13 +41,15 @@ kvs
   .option('--data <dir>', 'data directory (journal, admin secret, namespace secrets)', defaultKvsData())
   .option('--key-depth <n>', 'DYAD key hash levels (DYAD_KEY_DEPTH; default 3)')
   .option('--key-bins <n>', 'DYAD key bins per level (DYAD_KEY_BINS; default 1024)')
-  .action(async (o: { listen: string; data: string; keyDepth?: string; keyBins?: string }) => {
+  .option('--no-fsync', 'acknowledge changes once written, before they are synced to disk (a process restart still loses nothing)')
+  .action(async (o: { listen: string; data: string; keyDepth?: string; keyBins?: string; fsync: boolean }) => {
     const cfg = resolveConfig(undefined, { keyDepth: o.keyDepth, keyBins: o.keyBins, kvsServe: o.listen });
     const log = new Logger('dyad-kvs');
     const i = o.listen.lastIndexOf(':');
     fs.mkdirSync(o.data, { recursive: true, mode: 0o700 });
     const server = await KvsServer.open({
       dataDir: path.resolve(o.data),
+      fsync: o.fsync,
       keyDepth: cfg.keyDepth.value,
       keyBins: cfg.keyBins.value,
       log: (level, msg) => log[level](msg),

@@ -26,6 +26,7 @@ const program = addDyadOptions(
     .description('Mount a DYAD managed directory (DMD) backed by node-local storage.')
     .argument('[mountpoint]', 'directory to mount over; by default its own contents are the storage (default: DYAD_PATH_CONSUMER or DYAD_PATH_PRODUCER)'),
 )
+  .option('--kvs-fsync', 'a served embedded KVS syncs its journal to disk before acknowledging (survives a machine crash, slower)')
   .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
   .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin'), 0)
   .option('--background', 'start the daemon in the background and return once the mount is ready')
@@ -38,6 +39,7 @@ const opts = program.opts<
   Flags & {
     passthrough: 'auto' | 'off';
     secretFile?: string;
+    kvsFsync?: boolean;
     attrTimeout: number;
     spin: number;
     background?: boolean;
@@ -75,6 +77,10 @@ async function background(): Promise<void> {
       }
     });
     child.on('exit', (code) => {
+      if (!errText && opts.log) {
+        // The reason went to the log file: show its last lines.
+        errText = fs.readFileSync(opts.log, 'utf8').trim().split('\n').slice(-3).join('\n') + '\n';
+      }
       process.stderr.write(errText || `dyad-mount: daemon exited with code ${code}\n`);
       process.exit(code || 1);
     });
@@ -91,6 +97,7 @@ async function foreground(): Promise<void> {
   const daemon = new Daemon({
     config: resolveConfig(mountpoint, opts),
     secretFile: opts.secretFile,
+    kvsFsync: !!opts.kvsFsync,
     passthrough: opts.passthrough,
     ttlMs: opts.attrTimeout * 1000,
     spinUs: opts.spin,

@@ -58,11 +58,11 @@ export class Fetcher {
    * Resolves once upath is published and its content is in local storage
    * (for a directory: once it exists locally).
    */
-  ensureLocal(upath: string, opts: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<FileRecord> {
+  ensureLocal(upath: string, opts: { signal?: AbortSignal; timeoutMs?: number; known?: FileRecord } = {}): Promise<FileRecord> {
     let flight = this.flights.get(upath);
     if (!flight) {
       const controller = new AbortController();
-      const promise = this.fetch(upath, controller.signal).finally(() => this.flights.delete(upath));
+      const promise = this.fetch(upath, controller.signal, opts.known).finally(() => this.flights.delete(upath));
       flight = { promise, waiters: 0, controller };
       this.flights.set(upath, flight);
     }
@@ -105,8 +105,9 @@ export class Fetcher {
     });
   }
 
-  private async fetch(upath: string, signal: AbortSignal): Promise<FileRecord> {
-    const rec = await this.o.kvs.wait(this.o.ns, upath, { signal });
+  /** `known`: the record the caller already has (saves a round trip). */
+  private async fetch(upath: string, signal: AbortSignal, known?: FileRecord): Promise<FileRecord> {
+    const rec = known ?? (await this.o.kvs.lookup(this.o.ns, upath)) ?? (await this.o.kvs.wait(this.o.ns, upath, { signal }));
     const dest = this.o.storage.abs(upath);
     if (rec.kind === 'dir') {
       fs.mkdirSync(dest, { recursive: true, mode: 0o755 });

@@ -23,6 +23,8 @@ export interface DaemonOptions {
   passthrough: 'auto' | 'off';
   ttlMs: number;
   spinUs: number;
+  /** fdatasync the served KVS's journal before acknowledging. */
+  kvsFsync?: boolean;
   /** Namespace secret file for a KVS served elsewhere (else DYAD_SECRET[_FILE], else the KVS data dir's). */
   secretFile?: string;
   logger: Logger;
@@ -94,6 +96,10 @@ export class Daemon {
       fs.mkdirSync(cfg.kvsData.value, { recursive: true, mode: 0o700 });
       this.kvsServer = await KvsServer.open({
         dataDir: cfg.kvsData.value,
+        // Journal writes reach the page cache before a change is acknowledged,
+        // so a daemon restart loses nothing; --kvs-fsync also survives a
+        // machine crash, at about 0.4 ms per publication on this disk.
+        fsync: this.opts.kvsFsync ?? false,
         keyDepth: cfg.keyDepth.value,
         keyBins: cfg.keyBins.value,
         log: (level, msg) => log[level](`kvs: ${msg}`),

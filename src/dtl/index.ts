@@ -1,0 +1,40 @@
+/**
+ * Entry point of the data transfer layer: picks a backend the way DYAD
+ * parses DYAD_DTL_MODE, and re-exports what other layers use.
+ *
+ * DYAD matches with strncmp(given, name, strlen(given)), i.e. the value is a
+ * case-sensitive prefix of a mode name: "" / "F" / "FLUX" / "FLUX_RPC" mean
+ * FLUX_RPC, "U" / "UC" / "UCX" mean UCX, "M" ... "MARGO" mean MARGO. dyad-fs
+ * has no Flux broker, so FLUX_RPC (the default) is served by the TCP backend,
+ * which can also be named "TCP" (or a prefix of it, "T"/"TC"). UCX is
+ * recognised but not built yet; MARGO is not planned.
+ */
+import { ConfigError, errnos } from '../errors.js';
+import { tcpBackend } from './tcp/index.js';
+import type { TransferBackend } from './types.js';
+
+export type { PullOptions, PullRequest, PullResult, ServeOptions, TransferBackend, TransferClient, TransferServer } from './types.js';
+export { DTL_CODES } from './errors.js';
+export { PART_PREFIX } from './sink.js';
+export { Digester, crc32IsNative, crc32Update, digestBuffer, digestFile, formatDigest, isDigest, sameDigest } from './digest.js';
+export { tcpBackend } from './tcp/index.js';
+
+const ALLOWED = 'FLUX_RPC (default; served over TCP), TCP, UCX (not built)';
+
+function isPrefixOf(given: string, name: string): boolean {
+  return name.startsWith(given);
+}
+
+export function backendFor(mode: string): TransferBackend {
+  if (isPrefixOf(mode, 'FLUX_RPC') || (mode !== '' && isPrefixOf(mode, 'TCP'))) return tcpBackend;
+  if (isPrefixOf(mode, 'UCX')) {
+    throw new ConfigError(
+      `UCX transport not built: DYAD_DTL_MODE=${JSON.stringify(mode)} selects UCX, which this dyad-fs was built without; use FLUX_RPC or TCP`,
+      errnos.ENOTSUP,
+    );
+  }
+  if (isPrefixOf(mode, 'MARGO')) {
+    throw new ConfigError(`DYAD_DTL_MODE=${JSON.stringify(mode)} selects MARGO, which dyad-fs does not implement; allowed: ${ALLOWED}`);
+  }
+  throw new ConfigError(`DYAD_DTL_MODE=${JSON.stringify(mode)} is not a transfer mode; allowed (case-sensitive, prefixes accepted): ${ALLOWED}`);
+}

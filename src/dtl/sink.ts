@@ -1,0 +1,312 @@
+/**
+ * Lands a pulled file atomically: bytes go into ".dyad-part-*" beside the
+ * destination, are digested as they arrive, and only a complete file whose
+ * size and digest match what the producer published is renamed into place.
+ * Anything else removes the temp file, so a reader never sees a torn or
+ * stale copy (DYAD leaves the partial file where the next open trusts it).
+ *
+ * Backend-neutral: a transport hands the sink either a region to receive
+ * into (zero-copy: the socket reads straight into a write buffer) or bytes
+ * it already holds. Buffers are written with large positional writes on the
+ * thread pool while the next ones fill; a sink holding its limit of buffers
+ * returns no region, which is the transport's signal to stop reading until
+ * onResume fires (backpressure from the disk to the peer).
+ */
+import {
+  closeSync,
+  constants,
+  fchmodSync,
+  fsync as fsFsync,
+  openSync,
+  renameSync,
+  unlinkSync,
+  write as fsWrite,
+  writeSync,
+} from 'node:fs';
+import { dirname, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { DyadError } from '../errors.js';
+import { crc32Update, formatDigest, sameDigest } from './digest.js';
+import { digestError, localError } from './errors.js';
+import type { BufferPool } from './buffers.js';
+
+export const PART_PREFIX = '.dyad-part-';
+
+export interface SinkOptions {
+  pool: BufferPool;
+  /** Buffers one sink may hold, the one filling plus those being written. */
+  buffersPerSink: number;
+  /** Write on the event loop instead of the thread pool (benchmarks/tuning). */
+  syncWrites: boolean;
+  mode?: number;
+  fsync?: boolean;
+}
+
+let seq = 0;
+const instance = randomBytes(4).toString('hex');
+
+function fsyncAsync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+export class FileSink {
+  readonly tmpPath: string;
+  private fd = -1;
+  private crc = 0;
+  private received = 0;
+  private cur: Buffer | null = null;
+  private curFill = 0;
+  private held = 0;
+  private writing = 0;
+  private readonly queue: { buf: Buffer; len: number; pos: number }[] = [];
+  private writePos = 0;
+  private failure: DyadError | null = null;
+  private drained: (() => void) | null = null;
+  private created = false;
+  private cleaned = false;
+  /** Called when a region is available again after region() returned null. */
+  onResume: (() => void) | null = null;
+  /** Called once if a background write fails, so the transport can stop early. */
+  onError: ((err: DyadError) => void) | null = null;
+
+  constructor(
+    readonly destPath: string,
+    private readonly expect: { size: number; digest: string },
+    private readonly o: SinkOptions,
+    private readonly peer: string,
+    private readonly upath: string,
+  ) {
+    this.tmpPath = join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-${++seq}`);
+  }
+
+  get bytes(): number {
+    return this.received;
+  }
+
+  /** Creates the temp file; throws DYAD_ENOSPC/DYAD_ELOCAL. */
+  open(): void {
+    try {
+      this.fd = openSync(this.tmpPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, this.o.mode ?? 0o644);
+      this.created = true;
+      // open(2) applies the umask; the producer's mode must survive exactly.
+      if (this.o.mode !== undefined) fchmodSync(this.fd, this.o.mode);
+    } catch (err) {
+      this.cleanupSync();
+      throw localError(this.peer, this.upath, this.destPath, err);
+    }
+  }
+
+  /** Where the transport should receive next (at most `max` bytes), or null to pause. */
+  region(max: number): Buffer | null {
+    if (this.failure) return null;
+    if (!this.cur) {
+      if (this.held >= this.o.buffersPerSink) return null;
+      this.cur = this.o.pool.take();
+      this.held++;
+      this.curFill = 0;
+    }
+    return this.cur.subarray(this.curFill, Math.min(this.cur.length, this.curFill + max));
+  }
+
+  /** `n` bytes arrived in the region last returned. */
+  commit(n: number): void {
+    const cur = this.cur!;
+    this.crc = crc32Update(this.crc, cur.subarray(this.curFill, this.curFill + n));
+    this.curFill += n;
+    this.received += n;
+    if (this.curFill === cur.length) this.flush();
+  }
+
+  /** Bytes the transport already holds (copied or written before returning). */
+  write(data: Buffer): void {
+    if (this.failure) return;
+    this.crc = crc32Update(this.crc, data);
+    if (this.received === 0 && this.cur === null && data.length === this.expect.size) {
+      // The whole (small) file in hand: one write(2), no buffer copy.
+      this.received = data.length;
+      this.writePos = data.length;
+      try {
+        let o = 0;
+        while (o < data.length) o += writeSync(this.fd, data, o, data.length - o, o);
+      } catch (err) {
+        this.fail(err);
+      }
+      return;
+    }
+    let o = 0;
+    while (o < data.length) {
+      if (!this.cur) {
+        // May exceed buffersPerSink by one: these bytes are already read.
+        this.cur = this.o.pool.take();
+        this.held++;
+        this.curFill = 0;
+      }
+      const n = Math.min(this.cur.length - this.curFill, data.length - o);
+      data.copy(this.cur, this.curFill, o, o + n);
+      o += n;
+      this.curFill += n;
+      this.received += n;
+      if (this.curFill === this.cur.length) this.flush();
+    }
+  }
+
+  private fail(err: unknown): void {
+    if (this.failure) return;
+    this.failure = localError(this.peer, this.upath, this.destPath, err);
+    this.onError?.(this.failure);
+  }
+
+  private flush(): void {
+    const buf = this.cur;
+    const len = this.curFill;
+    this.cur = null;
+    this.curFill = 0;
+    if (!buf) return;
+    if (len === 0 || this.failure) {
+      this.release(buf);
+      return;
+    }
+    const pos = this.writePos;
+    this.writePos += len;
+    if (this.o.syncWrites) {
+      try {
+        let o = 0;
+        while (o < len) o += writeSync(this.fd, buf, o, len - o, pos + o);
+      } catch (err) {
+        this.fail(err);
+      }
+      this.release(buf);
+      return;
+    }
+    this.queue.push({ buf, len, pos });
+    if (this.writing === 0) this.writeNext();
+  }
+
+  // One write(2) in flight per file: writes to one inode serialise on its
+  // lock in the kernel anyway, so more would only park thread-pool threads
+  // that other files' writes could use. Parallelism comes from several pulls.
+  private writeNext(): void {
+    const w = this.queue.shift();
+    if (!w) {
+      this.drained?.();
+      return;
+    }
+    this.writing = 1;
+    const step = (off: number): void => {
+      fsWrite(this.fd, w.buf, off, w.len - off, w.pos + off, (err, n) => {
+        if (!err && !this.failure && off + n < w.len) return step(off + n);
+        this.writing = 0;
+        if (err) this.fail(err);
+        this.release(w.buf);
+        if (this.failure) this.dropQueue();
+        this.writeNext();
+      });
+    };
+    step(0);
+  }
+
+  private dropQueue(): void {
+    for (const w of this.queue.splice(0)) this.release(w.buf);
+  }
+
+  private release(buf: Buffer): void {
+    this.held--;
+    this.o.pool.give(buf);
+    if (this.onResume && this.held < this.o.buffersPerSink && !this.failure) {
+      const r = this.onResume;
+      this.onResume = null;
+      r();
+    }
+  }
+
+  private allWritten(): Promise<void> {
+    if (this.writing === 0 && this.queue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => {
+      this.drained = () => {
+        this.drained = null;
+        resolve();
+      };
+    });
+  }
+
+  /**
+   * Every byte has been supplied: waits for the writes, verifies size and
+   * digest, optionally fsyncs, renames into place. Rejects (temp file
+   * removed) on any failure.
+   */
+  async finish(): Promise<{ bytes: number }> {
+    try {
+      this.flush();
+      await this.allWritten();
+      if (this.failure) throw this.failure;
+      if (this.received !== this.expect.size) {
+        throw digestError(this.peer, this.upath, `size mismatch: expected ${this.expect.size} bytes, received ${this.received}`);
+      }
+      const got = formatDigest(this.crc);
+      if (!sameDigest(got, this.expect.digest)) {
+        throw digestError(this.peer, this.upath, `digest mismatch: expected ${this.expect.digest}, received ${got}`);
+      }
+      try {
+        if (this.o.fsync) await fsyncAsync(this.fd);
+        closeSync(this.fd);
+        this.fd = -1;
+        renameSync(this.tmpPath, this.destPath);
+        this.cleaned = true;
+      } catch (err) {
+        throw localError(this.peer, this.upath, this.destPath, err);
+      }
+      if (this.o.fsync) await this.syncDir();
+      return { bytes: this.received };
+    } catch (err) {
+      await this.abort();
+      throw err;
+    }
+  }
+
+  // The rename is durable only once the directory is; failure here is not
+  // worth failing a pull that has already landed, as with DYAD_FSYNC_WRITE.
+  private async syncDir(): Promise<void> {
+    let dfd = -1;
+    try {
+      dfd = openSync(dirname(this.destPath), constants.O_RDONLY | constants.O_DIRECTORY);
+      await fsyncAsync(dfd);
+    } catch {
+      /* best effort */
+    } finally {
+      if (dfd >= 0) closeSync(dfd);
+    }
+  }
+
+  /** Stops: waits for writes in flight (the fd must outlive them), then removes the temp file. */
+  async abort(): Promise<void> {
+    this.failure ??= new DyadError('DYAD_EINTR', 0, 'sink aborted');
+    this.onResume = null;
+    if (this.cur) {
+      const b = this.cur;
+      this.cur = null;
+      this.release(b);
+    }
+    this.dropQueue();
+    await this.allWritten();
+    this.cleanupSync();
+  }
+
+  private cleanupSync(): void {
+    if (this.cleaned) return;
+    this.cleaned = true;
+    if (this.fd >= 0) {
+      try {
+        closeSync(this.fd);
+      } catch {
+        /* already reported or irrelevant */
+      }
+      this.fd = -1;
+    }
+    if (!this.created) return;
+    try {
+      unlinkSync(this.tmpPath);
+    } catch {
+      /* already gone */
+    }
+  }
+}
