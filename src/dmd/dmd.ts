@@ -127,6 +127,11 @@ export class DmdFs extends MirrorFs {
   private remoteEntry(dir: Node, name: string, rec: FileRecord | undefined): Entry {
     const entry = this.virtualEntry(dir, name, this.remoteAttr(rec, 0));
     entry.attr.ino = VIRTUAL_INO_BASE + entry.nodeid;
+    // A record's attributes stay true once the file is pulled (the pull
+    // checks size and digest), so the kernel may keep them briefly and skip
+    // a GETATTR before OPEN. Without passthrough the kernel's reads trust
+    // its cached size, so there we leave nothing cached.
+    if (rec && this.passthroughActive) entry.attrTtlMs = 1000;
     this.virtual.set(entry.nodeid, rec ? { rec } : {});
     return entry;
   }
@@ -271,11 +276,13 @@ export class DmdFs extends MirrorFs {
   }
 
   protected override afterRemove(rel: string): void {
+    this.fetcher.forgetDirs();
     if (!this.published.delete(rel)) return;
     this.o.kvs.unpublish(this.o.ns, rel).catch((err: Error) => this.o.log.warn(`unpublish of ${rel} failed: ${err.message}`));
   }
 
   protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void {
+    if (node?.isDir) this.fetcher.forgetDirs();
     if (!this.published.delete(fromRel)) return;
     this.o.kvs.unpublish(this.o.ns, fromRel).catch((err: Error) => this.o.log.warn(`unpublish of ${fromRel} failed: ${err.message}`));
     if (node && !node.isDir) this.publish(toRel).catch(() => undefined);

@@ -123,7 +123,7 @@ export class Fetcher {
     const started = process.hrtime.bigint();
     try {
       address = await this.addressOf(rec.owner);
-      fs.mkdirSync(path.dirname(dest), { recursive: true, mode: 0o755 });
+      this.ensureDir(path.dirname(dest));
       const { bytes } = await transfer.pull(
         address,
         { upath, size: rec.size, digest: rec.digest },
@@ -143,6 +143,21 @@ export class Fetcher {
       const out = errno === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO;
       throw new DyadError('DYAD_EPULL', out, `${upath}: pull from rank ${rec.owner} failed: ${(err as Error).message}`, { cause: err });
     }
+  }
+
+  /** Directories known to exist, so a pull does not mkdir its parent each time. */
+  private readonly dirs = new Set<string>();
+
+  /** After a directory was removed or renamed: trust nothing cached. */
+  forgetDirs(): void {
+    this.dirs.clear();
+  }
+
+  private ensureDir(dir: string): void {
+    if (this.dirs.has(dir)) return;
+    fs.mkdirSync(dir, { recursive: true, mode: 0o755 });
+    if (this.dirs.size > 10_000) this.dirs.clear();
+    this.dirs.add(dir);
   }
 
   private async addressOf(rank: number): Promise<string> {

@@ -7,10 +7,11 @@
  *
  * Backend-neutral: a transport hands the sink either a region to receive
  * into (zero-copy: the socket reads straight into a write buffer) or bytes
- * it already holds. Buffers are written with large positional writes on the
- * thread pool while the next ones fill; a sink holding its limit of buffers
- * returns no region, which is the transport's signal to stop reading until
- * onResume fires (backpressure from the disk to the peer).
+ * it already holds. Full buffers are written with large positional writes,
+ * inline or on the thread pool (inline.ts decides); a sink holding its limit
+ * of buffers (pool writes behind) returns no region, which is the
+ * transport's signal to stop reading until onResume fires (backpressure
+ * from the disk to the peer).
  */
 import {
   closeSync,
@@ -29,15 +30,18 @@ import { DyadError } from '../errors.js';
 import { crc32Update, formatDigest, sameDigest } from './digest.js';
 import { digestError, localError } from './errors.js';
 import type { BufferPool } from './buffers.js';
+import { inlineWrites, type IoMode } from './inline.js';
 
 export const PART_PREFIX = '.dyad-part-';
+
+/** Where full buffers are written: see inline.ts. */
+export type WriteMode = IoMode;
 
 export interface SinkOptions {
   pool: BufferPool;
   /** Buffers one sink may hold, the one filling plus those being written. */
   buffersPerSink: number;
-  /** Write on the event loop instead of the thread pool (benchmarks/tuning). */
-  syncWrites: boolean;
+  writeMode: WriteMode;
   mode?: number;
   fsync?: boolean;
 }
@@ -168,13 +172,15 @@ export class FileSink {
     }
     const pos = this.writePos;
     this.writePos += len;
-    if (this.o.syncWrites) {
+    const t0 = inlineWrites.begin(this.o.writeMode);
+    if (t0 >= 0) {
       try {
         let o = 0;
         while (o < len) o += writeSync(this.fd, buf, o, len - o, pos + o);
       } catch (err) {
         this.fail(err);
       }
+      inlineWrites.done(t0);
       this.release(buf);
       return;
     }

@@ -27,7 +27,7 @@ import { BufferPool } from '../buffers.js';
 import { MAX_UPATH_BYTES, refused } from '../confine.js';
 import { assertDigest } from '../digest.js';
 import { abortError, authError, digestError, peerError, remoteError } from '../errors.js';
-import { FileSink } from '../sink.js';
+import { FileSink, type WriteMode } from '../sink.js';
 import type { PullOptions, PullRequest, PullResult, TransferClient } from '../types.js';
 import {
   DATA_HEADER_BYTES,
@@ -60,8 +60,8 @@ export interface TcpClientOptions {
   bufferBytes?: number;
   /** Buffers one pull may hold (filling + being written) before it stops reading. */
   buffersPerPull?: number;
-  /** write(2) on the event loop rather than the thread pool (for tuning). */
-  syncWrites?: boolean;
+  /** Where received buffers are written; see sink.ts. Default 'adaptive'. */
+  writeMode?: WriteMode;
 }
 
 interface Settings {
@@ -70,7 +70,7 @@ interface Settings {
   idleTimeoutMs: number;
   peerTimeoutMs: number;
   buffersPerPull: number;
-  syncWrites: boolean;
+  writeMode: WriteMode;
   pool: BufferPool;
 }
 
@@ -271,7 +271,7 @@ class Connection {
     const sink = new FileSink(
       job.dest,
       { size, digest: job.req.digest },
-      { pool: this.s.pool, buffersPerSink: this.s.buffersPerPull, syncWrites: this.s.syncWrites, mode: job.opts.mode, fsync: job.opts.fsync },
+      { pool: this.s.pool, buffersPerSink: this.s.buffersPerPull, writeMode: this.s.writeMode, mode: job.opts.mode, fsync: job.opts.fsync },
       this.peer,
       job.req.upath,
     );
@@ -510,7 +510,7 @@ export class TcpTransferClient implements TransferClient {
       idleTimeoutMs: opts.idleTimeoutMs ?? 30_000,
       peerTimeoutMs: opts.peerTimeoutMs ?? 30_000,
       buffersPerPull: opts.buffersPerPull ?? 4,
-      syncWrites: opts.syncWrites ?? false,
+      writeMode: opts.writeMode ?? 'adaptive',
       pool: new BufferPool(bufferBytes, 32),
     };
   }

@@ -6,9 +6,10 @@
  * one at a time on its reactor, here every connection is served
  * independently (requests on one connection in order, connections
  * concurrently) and bodies stream from the file in 1 MiB chunks with at most
- * a few chunks per transfer in memory: the next read runs on the thread pool
- * while the previous chunk drains into the socket, and reading waits for the
- * socket when the consumer is slower than the disk.
+ * a few chunks per transfer in memory: reads run ahead of the socket by up to
+ * chunksInFlight chunks and wait for it when the consumer is slower than the
+ * disk. Chunks are read inline while reads are fast (page cache) and on the
+ * thread pool otherwise (inline.ts).
  *
  * Small files (<= SMALL_FILE_BYTES) take a synchronous path: open, fstat,
  * one read into a buffer that already holds the reply header, one socket
@@ -19,6 +20,7 @@ import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { ConfigError, DyadError, errnoName, errnoOf, errnos } from '../../errors.js';
 import { openBeneath } from '../confine.js';
+import { inlineReads, type IoMode } from '../inline.js';
 import { RemoteStatus } from '../errors.js';
 import type { ServeOptions, TransferServer } from '../types.js';
 import { BufferPool } from '../buffers.js';
@@ -47,6 +49,8 @@ export interface TcpServeOptions extends ServeOptions {
   chunkBytes?: number;
   /** Chunks of one transfer in memory at once (read ahead of the socket). */
   chunksInFlight?: number;
+  /** Where large-file chunks are read; see inline.ts. Default 'adaptive'. */
+  readMode?: IoMode;
   maxConnections?: number;
   /** A connection that has not authenticated by then is dropped. */
   authTimeoutMs?: number;
@@ -62,6 +66,7 @@ interface Settings {
   secret: Buffer;
   chunkBytes: number;
   chunksInFlight: number;
+  readMode: IoMode;
   authTimeoutMs: number;
   idleTimeoutMs: number;
   maxQueued: number;
@@ -267,10 +272,22 @@ class ServerConnection {
       while (outstanding >= chunksInFlight) await waitRelease();
       if (this.dead) throw new ConnectionGone();
       const buf = pool.take();
-      const n = await readAt(fd, buf, Math.min(chunkBytes, size - pos), pos).catch((err: unknown) => {
+      const len = Math.min(chunkBytes, size - pos);
+      let n: number;
+      try {
+        const t0 = inlineReads.begin(this.s.readMode);
+        if (t0 >= 0) {
+          n = readSync(fd, buf, 0, len, pos);
+          inlineReads.done(t0);
+        } else {
+          n = await readAt(fd, buf, len, pos);
+        }
+      } catch (err) {
+        // The header is out: an ERROR frame now would be read as body bytes.
         pool.give(buf);
-        throw err;
-      });
+        this.drop(`read error after ${pos} of ${size} bytes: ${String(err)}`);
+        throw new ConnectionGone();
+      }
       if (this.dead) throw new ConnectionGone();
       if (n === 0) {
         // The header promised `size` bytes; the only honest way out is to
@@ -308,6 +325,7 @@ export class TcpTransferServer implements TransferServer {
       secret: Buffer.from(opts.secret, 'utf8'),
       chunkBytes,
       chunksInFlight,
+      readMode: opts.readMode ?? 'adaptive',
       authTimeoutMs: opts.authTimeoutMs ?? 10_000,
       idleTimeoutMs: opts.idleTimeoutMs ?? 300_000,
       maxQueued: opts.maxQueuedRequests ?? 64,
