@@ -5,7 +5,7 @@
  * another node (server and client in one event loop would serialise them).
  *
  *   node dist/bench/transfer-raw.js [--dir D] [--rounds 3] [--files 16] [--mib 64]
- *        [--small 1000] [--conns 4] [--buffer-kib 1024] [--buffers 4] [--sync-writes]
+ *        [--small 1000] [--conns 4] [--buffer-kib 1024] [--buffers 4] [--write-mode adaptive|inline|pool]
  *
  * Two properties of the project VM would otherwise be measured instead of
  * the transfer, so each round first deletes the previous output and syncs
@@ -27,6 +27,7 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { digestBuffer, tcpBackend } from '../src/dtl/index.js';
 import type { PullRequest } from '../src/dtl/index.js';
+import type { WriteMode } from '../src/dtl/sink.js';
 
 const SECRET = 'bench-secret';
 const RAW_CHUNK = 1 << 20;
@@ -143,7 +144,7 @@ async function main(): Promise<void> {
       conns: { type: 'string', default: '4' },
       'buffer-kib': { type: 'string', default: '1024' },
       buffers: { type: 'string', default: '4' },
-      'sync-writes': { type: 'boolean', default: false },
+      'write-mode': { type: 'string', default: 'adaptive' },
       prefault: { type: 'boolean', default: true },
     },
     allowNegative: true,
@@ -176,10 +177,10 @@ async function main(): Promise<void> {
     maxConnectionsPerPeer: Number(values.conns),
     bufferBytes: Number(values['buffer-kib']) << 10,
     buffersPerPull: Number(values.buffers),
-    syncWrites: values['sync-writes'],
+    writeMode: values['write-mode'] as WriteMode,
   });
   const total = nBig * bigBytes;
-  console.log(`dir ${base}; ${nBig} x ${values.mib} MiB, conns ${values.conns}, buffer ${values['buffer-kib']} KiB x ${values.buffers}, ${values['sync-writes'] ? 'sync' : 'async'} writes, ${values.prefault ? 'prefaulted' : 'cold memory'}`);
+  console.log(`dir ${base}; ${nBig} x ${values.mib} MiB, conns ${values.conns}, buffer ${values['buffer-kib']} KiB x ${values.buffers}, ${values['write-mode']} writes, ${values.prefault ? 'prefaulted' : 'cold memory'}`);
   const gb = (secs: number): string => (total / secs / 1e9).toFixed(2);
   for (let r = 0; r < Number(values.rounds); r++) {
     settle(out, values.prefault ? Math.round(total * 1.5) : 0);

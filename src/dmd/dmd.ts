@@ -29,6 +29,7 @@ import { DyadError, errnoOf, errnos } from '../errors.js';
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
 
 const S_IFDIR = 0o040000;
+const O_DIRECTORY = fs.constants.O_DIRECTORY;
 const S_IFREG = 0o100000;
 /** Files up to this size are digested with one synchronous read. */
 const SMALL_FILE = 256n * 1024n;
@@ -62,6 +63,8 @@ export interface DmdOptions extends MirrorOptions {
 interface Virtual {
   /** The record the node shows; undefined while nothing is published yet. */
   rec?: FileRecord;
+  /** A placeholder for a directory a reader's path runs through. */
+  isDir: boolean;
 }
 
 export class DmdFs extends MirrorFs {
@@ -93,24 +96,34 @@ export class DmdFs extends MirrorFs {
       // Creating never waits, whatever is published under that name.
       throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
     }
-    if (caller.kind === 'open' && !this.isLastComponent(caller, upath)) {
-      // A directory on a reader's path: wait for it here, as for a file.
-      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then((rec) => this.localOrRemote(dir, name, rec));
-    }
     return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
       if (rec) return this.localOrRemote(dir, name, rec);
       if (caller.kind !== 'open') throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
-      // Nothing published yet: the opener gets a placeholder and waits in OPEN.
-      return this.remoteEntry(dir, name, undefined);
+      // Nothing published yet. The opener gets a placeholder and waits in
+      // OPEN (or OPENDIR), where the kernel holds no directory lock: a reader
+      // waiting for x/y must not stop a producer on this node from creating x.
+      const where = this.componentOf(caller, upath);
+      if (where === 'unknown') {
+        // Without the caller's path we cannot tell a file from a directory
+        // on the way: wait here, which is always correct if coarser.
+        return this.fetcher
+          .ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs })
+          .then((r) => this.localOrRemote(dir, name, r));
+      }
+      const wantsDir = where === 'inner' || ((caller.flags ?? 0) & O_DIRECTORY) !== 0;
+      return this.remoteEntry(dir, name, undefined, wantsDir);
     });
   }
 
-  /** Is upath the whole path the caller is opening (not a directory on the way)? */
-  private isLastComponent(caller: Caller, upath: string): boolean {
+  /** Is upath the last component of the path the caller opens, or a directory on the way? */
+  private componentOf(caller: Caller, upath: string): 'last' | 'inner' | 'unknown' {
     const p = callerPath(caller);
-    if (!p) return false; // unknown: waiting in LOOKUP is always correct, if coarser
+    if (!p) return 'unknown';
     const want = path.posix.join(this.o.mountpoint, upath);
-    return path.posix.normalize(p).replace(/\/+$/, '') === want;
+    const got = path.posix.normalize(p).replace(/\/+$/, '');
+    if (got === want) return 'last';
+    if (got.startsWith(`${want}/`)) return 'inner';
+    return 'unknown'; // a symlink or .. on the way: do not guess
   }
 
   /** Entry for a published record: directories exist locally, files are virtual until pulled. */
@@ -124,19 +137,19 @@ export class DmdFs extends MirrorFs {
     }
   }
 
-  private remoteEntry(dir: Node, name: string, rec: FileRecord | undefined): Entry {
-    const entry = this.virtualEntry(dir, name, this.remoteAttr(rec, 0));
+  private remoteEntry(dir: Node, name: string, rec: FileRecord | undefined, isDir = false): Entry {
+    const entry = this.virtualEntry(dir, name, this.remoteAttr(rec, 0, isDir));
     entry.attr.ino = VIRTUAL_INO_BASE + entry.nodeid;
     // A record's attributes stay true once the file is pulled (the pull
     // checks size and digest), so the kernel may keep them briefly and skip
     // a GETATTR before OPEN. Without passthrough the kernel's reads trust
     // its cached size, so there we leave nothing cached.
     if (rec && this.passthroughActive) entry.attrTtlMs = 1000;
-    this.virtual.set(entry.nodeid, rec ? { rec } : {});
+    this.virtual.set(entry.nodeid, rec ? { rec, isDir } : { isDir });
     return entry;
   }
 
-  private remoteAttr(rec: FileRecord | undefined, ino: number): Attr {
+  private remoteAttr(rec: FileRecord | undefined, ino: number, isDir = false): Attr {
     const ns = BigInt(Math.round((rec?.mtimeMs ?? Date.now()) * 1e6));
     const size = rec?.size ?? 0;
     return {
@@ -146,8 +159,8 @@ export class DmdFs extends MirrorFs {
       atimeNs: ns,
       mtimeNs: ns,
       ctimeNs: ns,
-      mode: rec ? (rec.kind === 'dir' ? S_IFDIR | 0o755 : rec.mode) : S_IFREG | 0o644,
-      nlink: 1,
+      mode: rec ? (rec.kind === 'dir' ? S_IFDIR | 0o755 : rec.mode) : isDir ? S_IFDIR | 0o755 : S_IFREG | 0o644,
+      nlink: isDir ? 2 : 1,
       uid: process.getuid?.() ?? 0,
       gid: process.getgid?.() ?? 0,
       rdev: 0,
@@ -163,7 +176,14 @@ export class DmdFs extends MirrorFs {
   override getattr(ctx: RequestContext, nodeid: number, fh: number | undefined): AttrReply | Promise<AttrReply> {
     const v = this.virtual.get(nodeid);
     if (!v) return super.getattr(ctx, nodeid, fh);
-    return { attr: this.remoteAttr(v.rec, VIRTUAL_INO_BASE + nodeid), ttlMs: 0 };
+    const node = this.node(nodeid);
+    if (fs.existsSync(this.abs(node))) {
+      // It arrived meanwhile (pulled, or created here): a normal node now.
+      this.materialize(node);
+      this.virtual.delete(nodeid);
+      return super.getattr(ctx, nodeid, fh);
+    }
+    return { attr: this.remoteAttr(v.rec, VIRTUAL_INO_BASE + nodeid, v.isDir), ttlMs: 0 };
   }
 
   override open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
@@ -183,6 +203,18 @@ export class DmdFs extends MirrorFs {
       return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => super.open(ctx, nodeid, flags));
     }
     return super.open(ctx, nodeid, flags);
+  }
+
+  /** Listing a directory nobody has published yet: wait for it, as for a file. */
+  override opendir(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
+    const v = this.virtual.get(nodeid);
+    if (!v) return super.opendir(ctx, nodeid, flags);
+    const node = this.node(nodeid);
+    return this.fetcher.ensureLocal(this.rel(node), { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => {
+      this.materialize(node);
+      this.virtual.delete(nodeid);
+      return super.opendir(ctx, nodeid, flags);
+    });
   }
 
   // ---- listings -----------------------------------------------------------
@@ -273,6 +305,43 @@ export class DmdFs extends MirrorFs {
       this.o.log.error(`publish of ${upath} failed: ${(err as Error).message}`);
       throw new DyadError('DYAD_EPUBLISH', errnoOf(err) === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO, `${upath}: publish failed`, { cause: err });
     }
+  }
+
+  /**
+   * After a restart: publish what the storage holds, so a node that comes
+   * back serves its files again. Files that are copies pulled from another
+   * owner (a record names someone else with the same size) stay theirs.
+   */
+  async republishStorage(): Promise<{ published: number; kept: number }> {
+    let published = 0;
+    let kept = 0;
+    const walk = async (rel: string): Promise<void> => {
+      let entries: fs.Dirent[];
+      try {
+        entries = fs.readdirSync(this.storage.abs(rel), { withFileTypes: true });
+      } catch {
+        return;
+      }
+      for (const e of entries) {
+        const upath = rel === '' ? e.name : `${rel}/${e.name}`;
+        if (e.isDirectory()) await walk(upath);
+        if (!e.isFile() || e.name.startsWith('.dyad-part-')) continue;
+        const st = lstat(this.storage.abs(upath));
+        const rec = await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
+        const sameSize = rec?.kind === 'file' && rec.size === Number(st.size);
+        if (sameSize && (rec.owner !== this.o.rank || rec.mtimeMs === Number(st.mtimeNs / 1_000_000n))) {
+          if (rec.owner === this.o.rank) this.published.set(upath, `${st.mtimeNs}:${st.size}`);
+          kept++;
+          continue;
+        }
+        await this.publish(upath).then(
+          () => published++,
+          () => undefined, // publish() logged it
+        );
+      }
+    };
+    await walk('');
+    return { published, kept };
   }
 
   protected override afterRemove(rel: string): void {

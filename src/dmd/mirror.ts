@@ -552,7 +552,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   // ---- directories ----------------------------------------------------
 
-  opendir(ctx: RequestContext, nodeid: number): OpenReply | Promise<OpenReply> {
+  opendir(ctx: RequestContext, nodeid: number, flags?: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
     const p = this.abs(node);
     const entries: ListedEntry[] = [

@@ -180,7 +180,7 @@ export class FileSink {
       } catch (err) {
         this.fail(err);
       }
-      inlineWrites.done(t0);
+      inlineWrites.done(t0, len);
       this.release(buf);
       return;
     }

@@ -175,6 +175,14 @@ export class Daemon {
         : !isRoot
           ? 'off (needs CAP_SYS_ADMIN; the daemon serves reads and writes)'
           : 'off (the kernel did not offer it; the daemon serves reads and writes)';
+    // In the background: the mount is usable meanwhile, and a reader of a
+    // file not yet republished simply waits for it.
+    void fsys.republishStorage().then(
+      ({ published, kept }) => {
+        if (published || kept) log.info(`storage scan: published ${published} files, ${kept} already published`);
+      },
+      (err: Error) => log.warn(`storage scan failed: ${err.message}`),
+    );
     log.info(
       `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''})`,
     );

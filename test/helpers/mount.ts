@@ -38,11 +38,14 @@ export interface CliMount {
 }
 
 /** Mounts with `dyad-mount --background` and unmounts at teardown. */
-export async function mountCli(t: Tap, mnt: string, args: string[] = []): Promise<CliMount> {
+export async function mountCli(t: Tap, mnt: string, args: string[] = [], prefix: string[] = []): Promise<CliMount> {
   const log = `${mnt}.log`;
   // Each mount gets its own KVS state unless the test says otherwise.
   const kvsArgs = args.some((a) => a === '--kvs' || a === '--kvs-data') ? [] : ['--kvs-data', `${mnt}.kvs`];
-  const { stdout } = await exec(process.execPath, [dyadMountBin, '--background', '--log', log, ...kvsArgs, ...args, mnt]);
+  const argv = [process.execPath, dyadMountBin, '--background', '--log', log, ...kvsArgs, ...args, mnt];
+  // prefix: e.g. nsenter --net=... to start the daemon on another test host.
+  const [cmd, ...rest] = [...prefix, ...argv] as [string, ...string[]];
+  const { stdout } = await exec(cmd, rest);
   const pid = Number(/pid (\d+)/.exec(stdout)?.[1]);
   let done = false;
   const umount = async () => {

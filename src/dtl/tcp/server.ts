@@ -278,7 +278,7 @@ class ServerConnection {
         const t0 = inlineReads.begin(this.s.readMode);
         if (t0 >= 0) {
           n = readSync(fd, buf, 0, len, pos);
-          inlineReads.done(t0);
+          inlineReads.done(t0, n);
         } else {
           n = await readAt(fd, buf, len, pos);
         }

@@ -1,0 +1,145 @@
+/**
+ * Transfer-layer pieces that need no network: the digest (known CRC-32
+ * vectors, chaining, JS fallback agreeing with zlib, whole-file digests),
+ * DYAD_DTL_MODE parsing, the wire framing, and the confined open
+ * (lexical refusals, symlink components, FIFOs).
+ */
+import t from 'tap';
+import { closeSync, fstatSync, mkdirSync, mkdtempSync, openSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { execFileSync } from 'node:child_process';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { ConfigError, errnos } from '../src/errors.js';
+import { backendFor } from '../src/dtl/index.js';
+import { openBeneath, splitUpath } from '../src/dtl/confine.js';
+import { Digester, crc32IsNative, crc32Js, crc32Update, digestBuffer, digestFile, formatDigest, isDigest, sameDigest } from '../src/dtl/digest.js';
+import {
+  FrameReader,
+  FrameType,
+  MAX_PAYLOAD,
+  ProtocolError,
+  decodeData,
+  decodeGet,
+  encodeFrame,
+  encodeGet,
+  formatAddress,
+  parseAddress,
+  parseFrame,
+  writeDataHeader,
+} from '../src/dtl/tcp/protocol.js';
+
+function tmp(t: { teardown: (fn: () => void) => void }): string {
+  const d = mkdtempSync(join(tmpdir(), 'dyad-dtl-'));
+  t.teardown(() => rmSync(d, { recursive: true, force: true }));
+  return d;
+}
+
+t.test('crc32 digest', async (t) => {
+  t.ok(crc32IsNative, 'zlib.crc32 is available on this Node');
+  t.equal(digestBuffer(Buffer.from('123456789')), 'crc32:cbf43926', 'standard check value');
+  t.equal(digestBuffer(Buffer.alloc(0)), 'crc32:00000000');
+  const data = randomBytes((5 << 20) + 3);
+  const whole = digestBuffer(data);
+  const d = new Digester();
+  for (let o = 0; o < data.length; o += 77_777) d.update(data.subarray(o, o + 77_777));
+  t.equal(d.digest(), whole, 'chained over chunks equals one pass');
+  t.equal(d.bytes, data.length);
+  for (const n of [0, 1, 7, 8, 9, 1000, 65_537]) {
+    const b = data.subarray(0, n);
+    t.equal(formatDigest(crc32Js(b, 0)), digestBuffer(b), `JS fallback agrees with zlib, ${n} bytes`);
+  }
+  t.equal(formatDigest(crc32Js(data.subarray(100), crc32Js(data.subarray(0, 100), 0))), formatDigest(crc32Update(0, data)), 'JS fallback chains');
+  t.ok(isDigest(whole));
+  t.notOk(isDigest('sha1:abc'));
+  t.ok(sameDigest('crc32:CBF43926', 'crc32:cbf43926'));
+});
+
+t.test('digestFile by path and by fd', async (t) => {
+  const dir = tmp(t);
+  const data = randomBytes((3 << 20) + 11);
+  const p = join(dir, 'f');
+  writeFileSync(p, data);
+  t.same(await digestFile(p), { digest: digestBuffer(data), size: data.length });
+  const fd = openSync(p, 'r');
+  try {
+    t.same(await digestFile(fd), { digest: digestBuffer(data), size: data.length });
+  } finally {
+    closeSync(fd);
+  }
+});
+
+t.test('backendFor follows DYAD_DTL_MODE prefix matching', async (t) => {
+  for (const m of ['', 'F', 'FLUX', 'FLUX_RPC', 'T', 'TCP']) t.equal(backendFor(m).name, 'tcp', `"${m}" selects TCP`);
+  for (const m of ['U', 'UCX']) {
+    t.throws(() => backendFor(m), { name: 'ConfigError', code: 'DYAD_ECONFIG', message: /UCX transport not built/ }, `"${m}" is UCX, not built`);
+  }
+  for (const m of ['flux', 'FLUX_RPCX', 'X', 'ucx']) {
+    let err: unknown;
+    try {
+      backendFor(m);
+    } catch (e) {
+      err = e;
+    }
+    t.ok(err instanceof ConfigError, `"${m}" is refused`);
+    const msg = err instanceof Error ? err.message : '';
+    t.ok(msg.includes(JSON.stringify(m)) && msg.includes('FLUX_RPC') && msg.includes('TCP'), `message names "${m}" and the allowed modes: ${msg}`);
+  }
+});
+
+t.test('framing', async (t) => {
+  const get = encodeGet(7, 'dir/file');
+  // Split anywhere: the reader must reassemble.
+  const r = new FrameReader();
+  t.same(r.push(get.subarray(0, 3)), []);
+  const frames = r.push(Buffer.concat([get.subarray(3), get]));
+  t.equal(frames.length, 2);
+  t.same(decodeGet(frames[0]!.payload), { id: 7, upath: 'dir/file' });
+  const head = Buffer.alloc(17);
+  writeDataHeader(head, 9, 2 ** 40 + 5);
+  const f = parseFrame(head, 0, head.length);
+  t.equal(f?.frame.type, FrameType.data);
+  t.same(decodeData(f!.frame.payload), { id: 9, size: 2 ** 40 + 5 });
+  const huge = Buffer.alloc(5);
+  huge.writeUInt32BE(MAX_PAYLOAD + 1, 0);
+  huge[4] = FrameType.get;
+  t.throws(() => parseFrame(huge, 0, 5), ProtocolError, 'oversized length rejected from the header alone');
+  t.throws(() => parseFrame(Buffer.from([0, 0, 0, 0, 99]), 0, 5), ProtocolError, 'unknown type');
+  t.throws(() => encodeFrame(FrameType.denied, Buffer.alloc(MAX_PAYLOAD + 1)), ProtocolError);
+  t.same(parseAddress('127.0.0.1:80'), { host: '127.0.0.1', port: 80 });
+  t.same(parseAddress('[::1]:9'), { host: '::1', port: 9 });
+  t.equal(formatAddress('::1', 9), '[::1]:9');
+  for (const bad of ['nohost', 'h:0', 'h:70000', '::1:5']) t.throws(() => parseAddress(bad), ProtocolError, bad);
+});
+
+t.test('upath validation', async (t) => {
+  t.same(splitUpath('a/b/c.txt'), ['a', 'b', 'c.txt']);
+  t.same(splitUpath('..a/b..'), ['..a', 'b..'], 'dots inside names are fine');
+  for (const bad of ['', '/etc/passwd', '../x', 'a/../../x', 'a//b', './a', 'a/.', 'a/', 'a\0b', 'x'.repeat(256), 'a/'.repeat(2100) + 'b']) {
+    t.throws(() => splitUpath(bad), { code: 'DYAD_EFORBIDDEN', errno: errnos.EACCES }, JSON.stringify(bad.slice(0, 20)));
+  }
+});
+
+t.test('openBeneath refuses symlink components and does not block on FIFOs', async (t) => {
+  const dir = tmp(t);
+  const root = join(dir, 'root');
+  mkdirSync(join(root, 'sub'), { recursive: true });
+  writeFileSync(join(root, 'sub', 'f'), 'ok');
+  writeFileSync(join(dir, 'outside'), 'secret');
+  symlinkSync(join(dir, 'outside'), join(root, 'esc'));
+  symlinkSync(dir, join(root, 'escdir'));
+  symlinkSync('sub', join(root, 'inner'));
+  const fd = openBeneath(root, 'sub/f');
+  t.ok(fstatSync(fd).isFile());
+  closeSync(fd);
+  const forbidden = { code: 'DYAD_EFORBIDDEN' };
+  t.throws(() => openBeneath(root, 'esc'), forbidden, 'final symlink out of root');
+  t.throws(() => openBeneath(root, 'escdir/outside'), forbidden, 'directory symlink out of root');
+  t.throws(() => openBeneath(root, 'inner/f'), forbidden, 'even a symlink that stays inside');
+  t.throws(() => openBeneath(root, 'nope'), { code: 'ENOENT' });
+  t.throws(() => openBeneath(root, 'sub/f/x'), { code: 'ENOTDIR' });
+  execFileSync('mkfifo', [join(root, 'fifo')]);
+  const ff = openBeneath(root, 'fifo');
+  t.ok(fstatSync(ff).isFIFO(), 'opened without blocking; the server refuses it as not regular');
+  closeSync(ff);
+});
