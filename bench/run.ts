@@ -7,6 +7,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   fuse: () => import('./fuse.js'),
   transfer: () => import('./transfer.js'),
   kvs: () => import('./kvs.js'),
+  scale: () => import('./scale.js'),
 };
 if (!name || !benches[name]) {
   process.stderr.write(`usage: npm run bench -- <${Object.keys(benches).join('|')}> [options]\n`);

@@ -57,7 +57,7 @@ t.test('bad arguments: one line, non-zero exit', async (t) => {
   const file = path.join(dir, 'f');
   fs.writeFileSync(file, '');
   const cases: Array<[string[], RegExp]> = [
-    [[], /missing required argument 'mountpoint'/],
+    [[], /no mountpoint: give MOUNTPOINT or set DYAD_PATH_CONSUMER/],
     [[path.join(dir, 'nope')], /no such directory/],
     [[file], /not a directory/],
     [['--passthrough', 'maybe', dir], /argument 'maybe' is invalid/],

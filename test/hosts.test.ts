@@ -75,3 +75,18 @@ t.test('a restarted daemon republishes what its storage holds', async (t) => {
   const r = await sh(`cat ${path.join(q.mnt, 'preexisting.txt')} ${path.join(q.mnt, 'd', 'nested.txt')}`, { timeoutMs: 30_000 });
   t.equal(r.stdout, 'was in storage before the daemon startednested', r.stderr);
 });
+
+t.test('when the owner is gone, a copy pulled by another node is used', async (t) => {
+  const c = await netCluster(t, 4, { args: ['--peer-timeout', '2'] });
+  const [, owner, first, second] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(owner.mnt, 'data.bin'), Buffer.alloc(1 << 20, 9));
+  const a = await sh(`md5sum < ${path.join(first.mnt, 'data.bin')}`, { timeoutMs: 30_000 });
+  t.equal(a.code, 0, a.stderr);
+  await sleep(300); // the copy's record is written in the background
+  process.kill(owner.pid, 'SIGKILL');
+  const b = await sh(`md5sum < ${path.join(second.mnt, 'data.bin')}`, { timeoutMs: 60_000 });
+  t.equal(b.code, 0, b.stderr);
+  t.equal(b.stdout, a.stdout, 'the second reader got the same bytes from the first one\'s copy');
+  t.match(fs.readFileSync(second.log, 'utf8'), /pulled data\.bin from rank 2's copy \(owner rank 1 failed\)/);
+  t.notOk(fs.readdirSync(second.mnt).includes('.dyad-replicas'), 'copy records are not listed');
+});

@@ -17,13 +17,14 @@ import fs from 'node:fs';
 import path from 'node:path';
 import diagnostics from 'node:diagnostics_channel';
 import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
-import { Fetcher } from './fetch.js';
+import { Fetcher, REPLICAS } from './fetch.js';
 import { Storage, lstat } from './storage.js';
 import { callerPath, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
+import { PART_PREFIX } from '../dtl/sink.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
@@ -89,6 +90,12 @@ export class DmdFs extends MirrorFs {
   }
 
   // ---- readers of missing names -------------------------------------
+
+  override lookup(ctx: RequestContext, parent: number, name: string): Entry | Promise<Entry> {
+    // Pulls in progress are not part of the namespace.
+    if (name.startsWith(PART_PREFIX) || (parent === 1 && name === REPLICAS)) throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${name}: no such file`);
+    return super.lookup(ctx, parent, name);
+  }
 
   protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
     const upath = this.childRel(dir, name);
@@ -205,10 +212,15 @@ export class DmdFs extends MirrorFs {
     return super.open(ctx, nodeid, flags);
   }
 
+  protected override hidden(name: string): boolean {
+    return name.startsWith(PART_PREFIX);
+  }
+
   /** Listing a directory nobody has published yet: wait for it, as for a file. */
   override opendir(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
     const v = this.virtual.get(nodeid);
     if (!v) return super.opendir(ctx, nodeid, flags);
+
     const node = this.node(nodeid);
     return this.fetcher.ensureLocal(this.rel(node), { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => {
       this.materialize(node);
@@ -222,7 +234,7 @@ export class DmdFs extends MirrorFs {
   protected override extraEntries(dir: Node): Promise<ListedEntry[]> {
     return this.o.kvs.list(this.o.ns, this.rel(dir)).then(
       (list) =>
-        list.map((e) => ({
+        list.filter((e) => dir.parent || e.name !== REPLICAS).map((e) => ({
           name: e.name,
           mode: e.record.kind === 'dir' ? S_IFDIR : e.record.mode,
           ino: 0,
@@ -325,7 +337,12 @@ export class DmdFs extends MirrorFs {
       for (const e of entries) {
         const upath = rel === '' ? e.name : `${rel}/${e.name}`;
         if (e.isDirectory()) await walk(upath);
-        if (!e.isFile() || e.name.startsWith('.dyad-part-')) continue;
+        if (e.isFile() && e.name.startsWith(PART_PREFIX)) {
+          // Left by a pull that died with a previous daemon.
+          fs.rmSync(this.storage.abs(upath), { force: true });
+          continue;
+        }
+        if (!e.isFile()) continue;
         const st = lstat(this.storage.abs(upath));
         const rec = await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
         const sameSize = rec?.kind === 'file' && rec.size === Number(st.size);

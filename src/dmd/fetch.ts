@@ -16,8 +16,20 @@ import type { Storage } from './storage.js';
 
 export const pullChannel = diagnostics.channel('dyad-fs:dmd:pull');
 
+/**
+ * Where nodes record the copies they pulled: REPLICAS/<rank>/<upath>, in the
+ * same namespace (hidden from listings), so a reader can fall back to a copy
+ * when the owner is gone.
+ */
+export const REPLICAS = '.dyad-replicas';
+
+export function replicaPath(rank: number, upath: string): string {
+  return `${REPLICAS}/${rank}/${upath}`;
+}
+
 export interface FetchLog {
   debug(msg: string): void;
+  info(msg: string): void;
   error(msg: string): void;
 }
 
@@ -117,32 +129,68 @@ export class Fetcher {
       if (fs.existsSync(dest)) return rec;
       throw new DyadError('DYAD_EMISSING', errnos.EIO, `${upath}: published by rank ${rec.owner} on this node but missing from storage`);
     }
-    const transfer = this.o.transfer;
-    if (!transfer) throw new DyadError('DYAD_ENODTL', errnos.EIO, `${upath}: no transfer service configured`);
+    if (!this.o.transfer) throw new DyadError('DYAD_ENODTL', errnos.EIO, `${upath}: no transfer service configured`);
+    this.ensureDir(path.dirname(dest));
+    try {
+      await this.pullFrom(rec.owner, upath, rec, dest, signal);
+    } catch (err) {
+      const errno = errnoOf(err);
+      if (errno === errnos.EINTR || errno === errnos.ENOSPC) throw err;
+      // The owner is gone or lost the file: a node that pulled it earlier may still have it.
+      if (!(await this.pullFromReplica(upath, rec, dest, signal))) throw err;
+    }
+    // Tell the others this node now holds a copy, in case the owner goes away.
+    this.o.kvs
+      .publish(this.o.ns, replicaPath(this.o.rank, upath), { owner: this.o.rank, size: rec.size, mode: rec.mode, mtimeMs: rec.mtimeMs, digest: rec.digest })
+      .catch((e: Error) => this.o.log.debug(`replica record for ${upath}: ${e.message}`));
+    return rec;
+  }
+
+  private async pullFrom(rank: number, upath: string, rec: FileRecord, dest: string, signal: AbortSignal): Promise<void> {
     let address: string | undefined;
     const started = process.hrtime.bigint();
     try {
-      address = await this.addressOf(rec.owner);
-      this.ensureDir(path.dirname(dest));
-      const { bytes } = await transfer.pull(
+      address = await this.addressOf(rank);
+      const { bytes } = await this.o.transfer!.pull(
         address,
         { upath, size: rec.size, digest: rec.digest },
         dest,
         { signal, peerTimeoutMs: this.o.peerTimeoutMs, mode: rec.mode & 0o7777 },
       );
       const ms = Number(process.hrtime.bigint() - started) / 1e6;
-      if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: rec.owner, bytes, ms });
-      this.o.log.debug(`pulled ${upath} (${bytes} B) from rank ${rec.owner} in ${ms.toFixed(2)} ms`);
-      return rec;
+      if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: rank, bytes, ms });
+      this.o.log.debug(`pulled ${upath} (${bytes} B) from rank ${rank} in ${ms.toFixed(2)} ms`);
     } catch (err) {
       // The owner may have restarted on another port: ask the registry again next time.
-      this.addresses.delete(rec.owner);
+      this.addresses.delete(rank);
       const errno = errnoOf(err);
       if (errno === errnos.EINTR) throw err;
-      this.o.log.error(`pull of ${upath} from rank ${rec.owner}${address ? ` (${address})` : ''} failed: ${(err as Error).message}`);
+      this.o.log.error(`pull of ${upath} from rank ${rank}${address ? ` (${address})` : ''} failed: ${(err as Error).message}`);
       const out = errno === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO;
-      throw new DyadError('DYAD_EPULL', out, `${upath}: pull from rank ${rec.owner} failed: ${(err as Error).message}`, { cause: err });
+      throw new DyadError('DYAD_EPULL', out, `${upath}: pull from rank ${rank} failed: ${(err as Error).message}`, { cause: err });
     }
+  }
+
+  /** Tries every node that recorded a copy of this exact version. */
+  private async pullFromReplica(upath: string, rec: FileRecord, dest: string, signal: AbortSignal): Promise<boolean> {
+    let holders: number[];
+    try {
+      holders = (await this.o.kvs.list(this.o.ns, REPLICAS)).map((e) => Number(e.name)).filter((r) => r !== rec.owner && r !== this.o.rank);
+    } catch {
+      return false;
+    }
+    for (const rank of holders) {
+      const copy = await this.o.kvs.lookup(this.o.ns, replicaPath(rank, upath)).catch(() => undefined);
+      if (!copy || copy.digest !== rec.digest || copy.size !== rec.size) continue;
+      try {
+        await this.pullFrom(rank, upath, rec, dest, signal);
+        this.o.log.info(`pulled ${upath} from rank ${rank}'s copy (owner rank ${rec.owner} failed)`);
+        return true;
+      } catch {
+        /* try the next one */
+      }
+    }
+    return false;
   }
 
   /** Directories known to exist, so a pull does not mkdir its parent each time. */

@@ -560,6 +560,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       { name: '..', mode: S_IFDIR, ino: node.parent?.ino ?? node.ino },
     ];
     for (const d of fs.readdirSync(p, { withFileTypes: true })) {
+      if (this.hidden(d.name)) continue;
       entries.push({ name: d.name, mode: direntMode(d), ino: 0 });
     }
     const open = (): OpenReply => {
@@ -624,6 +625,11 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   }
 
   // ---- hooks for the DMD layer ------------------------------------------
+
+  /** Names in storage that the mount does not show. */
+  protected hidden(name: string): boolean {
+    return false;
+  }
 
   /** A name missing from storage: plain mirrors say ENOENT. */
   protected lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {

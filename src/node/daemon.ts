@@ -133,6 +133,9 @@ export class Daemon {
     if (!cfg.sharedStorage.value) {
       const backend = backendFor(cfg.dtl.value);
       const listen = splitHostPort(cfg.listen.value);
+      if (listen.host === '0.0.0.0' || listen.host === '::') {
+        throw new ConfigError(`--listen ${cfg.listen.value}: give the address other nodes reach this one at, not a wildcard`);
+      }
       this.transferServer = await backend.serve({ root: this.storage.root, host: listen.host, port: listen.port, secret });
       this.transferClient = backend.client({ secret });
       await this.kvs.registerRank(ns, { rank: cfg.rank.value, address: this.transferServer.address, meta: { dtl: backend.name } });

@@ -91,8 +91,8 @@ export interface NetCluster {
  * One dyad-mount daemon per host, each over its own storage. Without
  * `kvs`, host 0's daemon serves the embedded KVS on its address.
  */
-export async function netCluster(t: Tap, n: number, opts: { kvs?: string; secretFile?: string; args?: string[] } = {}): Promise<NetCluster> {
-  const net = network(t, n);
+export async function netCluster(t: Tap, n: number, opts: { kvs?: string; secretFile?: string; args?: string[]; net?: Network } = {}): Promise<NetCluster> {
+  const net = opts.net ?? network(t, n);
   const base = tmpdir(t);
   const nodes: HostNode[] = [];
   let kvsUrl = opts.kvs ?? '';

@@ -1,0 +1,151 @@
+/**
+ * npm run bench -- scale [--quick] [--hosts 2,4,8] [--kvs embedded,etcd]:
+ * all-to-all exchange between 2, 4 and 8 test hosts (network namespaces on
+ * this machine, see test/helpers/netns.ts), with the embedded KVS and with
+ * etcd. Every host produces `small` files of 4 KiB and `big` files of 64 MiB,
+ * then consumes as many, spread evenly over all the other hosts, all hosts at
+ * once. Prints aggregate and per-host throughput, per-file latencies, and how
+ * they change with the host count.
+ *
+ * The hosts share this machine's 2 CPUs: aggregate throughput cannot grow
+ * with the host count here, so per-host figures fall as hosts are added.
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { spawn, spawnSync } from 'node:child_process';
+import { compile, median, printTable, repoRoot, type Row } from './lib.js';
+import { netCluster, type NetCluster } from '../test/helpers/netns.js';
+import { startEtcdIn } from '../test/helpers/etcd-netns.js';
+
+interface Teardown {
+  fns: Array<() => unknown>;
+  teardown(fn: () => unknown): void;
+}
+
+function scope(): Teardown {
+  const t: Teardown = { fns: [], teardown: (fn) => void t.fns.push(fn) };
+  return t;
+}
+
+async function close(t: Teardown): Promise<void> {
+  for (const fn of t.fns.reverse()) await fn();
+}
+
+function runIn(enter: string[], cmd: string, args: string[]): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const [c, ...rest] = [...enter, cmd, ...args] as [string, ...string[]];
+    const p = spawn(c, rest, { stdio: ['ignore', 'pipe', 'pipe'] });
+    let out = '';
+    let err = '';
+    p.stdout.on('data', (d: Buffer) => (out += d));
+    p.stderr.on('data', (d: Buffer) => (err += d));
+    p.on('close', (code) => (code === 0 ? resolve(out) : reject(new Error(`${cmd} ${args.join(' ')}: ${err}`))));
+  });
+}
+
+interface Result {
+  hosts: number;
+  kvs: string;
+  publishMedianMs: number;
+  smallMedianMs: number;
+  smallP99Ms: number;
+  aggregateGBps: number;
+  perHostGBps: number;
+  wallS: number;
+}
+
+async function round(hosts: number, kvs: string, small: number, big: number, files: string): Promise<Result> {
+  const t = scope();
+  try {
+    let c: NetCluster;
+    if (kvs === 'etcd') {
+      const etcd = await startEtcdIn(t, hosts);
+      c = await netCluster(t, hosts, { kvs: etcd.url, secretFile: etcd.secretFile, net: etcd.net });
+    } else {
+      c = await netCluster(t, hosts);
+    }
+    // Produce: small files, then big ones, on every host at once.
+    const prod = await Promise.all(
+      c.nodes.map(async (n) => {
+        fs.mkdirSync(path.join(n.mnt, `p${n.rank}`));
+        const s = (await runIn([], files, ['write', path.join(n.mnt, `p${n.rank}`), 's', String(small), '4096'])).trim().split(/\s+/).map(Number);
+        await runIn([], files, ['write', path.join(n.mnt, `p${n.rank}`), 'b', String(big), String(64 << 20)]);
+        return s[2]! / 1000; // median ms per small file
+      }),
+    );
+    // Consume: host r reads the files j of host o with (o + 1 + j % (H-1)) % H === r.
+    const lists = c.nodes.map((n) => {
+      const smallPaths: string[] = [];
+      const bigPaths: string[] = [];
+      for (const o of c.nodes) {
+        if (o === n) continue;
+        for (let j = 0; j < small; j++) if ((o.rank + 1 + (j % (hosts - 1))) % hosts === n.rank) smallPaths.push(path.join(n.mnt, `p${o.rank}`, `s${j}`));
+        for (let j = 0; j < big; j++) if ((o.rank + 1 + (j % (hosts - 1))) % hosts === n.rank) bigPaths.push(path.join(n.mnt, `p${o.rank}`, `b${j}`));
+      }
+      const dir = path.join(c.base, `lists`);
+      fs.mkdirSync(dir, { recursive: true });
+      const sl = path.join(dir, `small-${n.rank}`);
+      const bl = path.join(dir, `big-${n.rank}`);
+      fs.writeFileSync(sl, smallPaths.join('\n'));
+      fs.writeFileSync(bl, bigPaths.join('\n'));
+      return { sl, bl, count: smallPaths.length, bytes: bigPaths.length * (64 << 20) + smallPaths.length * 4096 };
+    });
+    const reader = path.join(repoRoot, 'dist', 'bench', 'readlist.js');
+    const t0 = process.hrtime.bigint();
+    const outs = await Promise.all(lists.map((l) => runIn([], process.execPath, [reader, l.sl, l.bl])));
+    const wallS = Number(process.hrtime.bigint() - t0) / 1e9;
+    const per = outs.map((o) => JSON.parse(o) as { smallMedianMs: number; smallP99Ms: number; bigGBps: number });
+    const bytes = lists.reduce((a, l) => a + l.bytes, 0);
+    return {
+      hosts,
+      kvs,
+      publishMedianMs: median(prod),
+      smallMedianMs: median(per.map((p) => p.smallMedianMs)),
+      smallP99Ms: Math.max(...per.map((p) => p.smallP99Ms)),
+      aggregateGBps: bytes / wallS / 1e9,
+      perHostGBps: bytes / wallS / 1e9 / hosts,
+      wallS,
+    };
+  } finally {
+    await close(t);
+  }
+}
+
+export async function main(args: string[]): Promise<void> {
+  const quick = args.includes('--quick');
+  const opt = (name: string, dflt: string) => {
+    const i = args.indexOf(name);
+    return i >= 0 ? args[i + 1]! : dflt;
+  };
+  const hostCounts = opt('--hosts', '2,4,8').split(',').map(Number);
+  const kvsList = opt('--kvs', 'embedded,etcd').split(',');
+  const small = quick ? 200 : 1000;
+  const big = quick ? 4 : 16;
+  if (process.getuid?.() !== 0) throw new Error('the scale benchmark creates network namespaces: run it as root');
+  const files = compile('files');
+  console.log(`# dyad-fs scale benchmark: per host ${small} × 4 KiB and ${big} × 64 MiB, all-to-all, hosts ${hostCounts.join('/')}`);
+  console.log(`# ${os.cpus().length} CPUs shared by every test host, kernel ${os.release()}`);
+  const results: Result[] = [];
+  for (const kvs of kvsList) {
+    for (const h of hostCounts) {
+      const r = await round(h, kvs, small, big, files);
+      results.push(r);
+      console.log(`# ${kvs} ${h} hosts: aggregate ${r.aggregateGBps.toFixed(2)} GB/s, per host ${r.perHostGBps.toFixed(3)} GB/s, small median ${r.smallMedianMs.toFixed(2)} ms (p99 ${r.smallP99Ms.toFixed(2)}), publish median ${r.publishMedianMs.toFixed(2)} ms, ${r.wallS.toFixed(1)} s`);
+      spawnSync('sync');
+    }
+  }
+  for (const kvs of kvsList) {
+    const rs = results.filter((r) => r.kvs === kvs);
+    const two = rs.find((r) => r.hosts === Math.min(...hostCounts))!;
+    const rows: Row[] = [];
+    for (const r of rs) {
+      rows.push({ what: `${r.hosts} hosts: aggregate throughput`, value: r.aggregateGBps, unit: 'GB/s', baseline: { name: `${two.hosts} hosts`, value: two.aggregateGBps }, better: 'higher' });
+      rows.push({ what: `${r.hosts} hosts: per-host throughput`, value: r.perHostGBps, unit: 'GB/s', baseline: { name: `${two.hosts} hosts`, value: two.perHostGBps }, better: 'higher', target: r.hosts === 8 ? '≥ 0.7× 2 hosts' : '' });
+      rows.push({ what: `${r.hosts} hosts: remote 4 KiB open, median`, value: r.smallMedianMs, unit: 'ms', baseline: { name: `${two.hosts} hosts`, value: two.smallMedianMs }, better: 'lower', target: kvs === 'etcd' ? '≤ 3 ms' : '' });
+      rows.push({ what: `${r.hosts} hosts: publish per 4 KiB file, median`, value: r.publishMedianMs, unit: 'ms', baseline: { name: `${two.hosts} hosts`, value: two.publishMedianMs }, better: 'lower', target: kvs === 'etcd' ? '≤ 2 ms' : '' });
+    }
+    printTable(`Scale, ${kvs} KVS`, rows);
+  }
+  fs.rmSync(path.join(os.tmpdir(), 'nothing'), { force: true });
+}

@@ -1,0 +1,149 @@
+/**
+ * A real single-member etcd for tests: Debian's /usr/bin/etcd on 127.0.0.1 with
+ * free ports and a throw-away data directory (on /dev/shm when there is one, so
+ * that etcd's WAL fsyncs do not dominate the run time). It can be stopped and
+ * started again on the same ports and data, which is how the restart tests
+ * break every client connection without losing state.
+ */
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+export const ETCD_BIN = process.env.DYAD_TEST_ETCD ?? '/usr/bin/etcd';
+
+/** Why etcd tests cannot run here, or undefined when they can. */
+export function etcdUnavailable(): string | undefined {
+  return existsSync(ETCD_BIN) ? undefined : `no etcd binary at ${ETCD_BIN} (set DYAD_TEST_ETCD)`;
+}
+
+export interface EtcdServer {
+  /** host:port of the client endpoint. */
+  readonly endpoint: string;
+  /** etcd://host:port, optionally under a key prefix. */
+  url(prefix?: string): string;
+  readonly dataDir: string;
+  readonly running: boolean;
+  /** Starts the member again on the same ports and data directory. */
+  start(): Promise<void>;
+  /** Stops it with `signal` (SIGTERM: clean shutdown; SIGKILL: crash) and waits for the exit. */
+  stop(signal?: NodeJS.Signals): Promise<void>;
+  /** Stops it and removes the data directory. */
+  destroy(): Promise<void>;
+  /** The member's recent output, for failure messages. */
+  log(): string;
+}
+
+async function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr !== null ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+async function healthy(endpoint: string): Promise<boolean> {
+  try {
+    const res = await fetch(`http://${endpoint}/health`, { signal: AbortSignal.timeout(500) });
+    const body = (await res.json()) as { health?: unknown };
+    return body.health === 'true' || body.health === true;
+  } catch {
+    return false;
+  }
+}
+
+export async function startEtcd(opts: { startTimeoutMs?: number } = {}): Promise<EtcdServer> {
+  const why = etcdUnavailable();
+  if (why !== undefined) throw new Error(why);
+  const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const dataDir = await mkdtemp(join(base, 'dyad-etcd-'));
+  const clientPort = await freePort();
+  let peerPort = await freePort();
+  while (peerPort === clientPort) peerPort = await freePort();
+  const endpoint = `127.0.0.1:${clientPort}`;
+  const peer = `http://127.0.0.1:${peerPort}`;
+  const args = [
+    '--name',
+    'test',
+    '--data-dir',
+    dataDir,
+    '--listen-client-urls',
+    `http://${endpoint}`,
+    '--advertise-client-urls',
+    `http://${endpoint}`,
+    '--listen-peer-urls',
+    peer,
+    '--initial-advertise-peer-urls',
+    peer,
+    '--initial-cluster',
+    `test=${peer}`,
+    '--initial-cluster-state',
+    'new',
+    '--logger',
+    'zap',
+    '--log-level',
+    'warn',
+  ];
+  let child: ChildProcess | undefined;
+  let exited: Promise<void> = Promise.resolve();
+  let output = '';
+  const startTimeoutMs = opts.startTimeoutMs ?? 15_000;
+
+  const start = async (): Promise<void> => {
+    if (child !== undefined) throw new Error('etcd is already running');
+    const proc = spawn(ETCD_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    child = proc;
+    const keep = (chunk: Buffer): void => {
+      output = (output + chunk.toString('utf8')).slice(-20_000);
+    };
+    proc.stdout!.on('data', keep);
+    proc.stderr!.on('data', keep);
+    let died = false;
+    exited = new Promise<void>((resolve) =>
+      proc.once('exit', () => {
+        died = true;
+        if (child === proc) child = undefined;
+        resolve();
+      }),
+    );
+    const deadline = performance.now() + startTimeoutMs;
+    while (!(await healthy(endpoint))) {
+      if (died) throw new Error(`etcd exited during start-up:\n${output}`);
+      if (performance.now() > deadline) {
+        proc.kill('SIGKILL');
+        throw new Error(`etcd on ${endpoint} not healthy within ${startTimeoutMs} ms:\n${output}`);
+      }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+  };
+
+  const stop = async (signal: NodeJS.Signals = 'SIGTERM'): Promise<void> => {
+    const proc = child;
+    if (proc === undefined) return;
+    proc.kill(signal);
+    await exited;
+  };
+
+  await start();
+  return {
+    endpoint,
+    dataDir,
+    url: (prefix) => `etcd://${endpoint}${prefix ?? ''}`,
+    get running() {
+      return child !== undefined;
+    },
+    start,
+    stop,
+    destroy: async () => {
+      await stop('SIGKILL');
+      await rm(dataDir, { recursive: true, force: true });
+    },
+    log: () => output,
+  };
+}
