@@ -104,7 +104,8 @@ export class DmdFs extends MirrorFs {
       throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
     }
     return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
-      if (rec) return this.localOrRemote(dir, name, rec);
+      // For files owned on this node, local storage is the truth.
+      if (rec && !(rec.kind === 'file' && this.fetcher.isLocalOwner(rec.owner) && !this.o.sharedStorage)) return this.localOrRemote(dir, name, rec);
       if (caller.kind !== 'open') throw new DyadError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
       // Nothing published yet. The opener gets a placeholder and waits in
       // OPEN (or OPENDIR), where the kernel holds no directory lock: a reader
@@ -302,7 +303,7 @@ export class DmdFs extends MirrorFs {
       if (this.published.get(upath) === stamp || !before.isFile()) return;
       if (this.o.fsyncWrite) fsyncPath(abs);
       // Small files: one synchronous read beats three thread-pool round trips.
-      const { digest, size } = before.size <= SMALL_FILE ? digestSmall(abs) : await digestFile(abs);
+      const { digest, size } = before.size <= SMALL_FILE ? digestSmall(abs) : await digestLarge(abs);
       const rec = await this.o.kvs.publish(this.o.ns, upath, {
         owner: this.o.rank,
         size,
@@ -361,17 +362,26 @@ export class DmdFs extends MirrorFs {
     return { published, kept };
   }
 
-  protected override afterRemove(rel: string): void {
+  /** A file we published is gone: so is its record, before unlink() returns. */
+  protected override afterRemove(rel: string): void | Promise<void> {
     this.fetcher.forgetDirs();
     if (!this.published.delete(rel)) return;
-    this.o.kvs.unpublish(this.o.ns, rel).catch((err: Error) => this.o.log.warn(`unpublish of ${rel} failed: ${err.message}`));
+    return this.unpublish(rel);
   }
 
-  protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void {
+  protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {
     if (node?.isDir) this.fetcher.forgetDirs();
     if (!this.published.delete(fromRel)) return;
-    this.o.kvs.unpublish(this.o.ns, fromRel).catch((err: Error) => this.o.log.warn(`unpublish of ${fromRel} failed: ${err.message}`));
-    if (node && !node.isDir) this.publish(toRel).catch(() => undefined);
+    return this.unpublish(fromRel).then(() => {
+      if (node && !node.isDir) return this.publish(toRel).catch(() => undefined);
+    });
+  }
+
+  private unpublish(rel: string): Promise<void> {
+    return this.o.kvs.unpublish(this.o.ns, rel).then(
+      () => undefined,
+      (err: Error) => this.o.log.warn(`unpublish of ${rel} failed: ${err.message}`),
+    );
   }
 }
 
@@ -404,7 +414,30 @@ function holdsOtherDescriptor(pid: number, file: string): boolean {
   return false;
 }
 
+/** Reading to digest must not change the file's atime. */
+function openNoatime(p: string): number {
+  try {
+    return fs.openSync(p, fs.constants.O_RDONLY | fs.constants.O_NOATIME);
+  } catch {
+    return fs.openSync(p, fs.constants.O_RDONLY); // O_NOATIME needs ownership or CAP_FOWNER
+  }
+}
+
 function digestSmall(p: string): { digest: string; size: number } {
-  const data = fs.readFileSync(p);
-  return { digest: digestBuffer(data), size: data.length };
+  const fd = openNoatime(p);
+  try {
+    const data = fs.readFileSync(fd);
+    return { digest: digestBuffer(data), size: data.length };
+  } finally {
+    fs.closeSync(fd);
+  }
+}
+
+async function digestLarge(p: string): Promise<{ digest: string; size: number }> {
+  const fd = openNoatime(p);
+  try {
+    return await digestFile(fd);
+  } finally {
+    fs.closeSync(fd);
+  }
 }

@@ -348,15 +348,15 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     }
   }
 
-  unlink(ctx: RequestContext, parent: number, name: string): void {
-    this.removeName(this.node(parent), name, (p) => fs.unlinkSync(p));
+  unlink(ctx: RequestContext, parent: number, name: string): void | Promise<void> {
+    return this.removeName(this.node(parent), name, (p) => fs.unlinkSync(p));
   }
 
-  rmdir(ctx: RequestContext, parent: number, name: string): void {
-    this.removeName(this.node(parent), name, (p) => fs.rmdirSync(p));
+  rmdir(ctx: RequestContext, parent: number, name: string): void | Promise<void> {
+    return this.removeName(this.node(parent), name, (p) => fs.rmdirSync(p));
   }
 
-  private removeName(dir: Node, name: string, op: (p: string) => void): void {
+  private removeName(dir: Node, name: string, op: (p: string) => void): void | Promise<void> {
     const rel = this.childRel(dir, name);
     const p = this.storage.abs(rel);
     let st: fs.BigIntStats | undefined;
@@ -367,10 +367,10 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     }
     op(p);
     if (st) this.dropName(dir, name, st);
-    this.afterRemove(rel);
+    return this.afterRemove(rel);
   }
 
-  rename(ctx: RequestContext, parent: number, name: string, newParent: number, newName: string, flags: number): void {
+  rename(ctx: RequestContext, parent: number, name: string, newParent: number, newName: string, flags: number): void | Promise<void> {
     const from = this.node(parent);
     const to = this.node(newParent);
     const src = this.storage.abs(this.childRel(from, name));
@@ -401,7 +401,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
         node.name = newName;
       }
     }
-    this.afterRename(this.childRel(from, name), this.childRel(to, newName), node);
+    return this.afterRename(this.childRel(from, name), this.childRel(to, newName), node);
   }
 
   link(ctx: RequestContext, nodeid: number, newParent: number, newName: string): Entry {
@@ -646,9 +646,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   protected afterChange(node: Node): void {}
 
-  protected afterRemove(rel: string): void {}
+  protected afterRemove(rel: string): void | Promise<void> {}
 
-  protected afterRename(fromRel: string, toRel: string, node: Node | undefined): void {}
+  protected afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {}
 }
 
 function direntMode(d: fs.Dirent): number {
