@@ -144,3 +144,16 @@ t.test('shared storage: synchronise only, never transfer', async (t) => {
   t.equal(pulls(b.log), 0, 'nothing was transferred');
   t.notMatch(fs.readFileSync(b.log, 'utf8'), /transfer service/, 'no transfer service in shared mode');
 });
+
+t.test('a dead node\'s rank lease expires: readers fail at once', async (t) => {
+  const c = await cluster(t, 3, ['--peer-timeout', '30'], (rank) => (rank === 0 ? ['--rank-lease', '1'] : []));
+  const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'gone.txt'), 'x');
+  process.kill(p.pid, 'SIGKILL');
+  for (let i = 0; i < 100 && !/rank 1 of namespace dyad expired/.test(fs.readFileSync(c.nodes[0]!.log, 'utf8')); i++) await sleep(100);
+  t.match(fs.readFileSync(c.nodes[0]!.log, 'utf8'), /rank 1 of namespace dyad expired/, 'the KVS dropped the dead rank');
+  const r = await sh(`cat ${path.join(q.mnt, 'gone.txt')}`, { timeoutMs: 60_000 });
+  t.not(r.code, 0);
+  t.match(r.stderr, /Input\/output error/);
+  t.match(fs.readFileSync(q.log, 'utf8'), /rank 1 has no transfer address registered/, 'no connection attempt to a dead node');
+});

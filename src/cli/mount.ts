@@ -26,6 +26,7 @@ const program = addDyadOptions(
     .description('Mount a DYAD managed directory (DMD) backed by node-local storage.')
     .argument('[mountpoint]', 'directory to mount over; by default its own contents are the storage (default: DYAD_PATH_CONSUMER or DYAD_PATH_PRODUCER)'),
 )
+  .option('--rank-lease <seconds>', 'a served embedded KVS forgets a rank not renewed for this long (default 10)', positiveNumber('--rank-lease'))
   .option('--kvs-fsync', 'a served embedded KVS syncs its journal to disk before acknowledging (survives a machine crash, slower)')
   .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
   .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin'), 0)
@@ -40,6 +41,7 @@ const opts = program.opts<
     passthrough: 'auto' | 'off';
     secretFile?: string;
     kvsFsync?: boolean;
+    rankLease?: number;
     attrTimeout: number;
     spin: number;
     background?: boolean;
@@ -98,6 +100,7 @@ async function foreground(): Promise<void> {
     config: resolveConfig(mountpoint, opts),
     secretFile: opts.secretFile,
     kvsFsync: !!opts.kvsFsync,
+    rankLeaseMs: opts.rankLease === undefined ? undefined : opts.rankLease * 1000,
     passthrough: opts.passthrough,
     ttlMs: opts.attrTimeout * 1000,
     spinUs: opts.spin,

@@ -25,6 +25,8 @@ export interface DaemonOptions {
   spinUs: number;
   /** fdatasync the served KVS's journal before acknowledging. */
   kvsFsync?: boolean;
+  /** A served KVS drops ranks not renewed for this long. */
+  rankLeaseMs?: number;
   /** Namespace secret file for a KVS served elsewhere (else DYAD_SECRET[_FILE], else the KVS data dir's). */
   secretFile?: string;
   logger: Logger;
@@ -62,6 +64,7 @@ export class Daemon {
   private kvs?: Kvs;
   private transferServer?: TransferServer;
   private transferClient?: TransferClient;
+  private heartbeat?: NodeJS.Timeout;
   fs?: DmdFs;
   readonly mountpoint: string;
   /** The embedded KVS URL when this daemon serves it. */
@@ -100,6 +103,7 @@ export class Daemon {
         // so a daemon restart loses nothing; --kvs-fsync also survives a
         // machine crash, at about 0.4 ms per publication on this disk.
         fsync: this.opts.kvsFsync ?? false,
+        rankLeaseMs: this.opts.rankLeaseMs,
         keyDepth: cfg.keyDepth.value,
         keyBins: cfg.keyBins.value,
         log: (level, msg) => log[level](`kvs: ${msg}`),
@@ -138,7 +142,14 @@ export class Daemon {
       }
       this.transferServer = await backend.serve({ root: this.storage.root, host: listen.host, port: listen.port, secret });
       this.transferClient = backend.client({ secret });
-      await this.kvs.registerRank(ns, { rank: cfg.rank.value, address: this.transferServer.address, meta: { dtl: backend.name } });
+      const info = { rank: cfg.rank.value, address: this.transferServer.address, meta: { dtl: backend.name } };
+      await this.kvs.registerRank(ns, info);
+      // The registration is a lease: renewing it says this node is alive.
+      const kvs = this.kvs;
+      this.heartbeat = setInterval(() => {
+        kvs.registerRank(ns, info).catch((err: Error) => log.warn(`rank renewal failed: ${err.message}`));
+      }, Math.min(3000, (this.opts.rankLeaseMs ?? 10_000) / 3));
+      this.heartbeat.unref();
       log.info(`rank ${cfg.rank.value}: ${backend.name} transfer service at ${this.transferServer.address}`);
     }
 
@@ -202,6 +213,7 @@ export class Daemon {
   }
 
   async stop(): Promise<void> {
+    if (this.heartbeat) clearInterval(this.heartbeat);
     await this.server?.stop();
     await this.transferServer?.close().catch(() => undefined);
     await this.transferClient?.close().catch(() => undefined);

@@ -33,6 +33,11 @@ export interface KvsServerOptions {
   keyDepth?: number;
   keyBins?: number;
   limits?: Partial<SessionLimits>;
+  /**
+   * A rank not re-registered for this long is dropped, so readers stop
+   * trying a dead node (daemons renew every third of it). Default 10 s.
+   */
+  rankLeaseMs?: number;
   log?: (level: 'info' | 'warn', msg: string) => void;
   env?: NodeJS.ProcessEnv;
 }
@@ -96,7 +101,31 @@ export class KvsServer implements SessionHost {
     const secretDir = opts.secretDir ?? (opts.dataDir === undefined ? undefined : join(opts.dataDir, 'secrets'));
     const server = new KvsServer(store, adminSecret, secretDir, persistent, limits, log);
     await server.exportSecrets();
+    server.startLeases(opts.rankLeaseMs ?? 10_000);
     return server;
+  }
+
+  private readonly lastSeen = new Map<string, { ns: string; rank: number; at: number }>();
+  private leaseTimer: NodeJS.Timeout | undefined;
+
+  rankSeen(ns: string, rank: number): void {
+    this.lastSeen.set(`${ns}\0${rank}`, { ns, rank, at: Date.now() });
+  }
+
+  /** Ranks loaded from the journal get one lease to come back and renew. */
+  private startLeases(leaseMs: number): void {
+    for (const { ns, rank } of this.store.allRanks()) this.rankSeen(ns, rank);
+    this.leaseTimer = setInterval(() => {
+      const now = Date.now();
+      for (const [k, v] of this.lastSeen) {
+        if (now - v.at < leaseMs) continue;
+        this.lastSeen.delete(k);
+        if (this.store.dropRank(v.ns, v.rank)) {
+          this.logFn('info', `rank ${v.rank} of namespace ${v.ns} expired: not renewed for ${Math.round((now - v.at) / 1000)} s`);
+        }
+      }
+    }, Math.min(1000, leaseMs / 2));
+    this.leaseTimer.unref();
   }
 
   /** Starts accepting connections; port 0 picks a free port. Resolves with the bound address. */
@@ -188,6 +217,7 @@ export class KvsServer implements SessionHost {
 
   /** Stops listening, drops every connection (clients reconnect elsewhere or later) and flushes the journal. */
   close(): Promise<void> {
+    if (this.leaseTimer) clearInterval(this.leaseTimer);
     this.closing ??= (async () => {
       const server = this.server;
       const stopped = server === undefined ? Promise.resolve() : new Promise<void>((resolve) => server.close(() => resolve()));

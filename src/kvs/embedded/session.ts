@@ -48,6 +48,8 @@ export interface SessionHost {
   subscribe(ns: string, session: Session): void;
   unsubscribe(ns: string, session: Session): void;
   detach(session: Session): void;
+  /** A rank was (re)registered: its lease starts again. */
+  rankSeen(ns: string, rank: number): void;
   log(level: 'info' | 'warn', msg: string): void;
 }
 
@@ -252,8 +254,14 @@ export class Session {
         return store.unpublish(this.scope(m), path);
       case 'list':
         return store.list(this.scope(m), path, optString(m['after'], 'after'), LIST_PAGE);
-      case 'rankSet':
-        return store.registerRank(this.scope(m), m['info'] as never);
+      case 'rankSet': {
+        const ns = this.scope(m);
+        const info = m['info'] as { rank?: unknown } | undefined;
+        return store.registerRank(ns, m['info'] as never).then((v) => {
+          if (typeof info?.rank === 'number') this.host.rankSeen(ns, info.rank);
+          return v;
+        });
+      }
       case 'rankGet':
         return store.lookupRank(this.scope(m), m['rank'] as number);
       case 'rankList': {

@@ -261,6 +261,20 @@ export class KvsStore {
     await this.persist({ o: 'rank', ns, info: clean });
   }
 
+  /**
+   * Forgets a rank whose daemon stopped renewing it (see the server's rank
+   * leases). In memory only: after a restart every rank gets a fresh lease.
+   */
+  dropRank(ns: string, rank: number): boolean {
+    if (!this.hasNamespace(ns)) return false;
+    return this.space(ns).ranks.delete(rank);
+  }
+
+  /** Every registered rank, for lease bookkeeping. */
+  *allRanks(): Generator<{ ns: string; rank: number }> {
+    for (const ns of this.listNamespaces().items) for (const info of this.listRanks(ns).items) yield { ns, rank: info.rank };
+  }
+
   lookupRank(ns: string, rank: number): RankInfo | undefined {
     const space = this.space(ns);
     checkRank(rank);
