@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawnSync } from 'node:child_process';
-import { compile, ddGBps, median, printTable, repoRoot, run, type Row } from './lib.js';
+import { compile, ddGBps, median, prefault, printTable, repoRoot, run, type Row } from './lib.js';
 
 interface Variant {
   name: string;
@@ -100,6 +100,7 @@ export async function main(args: string[]): Promise<void> {
         if (before) readRequests.set(v.name, ((await requestStats(v)).READ ?? 0) - (before.READ ?? 0));
         s.reread.push(ddGBps([`if=${big}`, 'of=/dev/null', 'bs=1M']));
         const w = path.join(v.dir, 'w.bin');
+        prefault(sizeMiB * 2);
         s.write.push(ddGBps(['if=/dev/zero', `of=${w}`, 'bs=1M', `count=${sizeMiB}`, 'conv=fdatasync']));
         fs.rmSync(w);
         s.small.push(Number(run(smallread, [path.join(v.dir, 'small'), String(files)]).trim()));

@@ -73,3 +73,13 @@ export function dropCaches(): void {
     /* not root: warm numbers only */
   }
 }
+
+/**
+ * Touches and frees memory in a child process. This VM's balloon returns
+ * memory idle for ~2 s to the host (free page reporting), and the next GiB of
+ * page cache then costs host page faults; touching it first makes every
+ * variant start from the same state.
+ */
+export function prefault(mib: number): void {
+  spawnSync(process.execPath, ['-e', `const b=[];for(let i=0;i<${mib};i++)b.push(Buffer.alloc(1<<20,1));`]);
+}

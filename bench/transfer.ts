@@ -16,7 +16,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { compile, printTable, repoRoot, run, type Row } from './lib.js';
+import { compile, prefault, printTable, repoRoot, run, type Row } from './lib.js';
 
 interface Node {
   mnt: string;
@@ -47,11 +47,6 @@ function startNode(base: string, rank: number, kvsArgs: string[], extra: string[
   const log = `${mnt}.log`;
   run(process.execPath, [mountBin, '--background', '--log', log, '--storage', storage, '--rank', String(rank), ...kvsArgs, ...extra, mnt]);
   return { mnt, storage, log };
-}
-
-/** Touch and free memory so the VM balloon's free-page reporting does not bill page faults to the next GiB of page cache. */
-function prefault(mib: number): void {
-  spawnSync(process.execPath, ['-e', `const b=[];for(let i=0;i<${mib};i++)b.push(Buffer.alloc(1<<20,1));`]);
 }
 
 async function rawTcp(mib: number): Promise<number> {
