@@ -123,6 +123,32 @@ export async function main(args: string[]): Promise<void> {
     await sleep(300);
     fs.rmSync(base, { recursive: true, force: true });
   }
+  // Memory over 100,000 lookups of distinct files: the daemon's node table
+  // and RSS after the lookups, and after the kernel forgets them.
+  const lookups = quick ? 20_000 : 100_000;
+  const memBase = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-bench-mem-'));
+  const memStorage = path.join(memBase, 'storage');
+  const memVariant: Variant = { name: 'memory', dir: path.join(memBase, 'mnt'), mount: [] };
+  fs.mkdirSync(path.join(memStorage, 'many'), { recursive: true });
+  for (let i = 0; i < lookups; i++) fs.closeSync(fs.openSync(path.join(memStorage, 'many', `f${i}`), 'w'));
+  let mem: { before: Record<string, number>; after: Record<string, number>; forgotten: Record<string, number> } | undefined;
+  try {
+    await mountVariant(memVariant, memStorage);
+    const before = await requestStats(memVariant);
+    run('python3', ['-c', `import os\nfor i in range(${lookups}): os.stat(${JSON.stringify(path.join(memVariant.dir, 'many'))} + '/f%d' % i)`]);
+    const after = await requestStats(memVariant);
+    for (let i = 0; i < 20; i++) {
+      fs.writeFileSync('/proc/sys/vm/drop_caches', '2');
+      await sleep(200);
+    }
+    const forgotten = await requestStats(memVariant);
+    mem = { before, after, forgotten };
+  } finally {
+    unmountVariant(memVariant);
+    await sleep(300);
+    fs.rmSync(memBase, { recursive: true, force: true });
+  }
+
   const direct = results.get('direct (storage)')!;
   const bindfs = results.get('bindfs --multithreaded')!;
   const rows: Row[] = [];
@@ -147,4 +173,10 @@ export async function main(args: string[]): Promise<void> {
   const pt = results.get('dyad-mount, passthrough')!;
   const npt = results.get('dyad-mount, no passthrough')!;
   console.log(`\nREAD requests reaching the daemon per GiB read: passthrough ${pt.readRequestsPerGiB}, no passthrough ${npt.readRequestsPerGiB}`);
+  if (mem) {
+    console.log(
+      `Daemon memory over ${lookups} lookups of distinct files: nodes ${mem.before.nodes} → ${mem.after.nodes} → ${mem.forgotten.nodes} after the kernel forgot them; ` +
+        `RSS ${mem.before.rssMiB} → ${mem.after.rssMiB} → ${mem.forgotten.rssMiB} MiB (FORGET requests: ${(mem.forgotten.FORGET ?? 0) + (mem.forgotten.BATCH_FORGET ?? 0)})`,
+    );
+  }
 }

@@ -204,7 +204,8 @@ export class Daemon {
 
   /** Request counts by opcode since start. */
   stats(): Record<string, number> {
-    return this.server?.session?.stats() ?? {};
+    const rss = process.memoryUsage().rss;
+    return { ...(this.server?.session?.stats() ?? {}), nodes: this.fs?.nodeCount ?? 0, rssMiB: Math.round(rss / 2 ** 20) };
   }
 
   onUnmounted(cb: () => void): void {
