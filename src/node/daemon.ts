@@ -121,15 +121,20 @@ export class Daemon {
         throw new ConfigError(`no secret for namespace ${ns}: set DYAD_SECRET or DYAD_SECRET_FILE, or pass --secret-file (the KVS exports it as <data>/secrets/${ns}.secret)`);
       }
     }
-    const url = cfg.kvs.value ?? this.kvsUrl!;
-    const raw = await openKvs(url, { secret });
-    if (!(await raw.hasNamespace(ns).catch(() => false))) {
-      await raw.close();
-      throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);
+    if (this.kvsServer) {
+      // Serving it here: use the store directly, no loopback socket.
+      this.kvs = this.kvsServer.localClient();
+    } else {
+      const url = cfg.kvs.value!;
+      const raw = await openKvs(url, { secret });
+      if (!(await raw.hasNamespace(ns).catch(() => false))) {
+        await raw.close();
+        throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);
+      }
+      // No cached absences: a stat right after another node published (and
+      // told us by other means) must see the file.
+      this.kvs = new CachedKvs(raw, { cacheNegative: false });
     }
-    // No cached absences: a stat right after another node published (and
-    // told us by other means) must see the file.
-    this.kvs = new CachedKvs(raw, { cacheNegative: false });
 
     // Transfers: serve our storage to other nodes, pull from theirs.
     if (clearStaleMount(this.mountpoint)) log.warn(`cleared a stale mount at ${this.mountpoint} (its daemon had died)`);

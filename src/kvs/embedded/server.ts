@@ -13,7 +13,8 @@ import { join } from 'node:path';
 import { debuglog } from 'node:util';
 import { ConfigError, errnoOf } from '../../errors.js';
 import { keyParamsFromEnv, checkKeyParams } from '../key.js';
-import type { KvsWatchEvent } from '../types.js';
+import type { KvsWatchEvent, RankInfo, WatchableKvs } from '../types.js';
+import { MemoryKvs } from '../memory.js';
 import { openPersistentStore, type PersistentStore } from './persist.js';
 import { encodeFrame, SERVER_MAX_FRAME_BYTES, toWireError, type EventFrame } from './protocol.js';
 import { generateSecret, parseSecret, removeSecretFile, secretPath, writeSecretFile } from './secrets.js';
@@ -107,6 +108,20 @@ export class KvsServer implements SessionHost {
 
   private readonly lastSeen = new Map<string, { ns: string; rank: number; at: number }>();
   private leaseTimer: NodeJS.Timeout | undefined;
+
+  /**
+   * A Kvs for code running in this process (the daemon that serves the
+   * KVS): the store itself, with no socket and no serialisation in between.
+   */
+  localClient(): WatchableKvs {
+    const server = this;
+    return new (class extends MemoryKvs {
+      override async registerRank(ns: string, info: RankInfo): Promise<void> {
+        await super.registerRank(ns, info);
+        server.rankSeen(ns, info.rank);
+      }
+    })(this.store);
+  }
 
   rankSeen(ns: string, rank: number): void {
     this.lastSeen.set(`${ns}\0${rank}`, { ns, rank, at: Date.now() });
