@@ -11,7 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { unmount } from '../fuse/mount.js';
 import { ConfigError, DyadError } from '../errors.js';
-import { EmbeddedKvsClient, KvsServer, adminSecretPath } from '../kvs/index.js';
+import { EmbeddedKvsClient, KvsServer, adminSecretPath, openKvs, type Kvs } from '../kvs/index.js';
 import { defaultKvsData, describeConfig, resolveConfig, type Flags } from '../node/config.js';
 import { addDyadOptions } from './options.js';
 import { Logger } from '../node/log.js';
@@ -70,8 +70,10 @@ interface NsOpts {
   adminSecretFile?: string;
 }
 
-async function adminClient(o: NsOpts): Promise<EmbeddedKvsClient> {
-  if (!o.kvs.startsWith('dyad://')) throw new ConfigError(`--kvs ${o.kvs}: namespaces are managed here for dyad:// KVS URLs`);
+async function adminClient(o: NsOpts): Promise<Kvs> {
+  // etcd has no admin secret of ours: access to etcd is the authority.
+  if (o.kvs.startsWith('etcd')) return openKvs(o.kvs);
+  if (!o.kvs.startsWith('dyad://')) throw new ConfigError(`--kvs ${o.kvs}: expected dyad://HOST:PORT or etcd://HOST:PORT[,...]`);
   const local = adminSecretPath(o.data);
   const adminSecretFile =
     o.adminSecretFile ?? (process.env.DYAD_ADMIN_SECRET || process.env.DYAD_ADMIN_SECRET_FILE ? undefined : fs.existsSync(local) ? local : undefined);
@@ -81,7 +83,7 @@ async function adminClient(o: NsOpts): Promise<EmbeddedKvsClient> {
 const ns = program.command('namespace').description('KVS namespaces (each has its own secret)');
 const nsOptions = (c: Command) =>
   c
-    .requiredOption('--kvs <url>', 'the KVS, dyad://HOST:PORT')
+    .requiredOption('--kvs <url>', 'the KVS: dyad://HOST:PORT or etcd://HOST:PORT[,...]')
     .option('--data <dir>', 'the KVS data directory, to find the admin secret when on the same machine', defaultKvsData())
     .option('--admin-secret-file <file>', 'admin secret (default: DYAD_ADMIN_SECRET[_FILE], or <data>/admin.secret)');
 

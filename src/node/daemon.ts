@@ -11,7 +11,7 @@ import { clearStaleMount } from '../fuse/mount.js';
 import { DmdFs } from '../dmd/dmd.js';
 import { Storage } from '../dmd/storage.js';
 import { ConfigError, DyadError, errnos } from '../errors.js';
-import { CachedKvs, KvsServer, SecretSource, openKvs, secretPath, type Kvs } from '../kvs/index.js';
+import { CachedKvs, EtcdKvs, KvsServer, SecretSource, openKvs, secretPath, type Kvs } from '../kvs/index.js';
 import { backendFor } from '../dtl/index.js';
 import type { TransferClient, TransferServer } from '../dtl/types.js';
 import type { DyadConfig } from './config.js';
@@ -113,6 +113,12 @@ export class Daemon {
       if (!this.kvsServer.store.hasNamespace(ns)) await this.kvsServer.createNamespace(ns);
       secret = this.kvsServer.store.namespaceSecret(ns);
       log.info(`serving the embedded KVS at ${this.kvsUrl} (data in ${cfg.kvsData.value}, namespace ${ns})`);
+    } else if (cfg.kvs.value.startsWith('etcd')) {
+      // etcd keeps each namespace's secret with the namespace: whoever can
+      // reach etcd can read it (secure etcd itself with TLS and users).
+      secret = process.env.DYAD_SECRET || process.env.DYAD_SECRET_FILE || this.opts.secretFile
+        ? await new SecretSource(this.opts.secretFile ? { secretFile: this.opts.secretFile } : {}).namespaceSecret(ns)
+        : undefined;
     } else {
       const fallback = secretPath(path.join(cfg.kvsData.value, 'secrets'), ns);
       const secretFile = this.opts.secretFile ?? (process.env.DYAD_SECRET || process.env.DYAD_SECRET_FILE ? undefined : fs.existsSync(fallback) ? fallback : undefined);
@@ -126,11 +132,13 @@ export class Daemon {
       this.kvs = this.kvsServer.localClient();
     } else {
       const url = cfg.kvs.value!;
-      const raw = await openKvs(url, { secret });
+      const raw = await openKvs(url, secret ? { secret } : {});
       if (!(await raw.hasNamespace(ns).catch(() => false))) {
         await raw.close();
         throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);
       }
+      if (!secret && raw instanceof EtcdKvs) secret = await raw.namespaceSecret(ns);
+      if (!secret) throw new ConfigError(`no secret for namespace ${ns}`);
       // No cached absences: a stat right after another node published (and
       // told us by other means) must see the file.
       this.kvs = new CachedKvs(raw, { cacheNegative: false });
@@ -140,6 +148,7 @@ export class Daemon {
     if (clearStaleMount(this.mountpoint)) log.warn(`cleared a stale mount at ${this.mountpoint} (its daemon had died)`);
     this.storage = Storage.open(storageDir);
     if (!cfg.sharedStorage.value) {
+      if (!secret) throw new ConfigError(`no secret for namespace ${ns}`);
       const backend = backendFor(cfg.dtl.value);
       const listen = splitHostPort(cfg.listen.value);
       if (listen.host === '0.0.0.0' || listen.host === '::') {
