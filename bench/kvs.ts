@@ -1,5 +1,8 @@
 /**
- * npm run bench -- kvs [--n N] (once registered in run.ts): the embedded KVS over loopback.
+ * npm run bench -- kvs [--n N] [--backend embedded|etcd] (once registered in run.ts):
+ * the embedded KVS over loopback, or with --backend etcd the etcd backend against
+ * a local etcd (Debian's /usr/bin/etcd, data on the local disk) with the same
+ * measurements.
  *
  * The server runs in a child process (its own event loop, as in production)
  * with a data directory on the local disk. Measured from this process:
@@ -13,7 +16,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { createInterface } from 'node:readline';
-import { EmbeddedKvsClient, type PublishInput } from '../src/kvs/index.js';
+import { EmbeddedKvsClient, EtcdKvs, type Kvs, type PublishInput } from '../src/kvs/index.js';
+import { startEtcd } from '../test/helpers/etcd.js';
 import { median, percentile, printTable, repoRoot, type Row } from './lib.js';
 
 const rec: PublishInput = { owner: 0, size: 4096, mode: 0o100644, mtimeMs: 0, digest: 'sha256:0' };
@@ -54,9 +58,63 @@ async function timeEach(n: number, fn: (i: number) => Promise<unknown>): Promise
   return out;
 }
 
+/** Lookup, wake-up and 64-in-flight rows shared by both backends. */
+async function measure(rows: Row[], n: number, producer: Kvs, consumer: Kvs, ns: string, ping: number[], tag: string): Promise<void> {
+  const look = await timeEach(n, (i) => producer.lookup(ns, `seq/${i}`));
+  rows.push({ what: 'lookup, 1 in flight, median', value: median(look), unit: 'µs', baseline: { name: 'ping', value: median(ping) }, better: 'lower' });
+  const wake: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const w = consumer.wait(ns, `wake/${i}`);
+    await consumer.lookup(ns, 'warm'); // the wait is armed on the server
+    const t0 = performance.now();
+    void producer.publish(ns, `wake/${i}`, rec);
+    await w;
+    wake.push((performance.now() - t0) * 1000);
+  }
+  rows.push({ what: 'wait wake-up after publish, median', value: median(wake), unit: 'µs', baseline: { name: 'ping', value: median(ping) }, better: 'lower' });
+  rows.push({ what: 'wait wake-up after publish, p99', value: percentile(wake, 99), unit: 'µs', better: 'lower' });
+  const total = n * 5;
+  let next = 0;
+  const t0 = performance.now();
+  await Promise.all(
+    Array.from({ length: 64 }, async () => {
+      while (next < total) await producer.publish(ns, `par/${next++}`, rec);
+    }),
+  );
+  rows.push({ what: `publish throughput, 64 in flight (${tag})`, value: total / ((performance.now() - t0) / 1000), unit: 'ops/s', better: 'higher' });
+}
+
+async function benchEtcd(n: number): Promise<void> {
+  const rows: Row[] = [];
+  const etcd = await startEtcd({ dataParent: os.tmpdir() });
+  const producer = await EtcdKvs.connect(etcd.url('/bench'), { env: {} });
+  const consumer = await EtcdKvs.connect(etcd.url('/bench'), { env: {} });
+  try {
+    await producer.createNamespace('bench');
+    await producer.lookup('bench', 'warm');
+    await consumer.lookup('bench', 'warm');
+    const ping = await timeEach(n, () => producer.hasNamespace('bench'));
+    const pub = await timeEach(n, (i) => producer.publish('bench', `seq/${i}`, rec));
+    rows.push({ what: 'publish, 1 in flight (etcd WAL fsync), median', value: median(pub), unit: 'µs', baseline: { name: 'ping', value: median(ping) }, better: 'lower' });
+    rows.push({ what: 'publish, 1 in flight (etcd WAL fsync), p99', value: percentile(pub, 99), unit: 'µs', better: 'lower' });
+    const fresh = await timeEach(Math.min(n, 500), (i) => producer.publish('bench', `dirs/d${i}/f`, rec));
+    rows.push({ what: 'publish creating a directory, median', value: median(fresh), unit: 'µs', better: 'lower' });
+    await measure(rows, n, producer, consumer, 'bench', ping, 'etcd WAL fsync');
+  } finally {
+    await producer.close();
+    await consumer.close();
+    await etcd.destroy();
+  }
+  printTable(`etcd backend, local etcd ${etcd.endpoint} (${n} operations each; ping = a count-only range)`, rows);
+}
+
 export async function main(args: string[]): Promise<void> {
   const nArg = args.indexOf('--n');
   const n = nArg >= 0 ? Number(args[nArg + 1]) : 2000;
+  const bArg = args.indexOf('--backend');
+  const backend = bArg >= 0 ? args[bArg + 1] : 'embedded';
+  if (backend === 'etcd') return benchEtcd(n);
+  if (backend !== 'embedded') throw new Error(`--backend ${String(backend)}: expected embedded or etcd`);
   const rows: Row[] = [];
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-bench-kvs-'));
   try {
@@ -74,28 +132,7 @@ export async function main(args: string[]): Promise<void> {
         rows.push({ what: `publish, 1 in flight (${tag}), median`, value: median(pub), unit: 'µs', baseline: { name: 'ping', value: median(ping) }, better: 'lower' });
         rows.push({ what: `publish, 1 in flight (${tag}), p99`, value: percentile(pub, 99), unit: 'µs', better: 'lower' });
         if (!fsync) continue;
-        const look = await timeEach(n, (i) => producer.lookup('bench', `seq/${i}`));
-        rows.push({ what: 'lookup, 1 in flight, median', value: median(look), unit: 'µs', baseline: { name: 'ping', value: median(ping) }, better: 'lower' });
-        const wake: number[] = [];
-        for (let i = 0; i < n; i++) {
-          const w = consumer.wait('bench', `wake/${i}`);
-          await consumer.lookup('bench', 'warm'); // the wait is armed on the server
-          const t0 = performance.now();
-          void producer.publish('bench', `wake/${i}`, rec);
-          await w;
-          wake.push((performance.now() - t0) * 1000);
-        }
-        rows.push({ what: 'wait wake-up after publish, median', value: median(wake), unit: 'µs', baseline: { name: 'ping', value: median(ping) }, better: 'lower' });
-        rows.push({ what: 'wait wake-up after publish, p99', value: percentile(wake, 99), unit: 'µs', better: 'lower' });
-        const total = n * 5;
-        let next = 0;
-        const t0 = performance.now();
-        await Promise.all(
-          Array.from({ length: 64 }, async () => {
-            while (next < total) await producer.publish('bench', `par/${next++}`, rec);
-          }),
-        );
-        rows.push({ what: 'publish throughput, 64 in flight (fdatasync)', value: total / ((performance.now() - t0) / 1000), unit: 'ops/s', better: 'higher' });
+        await measure(rows, n, producer, consumer, 'bench', ping, 'fdatasync');
       } finally {
         await producer.close();
         await consumer.close();

@@ -1,14 +1,16 @@
 /**
  * Behaviour every Kvs backend must share, run against each of them: the
- * in-process store (mem:), the embedded server over loopback TCP (dyad://), and
- * a CachedKvs in front of the embedded client. A new backend (etcd) joins by
- * adding a factory to `backends`.
+ * in-process store (mem:), the embedded server over loopback TCP (dyad://), a
+ * CachedKvs in front of the embedded client, and a real etcd (etcd://, bare and
+ * cached; skipped where there is no etcd binary). A new backend joins by adding
+ * a factory to `backends`.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { errnos } from '../src/errors.js';
+import { etcdUnavailable, startEtcd, type EtcdServer } from './helpers/etcd.js';
 import {
   DIR_MODE,
   isWatchable,
@@ -35,6 +37,35 @@ const backends: Record<string, () => Promise<Backend>> = {
   dyad: async () => dyadBackend(false),
   'dyad+cache': async () => dyadBackend(true),
 };
+if (etcdUnavailable() === undefined) {
+  backends.etcd = async () => etcdBackend(false);
+  backends['etcd+cache'] = async () => etcdBackend(true);
+} else {
+  t.comment(`etcd backends skipped: ${etcdUnavailable()}`);
+}
+
+// One etcd for the whole file; each backend instance gets its own key prefix, so
+// namespaces of the same name ('closing') do not meet.
+let etcd: Promise<EtcdServer> | undefined;
+let etcdPrefixes = 0;
+t.teardown(async () => {
+  if (etcd !== undefined) await (await etcd).destroy();
+});
+
+async function etcdBackend(cache: boolean): Promise<Backend> {
+  etcd ??= startEtcd();
+  const url = (await etcd).url(`/conformance${++etcdPrefixes}`);
+  const admin = await openKvs(url, { env: {} });
+  const kvs = await openKvs(url, { env: {}, cache });
+  return {
+    kvs,
+    admin,
+    close: async () => {
+      await kvs.close();
+      await admin.close();
+    },
+  };
+}
 
 async function dyadBackend(cache: boolean): Promise<Backend> {
   const dataDir = await mkdtemp(join(tmpdir(), 'kvs-conf-'));

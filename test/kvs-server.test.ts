@@ -224,7 +224,7 @@ t.test('authentication limits', async (t) => {
 });
 
 t.test('openKvs URLs', async (t) => {
-  await t.rejects(openKvs('etcd://127.0.0.1:2379'), { name: 'ConfigError', message: 'etcd backend not available yet' });
+  await t.rejects(openKvs('etcd://127.0.0.1:1', { connectTimeoutMs: 200, env: {} }), { code: 'DYAD_ECONNREFUSED', message: /127\.0\.0\.1:1/ });
   await t.rejects(openKvs('redis://x:1'), { name: 'ConfigError', message: /redis:\/\/x:1/ });
   await t.rejects(openKvs('dyad://localhost'), { name: 'ConfigError', message: /dyad:\/\/HOST:PORT/ });
   const { server: s } = await server(t);

@@ -4,19 +4,26 @@
  *
  *   dyad://HOST:PORT  embedded KVS server (src/kvs/embedded)
  *   mem:  mem:NAME    in-process store, private or shared by NAME (tests)
- *   etcd://...        reserved; not available yet
+ *   etcd://HOST:PORT[,HOST:PORT...][/PREFIX]  an etcd cluster (src/kvs/etcd)
  */
 import { ConfigError } from '../errors.js';
 import { CachedKvs, type CachedKvsOptions } from './cache.js';
 import { EmbeddedKvsClient, type EmbeddedClientOptions } from './embedded/client.js';
+import { EtcdKvs, type EtcdKvsOptions } from './etcd/client.js';
 import { keyParamsFromEnv } from './key.js';
 import { MemoryKvs } from './memory.js';
 import type { Kvs } from './types.js';
 
-export interface OpenKvsOptions extends EmbeddedClientOptions {
+export interface OpenKvsOptions
+  extends EmbeddedClientOptions,
+    Pick<EtcdKvsOptions, 'rankLeaseTtlSec' | 'watchLingerMs' | 'maxTxnOps'> {
   /** Wrap the backend in a CachedKvs (default false). */
   cache?: boolean | CachedKvsOptions;
-  /** Key parameters for mem: stores; default DYAD_KEY_DEPTH / DYAD_KEY_BINS. The embedded server uses its own. */
+  /**
+   * Key parameters for mem: stores and for namespaces created through etcd:// (stored
+   * with the namespace, which every etcd client then follows); default DYAD_KEY_DEPTH /
+   * DYAD_KEY_BINS. The embedded server uses its own.
+   */
   keyDepth?: number;
   keyBins?: number;
 }
@@ -35,9 +42,11 @@ export async function openKvs(url: string, opts: OpenKvsOptions = {}): Promise<K
     }
     case 'etcd':
     case 'etcds':
-      throw new ConfigError('etcd backend not available yet');
+      // Loads etcd3 (and gRPC) on first use only.
+      kvs = await EtcdKvs.connect(url, opts);
+      break;
     default:
-      throw new ConfigError(`unsupported KVS URL ${JSON.stringify(url)}: expected dyad://HOST:PORT or mem:[NAME]`);
+      throw new ConfigError(`unsupported KVS URL ${JSON.stringify(url)}: expected dyad://HOST:PORT, etcd://HOST:PORT or mem:[NAME]`);
   }
   if (opts.cache === undefined || opts.cache === false) return kvs;
   return new CachedKvs(kvs, opts.cache === true ? {} : opts.cache);
@@ -45,6 +54,8 @@ export async function openKvs(url: string, opts: OpenKvsOptions = {}): Promise<K
 
 export { CachedKvs, type CacheStats, type CachedKvsOptions } from './cache.js';
 export { EmbeddedKvsClient, parseDyadUrl, type EmbeddedClientOptions } from './embedded/client.js';
+export { EtcdKvs, type EtcdKvsOptions, type RankEvent, type RankListener } from './etcd/client.js';
+export { parseEtcdUrl, type EtcdUrl } from './etcd/url.js';
 export { KvsServer, startKvsServer, type KvsServerOptions } from './embedded/server.js';
 export { KvsStore, DIR_MODE } from './embedded/store.js';
 export {

@@ -3,12 +3,13 @@
  * free ports and a throw-away data directory (on /dev/shm when there is one, so
  * that etcd's WAL fsyncs do not dominate the run time). It can be stopped and
  * started again on the same ports and data, which is how the restart tests
- * break every client connection without losing state.
+ * break every client connection without losing state. A TCP proxy in front of
+ * it can cut one client off while the others carry on.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
-import { createServer } from 'node:net';
+import { connect, createServer, type Socket } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
@@ -58,10 +59,16 @@ async function healthy(endpoint: string): Promise<boolean> {
   }
 }
 
-export async function startEtcd(opts: { startTimeoutMs?: number } = {}): Promise<EtcdServer> {
+export interface StartEtcdOptions {
+  startTimeoutMs?: number;
+  /** Where the data directory is made; default /dev/shm if present (benchmarks want a real disk). */
+  dataParent?: string;
+}
+
+export async function startEtcd(opts: StartEtcdOptions = {}): Promise<EtcdServer> {
   const why = etcdUnavailable();
   if (why !== undefined) throw new Error(why);
-  const base = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const base = opts.dataParent ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
   const dataDir = await mkdtemp(join(base, 'dyad-etcd-'));
   const clientPort = await freePort();
   let peerPort = await freePort();
@@ -145,5 +152,56 @@ export async function startEtcd(opts: { startTimeoutMs?: number } = {}): Promise
       await rm(dataDir, { recursive: true, force: true });
     },
     log: () => output,
+  };
+}
+
+export interface TcpProxy {
+  /** host:port to give the client instead of the real endpoint. */
+  readonly endpoint: string;
+  /** Drops every connection through the proxy and refuses new ones. */
+  cut(): void;
+  restore(): void;
+  close(): Promise<void>;
+}
+
+export async function startProxy(target: string): Promise<TcpProxy> {
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  const sockets = new Set<Socket>();
+  let down = false;
+  const server = createServer((client) => {
+    if (down) {
+      client.destroy();
+      return;
+    }
+    const upstream = connect(port, host);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('error', () => undefined);
+      s.on('close', () => {
+        sockets.delete(s);
+        client.destroy();
+        upstream.destroy();
+      });
+    }
+    client.pipe(upstream);
+    upstream.pipe(client);
+  });
+  await new Promise<void>((resolve) => server.listen(0, '127.0.0.1', resolve));
+  const addr = server.address();
+  const endpoint = `127.0.0.1:${typeof addr === 'object' && addr !== null ? addr.port : 0}`;
+  return {
+    endpoint,
+    cut: () => {
+      down = true;
+      for (const s of sockets) s.destroy();
+    },
+    restore: () => {
+      down = false;
+    },
+    close: async () => {
+      down = true;
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((resolve) => server.close(() => resolve()));
+    },
   };
 }

@@ -197,11 +197,6 @@ export function decodeRecord(kv: IKeyValue): FileRecord {
   return { owner, size, mode, mtimeMs, digest, version, kind };
 }
 
-/** The kind stored at kv without decoding the rest (publish checks). */
-export function recordKind(kv: IKeyValue): 'file' | 'dir' {
-  return decodeRecord(kv).kind;
-}
-
 export function encodeMeta(meta: NsMeta): Buffer {
   return Buffer.from(JSON.stringify({ v: 1, ...meta }));
 }

@@ -24,6 +24,8 @@ export type RankListener = (event: RankEvent) => void;
 
 export interface Waiter {
   readonly upath: string;
+  /** Revision of the read that found nothing: older events describe a state already superseded. */
+  after: number;
   done: boolean;
   resolve(rec: FileRecord): void;
   reject(err: DyadError): void;
@@ -33,6 +35,8 @@ export interface NsWatchHost {
   readonly layout: EtcdLayout;
   /** Looks upath up again for a waiter that may have missed its event. */
   recheck(w: NsWatch, waiter: Waiter): void;
+  /** Checks the namespace still exists (after history was lost), ending the watcher if not. */
+  verify(w: NsWatch): void;
   /** The watcher is finished (namespace gone, or etcd refused it). */
   ended(w: NsWatch, reason: DyadError): void;
 }
@@ -176,9 +180,13 @@ export class NsWatch implements WatchTarget {
         if (c.record === undefined) continue;
         const set = this.waiters.get(c.upath);
         if (set === undefined) continue;
-        this.waiters.delete(c.upath);
         const rec = c.record;
-        for (const w of set) safely('waiter', () => w.resolve(rec));
+        for (const w of [...set]) {
+          if (w.after >= rev) continue;
+          set.delete(w);
+          safely('waiter', () => w.resolve(rec));
+        }
+        if (set.size === 0) this.waiters.delete(c.upath);
       }
     }
     for (const ev of ranks) for (const l of [...this.rankListeners]) safely('rank listener', () => l(ev));
@@ -187,6 +195,7 @@ export class NsWatch implements WatchTarget {
 
   onCompacted(): void {
     this.reset();
+    this.host.verify(this);
     for (const set of [...this.waiters.values()]) for (const w of [...set]) this.host.recheck(this, w);
   }
 
@@ -206,7 +215,7 @@ export class NsWatch implements WatchTarget {
   }
 
   /** Ends everything waiting here with `reason`. */
-  end(reason: DyadError): void {
+  shutdown(reason: DyadError): void {
     if (this.dead) return;
     this.dead = true;
     clearTimeout(this.linger);
