@@ -7,7 +7,9 @@ import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
 import { spawn } from 'node:child_process';
-import { netCluster } from './helpers/netns.js';
+import { netCluster, network } from './helpers/netns.js';
+import { etcdUnavailable, startEtcd } from './helpers/etcd.js';
+import { dyadBin, exec } from './helpers/mount.js';
 import { sh } from './helpers/mount.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -89,4 +91,25 @@ t.test('when the owner is gone, a copy pulled by another node is used', async (t
   t.equal(b.stdout, a.stdout, 'the second reader got the same bytes from the first one\'s copy');
   t.match(fs.readFileSync(second.log, 'utf8'), /pulled data\.bin from rank 2's copy \(owner rank 1 failed\)/);
   t.notOk(fs.readdirSync(second.mnt).includes('.dyad-replicas'), 'copy records are not listed');
+});
+
+t.test('etcd across hosts: restart loses no publication, waits resume', { skip: etcdUnavailable() ?? false }, async (t) => {
+  const net = network(t, 3);
+  const etcd = await startEtcd({ host: net.hosts[0]!.addr, enter: net.hosts[0]!.enter });
+  t.teardown(() => etcd.destroy());
+  const url = etcd.url();
+  const argv = [...net.hosts[0]!.enter, process.execPath, dyadBin, 'namespace', 'create', 'dyad', '--kvs', url];
+  await exec(argv[0]!, argv.slice(1));
+  const c = await netCluster(t, 3, { kvs: url, net });
+  const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'early.txt'), 'before the restart');
+  const waiting = sh(`cat ${path.join(q.mnt, 'late.txt')}`, { timeoutMs: 90_000 });
+  await sleep(500);
+  await etcd.stop('SIGKILL');
+  await etcd.start();
+  fs.writeFileSync(path.join(p.mnt, 'late.txt'), 'after the restart');
+  const r = await waiting;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'after the restart', 'the wait resumed and saw the publication');
+  t.equal(fs.readFileSync(path.join(q.mnt, 'early.txt'), 'utf8'), 'before the restart', 'no publication lost');
 });

@@ -132,7 +132,8 @@ export class Daemon {
       this.kvs = this.kvsServer.localClient();
     } else {
       const url = cfg.kvs.value!;
-      const raw = await openKvs(url, secret ? { secret } : {});
+      const rankLeaseTtlSec = Math.max(1, Math.ceil((this.opts.rankLeaseMs ?? 10_000) / 1000));
+      const raw = await openKvs(url, secret ? { secret, rankLeaseTtlSec } : { rankLeaseTtlSec });
       if (!(await raw.hasNamespace(ns).catch(() => false))) {
         await raw.close();
         throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);

@@ -59,8 +59,25 @@ async function healthy(endpoint: string): Promise<boolean> {
   }
 }
 
+/** The health check from inside a network namespace, where our fetch cannot reach. */
+function healthyIn(enter: string[], endpoint: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const argv = [...enter, 'etcdctl', '--endpoints', endpoint, '--dial-timeout', '500ms', 'endpoint', 'health'];
+    const p = spawn(argv[0]!, argv.slice(1), { stdio: 'ignore', env: { ...process.env, ETCDCTL_API: '3' } });
+    p.on('exit', (code) => resolve(code === 0));
+    p.on('error', () => resolve(false));
+  });
+}
+
 export interface StartEtcdOptions {
   startTimeoutMs?: number;
+  /**
+   * Run inside a test host's network namespace: listen on `host` (fixed
+   * ports 2379/2380, a fresh namespace has them free) and start it with the
+   * `enter` prefix (nsenter --net=...).
+   */
+  host?: string;
+  enter?: string[];
   /** Where the data directory is made; default /dev/shm if present (benchmarks want a real disk). */
   dataParent?: string;
 }
@@ -70,11 +87,13 @@ export async function startEtcd(opts: StartEtcdOptions = {}): Promise<EtcdServer
   if (why !== undefined) throw new Error(why);
   const base = opts.dataParent ?? (existsSync('/dev/shm') ? '/dev/shm' : tmpdir());
   const dataDir = await mkdtemp(join(base, 'dyad-etcd-'));
-  const clientPort = await freePort();
-  let peerPort = await freePort();
+  const inNs = opts.host !== undefined;
+  const clientPort = inNs ? 2379 : await freePort();
+  let peerPort = inNs ? 2380 : await freePort();
   while (peerPort === clientPort) peerPort = await freePort();
-  const endpoint = `127.0.0.1:${clientPort}`;
-  const peer = `http://127.0.0.1:${peerPort}`;
+  const host = opts.host ?? '127.0.0.1';
+  const endpoint = `${host}:${clientPort}`;
+  const peer = `http://${host}:${peerPort}`;
   const args = [
     '--name',
     'test',
@@ -104,7 +123,8 @@ export async function startEtcd(opts: StartEtcdOptions = {}): Promise<EtcdServer
 
   const start = async (): Promise<void> => {
     if (child !== undefined) throw new Error('etcd is already running');
-    const proc = spawn(ETCD_BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const [cmd, ...rest] = [...(opts.enter ?? []), ETCD_BIN, ...args] as [string, ...string[]];
+    const proc = spawn(cmd, rest, { stdio: ['ignore', 'pipe', 'pipe'] });
     child = proc;
     const keep = (chunk: Buffer): void => {
       output = (output + chunk.toString('utf8')).slice(-20_000);
@@ -120,7 +140,7 @@ export async function startEtcd(opts: StartEtcdOptions = {}): Promise<EtcdServer
       }),
     );
     const deadline = performance.now() + startTimeoutMs;
-    while (!(await healthy(endpoint))) {
+    while (!(await (opts.enter ? healthyIn(opts.enter, endpoint) : healthy(endpoint)))) {
       if (died) throw new Error(`etcd exited during start-up:\n${output}`);
       if (performance.now() > deadline) {
         proc.kill('SIGKILL');

@@ -105,7 +105,7 @@ export async function netCluster(t: Tap, n: number, opts: { kvs?: string; secret
     const serve = !opts.kvs && host.index === 0;
     const kvsArgs = serve
       ? ['--kvs-serve', `${host.addr}:0`, '--kvs-data', path.join(base, 'kvs')]
-      : ['--kvs', kvsUrl, '--secret-file', secretFile];
+      : ['--kvs', kvsUrl, ...(opts.kvs && !opts.secretFile ? [] : ['--secret-file', secretFile])];
     const m = await mountCli(t, mnt, [...kvsArgs, '--rank', String(host.index), '--listen', `${host.addr}:0`, '--storage', storage, ...(opts.args ?? [])], host.enter);
     if (serve) {
       const url = /serving the embedded KVS at (dyad:\/\/\S+)/.exec(fs.readFileSync(m.log, 'utf8'))?.[1];
