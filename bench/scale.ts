@@ -15,7 +15,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { compile, median, prefault, printTable, repoRoot, type Row } from './lib.js';
-import { netCluster, type NetCluster } from '../test/helpers/netns.js';
+import { netCluster, network, type NetCluster } from '../test/helpers/netns.js';
+import { startEtcd } from '../test/helpers/etcd.js';
 
 interface Teardown {
   fns: Array<() => unknown>;
@@ -57,8 +58,19 @@ interface Result {
 async function round(hosts: number, kvs: string, small: number, big: number, files: string): Promise<Result> {
   const t = scope();
   try {
-    if (kvs !== 'embedded') throw new Error(`--kvs ${kvs}: only the embedded KVS is wired into this benchmark yet`);
-    const c: NetCluster = await netCluster(t, hosts);
+    let c: NetCluster;
+    if (kvs === 'etcd') {
+      // etcd beside the job, on host 0, data on the same disk as the storage.
+      const net = network(t, hosts);
+      const etcd = await startEtcd({ host: net.hosts[0]!.addr, enter: net.hosts[0]!.enter, dataParent: os.tmpdir() });
+      t.teardown(() => etcd.destroy());
+      await runIn(net.hosts[0]!.enter, process.execPath, [path.join(repoRoot, 'bin', 'dyad.js'), 'namespace', 'create', 'dyad', '--kvs', etcd.url()]);
+      c = await netCluster(t, hosts, { kvs: etcd.url(), net });
+    } else if (kvs === 'embedded') {
+      c = await netCluster(t, hosts);
+    } else {
+      throw new Error(`--kvs ${kvs}: expected embedded or etcd`);
+    }
     // Produce: small files, then big ones, on every host at once.
     const prod = await Promise.all(
       c.nodes.map(async (n) => {
@@ -118,7 +130,7 @@ export async function main(args: string[]): Promise<void> {
     return i >= 0 ? args[i + 1]! : dflt;
   };
   const hostCounts = opt('--hosts', '2,4,8').split(',').map(Number);
-  const kvsList = opt('--kvs', 'embedded').split(',');
+  const kvsList = opt('--kvs', 'embedded,etcd').split(',');
   const small = quick ? 200 : 1000;
   const big = quick ? 4 : 16;
   if (process.getuid?.() !== 0) throw new Error('the scale benchmark creates network namespaces: run it as root');
