@@ -34,7 +34,7 @@ async function mountVariant(v: Variant, storage: string): Promise<void> {
     return;
   }
   v.log = `${v.dir}.log`;
-  const out = run(process.execPath, [path.join(repoRoot, 'bin', 'dyad-mount.js'), '--background', '--log', v.log, '--storage', storage, ...v.mount, v.dir]);
+  const out = run(process.execPath, [path.join(repoRoot, 'bin', 'dyad-mount.js'), '--background', '--log', v.log, '--storage', storage, '--kvs-data', `${v.dir}.kvs`, ...v.mount, v.dir]);
   v.pid = Number(/pid (\d+)/.exec(out)?.[1]);
 }
 
@@ -176,6 +176,7 @@ export async function main(args: string[]): Promise<void> {
   if (mem) {
     console.log(
       `Daemon memory over ${lookups} lookups of distinct files: nodes ${mem.before.nodes} → ${mem.after.nodes} → ${mem.forgotten.nodes} after the kernel forgot them; ` +
+        `JS heap in use ${mem.before.heapUsedMiB} → ${mem.after.heapUsedMiB} → ${mem.forgotten.heapUsedMiB} MiB, ` +
         `RSS ${mem.before.rssMiB} → ${mem.after.rssMiB} → ${mem.forgotten.rssMiB} MiB (FORGET requests: ${(mem.forgotten.FORGET ?? 0) + (mem.forgotten.BATCH_FORGET ?? 0)})`,
     );
   }

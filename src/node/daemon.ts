@@ -219,8 +219,13 @@ export class Daemon {
 
   /** Request counts by opcode since start. */
   stats(): Record<string, number> {
-    const rss = process.memoryUsage().rss;
-    return { ...(this.server?.session?.stats() ?? {}), nodes: this.fs?.nodeCount ?? 0, rssMiB: Math.round(rss / 2 ** 20) };
+    const mem = process.memoryUsage();
+    return {
+      ...(this.server?.session?.stats() ?? {}),
+      nodes: this.fs?.nodeCount ?? 0,
+      rssMiB: Math.round(mem.rss / 2 ** 20),
+      heapUsedMiB: Math.round(mem.heapUsed / 2 ** 20),
+    };
   }
 
   onUnmounted(cb: () => void): void {

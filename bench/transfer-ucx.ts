@@ -1,0 +1,239 @@
+/**
+ * UCX transfer-layer benchmark: pull throughput of the UCX backend's two data
+ * paths ('am' rendezvous, 'get' one-sided) beside the TCP backend and
+ * ucx_perftest tag_bw between the same two endpoints, in the same run; then
+ * small-file pull latency for UCX and TCP, and the owner's peak memory.
+ * The owner runs in a child process, as it would on another node.
+ *
+ *   node dist/bench/transfer-ucx.js [--rounds 3] [--files 16] [--mib 64] [--small 1000]
+ *        [--tls tcp] [--devices lo] [--chunk-kib 4096] [--window 4] [--buffers 6]
+ *        [--paths am,get,tcp] [--huge-mib 1024] [--no-perftest] [--no-prefault]
+ *
+ * --tls/--devices become UCX_TLS/UCX_NET_DEVICES for both processes and for
+ * ucx_perftest (default tcp on lo: on one host UCX would otherwise use
+ * shared memory). Each round deletes the previous output, syncs and
+ * prefaults memory first; transfer-raw.ts explains why on the project VM.
+ */
+import { fork, execSync, spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { mkdirSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { crc32Update, digestBuffer, formatDigest, tcpBackend } from '../src/dtl/index.js';
+import type { PullRequest, TransferClient } from '../src/dtl/index.js';
+import { createUcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
+import type { IoMode } from '../src/dtl/inline.js';
+
+const SECRET = 'bench-secret';
+
+interface Ready {
+  ucx: string;
+  tcp: string;
+}
+
+interface Mem {
+  rss: number;
+  maxRss: number;
+}
+
+/** Child: the owner, serving `root` over UCX and TCP. */
+async function child(root: string, chunkBytes: number, window: number, readMode: IoMode): Promise<void> {
+  const ucx = await createUcxBackend().serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes, window, readMode });
+  const tcp = await tcpBackend.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET });
+  process.on('message', () => {
+    const m: Mem = { rss: process.memoryUsage().rss, maxRss: process.resourceUsage().maxRSS * 1024 };
+    process.send!(m);
+  });
+  const ready: Ready = { ucx: ucx.address, tcp: tcp.address };
+  process.send!(ready);
+  process.on('disconnect', () => process.exit(0));
+}
+
+function settle(dir: string, prefaultBytes: number): void {
+  rmSync(dir, { recursive: true, force: true });
+  mkdirSync(dir, { recursive: true });
+  execSync('sync');
+  if (prefaultBytes > 0) {
+    execSync(`${JSON.stringify(process.execPath)} -e "const n=${prefaultBytes}, c=1<<30; for (let o=0; o<n; o+=c) Buffer.alloc(Math.min(c, n-o), 1)"`);
+  }
+}
+
+function pct(sorted: number[], p: number): number {
+  return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]!;
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
+  });
+}
+
+/** ucx_perftest tag_bw 1 MiB between a server and a client process; GB/s (10^9 B/s). */
+async function perftest(env: NodeJS.ProcessEnv, iters: number): Promise<number> {
+  const port = await freePort();
+  const server = spawn('ucx_perftest', ['-p', String(port)], { env, stdio: 'ignore' });
+  try {
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      const r = spawnSync('ucx_perftest', ['127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)], { env, encoding: 'utf8' });
+      const line = r.stdout.split('\n').find((l) => l.includes('Final:'));
+      if (!line) continue;
+      // Final: iters, latency typical/avg/overall, bandwidth (MiB/s) avg/overall, msg rate avg/overall
+      const f = line.replace(/.*Final:/, '').trim().split(/\s+/).map(Number);
+      return (f[5]! * 1048576) / 1e9;
+    }
+    return NaN;
+  } finally {
+    server.kill();
+  }
+}
+
+function zeroDigest(size: number): string {
+  const z = Buffer.alloc(1 << 20);
+  let crc = 0;
+  for (let o = 0; o < size; o += z.length) crc = crc32Update(crc, z.subarray(0, Math.min(z.length, size - o)));
+  return formatDigest(crc);
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({
+    options: {
+      dir: { type: 'string' },
+      rounds: { type: 'string', default: '3' },
+      files: { type: 'string', default: '16' },
+      mib: { type: 'string', default: '64' },
+      small: { type: 'string', default: '1000' },
+      tls: { type: 'string', default: 'tcp' },
+      devices: { type: 'string', default: 'lo' },
+      'chunk-kib': { type: 'string', default: '4096' },
+      window: { type: 'string', default: '4' },
+      buffers: { type: 'string', default: '6' },
+      'write-mode': { type: 'string', default: 'adaptive' },
+      'read-mode': { type: 'string', default: 'adaptive' },
+      paths: { type: 'string', default: 'am,get,tcp' },
+      'huge-mib': { type: 'string', default: '1024' },
+      perftest: { type: 'boolean', default: true },
+      prefault: { type: 'boolean', default: true },
+    },
+    allowNegative: true,
+  });
+  // Both processes (and perftest) see the same UCX configuration.
+  process.env.UCX_TLS = values.tls;
+  if (values.devices) process.env.UCX_NET_DEVICES = values.devices;
+  const base = values.dir ?? mkdtempSync(join(tmpdir(), 'dyad-bench-ucx-'));
+  const root = join(base, 'root');
+  const out = join(base, 'out');
+  const nBig = Number(values.files);
+  const bigBytes = Number(values.mib) << 20;
+  const nSmall = Number(values.small);
+  const chunkBytes = Number(values['chunk-kib']) << 10;
+  const paths = values.paths.split(',');
+  mkdirSync(root, { recursive: true });
+
+  const big: PullRequest[] = [];
+  const seed = randomBytes(bigBytes);
+  for (let i = 0; i < nBig; i++) {
+    seed.writeUInt32LE(i, 0);
+    writeFileSync(join(root, `big${i}`), seed);
+    big.push({ upath: `big${i}`, size: bigBytes, digest: digestBuffer(seed) });
+  }
+  const smallBuf = randomBytes(4096);
+  const small: PullRequest = { upath: 'small', size: 4096, digest: digestBuffer(smallBuf) };
+  writeFileSync(join(root, 'small'), smallBuf);
+  const hugeBytes = Number(values['huge-mib']) << 20;
+  if (hugeBytes > 0) {
+    writeFileSync(join(root, 'huge'), '');
+    truncateSync(join(root, 'huge'), hugeBytes);
+  }
+  execSync('sync');
+
+  const proc = fork(fileURLToPath(import.meta.url), ['--child', root, String(chunkBytes), values.window, values['read-mode']], { stdio: 'inherit' });
+  const ready = await new Promise<Ready>((r) => proc.once('message', (m) => r(m as Ready)));
+  const ownerMem = (): Promise<Mem> =>
+    new Promise((r) => {
+      proc.once('message', (m) => r(m as Mem));
+      proc.send('mem');
+    });
+  const ucx = createUcxBackend();
+  const clients = new Map<string, { client: TransferClient; address: string }>();
+  for (const p of paths) {
+    if (p === 'tcp') clients.set(p, { client: tcpBackend.client({ secret: SECRET }), address: ready.tcp });
+    else clients.set(p, { client: ucx.client({ secret: SECRET, dataPath: p as UcxDataPath, buffersPerPull: Number(values.buffers), writeMode: values['write-mode'] as IoMode }), address: ready.ucx });
+  }
+  const total = nBig * bigBytes;
+  console.log(
+    `# ${nBig} x ${values.mib} MiB; UCX_TLS=${values.tls} UCX_NET_DEVICES=${values.devices}; chunk ${values['chunk-kib']} KiB, window ${values.window}, ${values.buffers} buffers per pull; ${values.prefault ? 'prefaulted' : 'cold memory'}`,
+  );
+  const gbps = (secs: number, bytes = total): number => bytes / secs / 1e9;
+  const results = new Map<string, number[]>();
+  const perf: number[] = [];
+  for (let r = 0; r < Number(values.rounds); r++) {
+    const line: string[] = [];
+    if (values.perftest) {
+      const g = await perftest(process.env, 2000);
+      perf.push(g);
+      line.push(`perftest tag_bw ${g.toFixed(2)}`);
+    }
+    for (const [p, c] of clients) {
+      settle(out, values.prefault ? Math.round(total * 1.5) : 0);
+      const t0 = process.hrtime.bigint();
+      await Promise.all(big.map((req, i) => c.client.pull(c.address, req, join(out, `big${i}`))));
+      const g = gbps(Number(process.hrtime.bigint() - t0) / 1e9);
+      results.set(p, [...(results.get(p) ?? []), g]);
+      line.push(`${p} ${g.toFixed(2)}`);
+    }
+    console.log(`round ${r}: GB/s ${line.join(', ')}`);
+  }
+  const med = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
+  const summary = [...results].map(([p, xs]) => `${p} ${med(xs).toFixed(2)}`);
+  if (perf.length) summary.unshift(`perftest ${med(perf).toFixed(2)}`);
+  console.log(`median GB/s: ${summary.join(', ')}`);
+  if (perf.length && results.has('am')) console.log(`am / perftest tag_bw = ${(med(results.get('am')!) / med(perf)).toFixed(2)}`);
+
+  for (const [p, c] of nSmall > 0 ? clients : []) {
+    if (p === 'get') continue; // small files never reach the data path
+    const lats: string[] = [];
+    for (let r = 0; r < Number(values.rounds); r++) {
+      settle(out, values.prefault ? nSmall * 8192 : 0);
+      const lat: number[] = [];
+      for (let i = 0; i < nSmall; i++) {
+        const t = process.hrtime.bigint();
+        await c.client.pull(c.address, small, join(out, `s${i}`));
+        lat.push(Number(process.hrtime.bigint() - t) / 1e3);
+      }
+      lat.sort((a, b) => a - b);
+      lats.push(`median ${pct(lat, 0.5).toFixed(0)} us p99 ${pct(lat, 0.99).toFixed(0)} us`);
+    }
+    console.log(`${p}: ${nSmall} x 4 KiB sequential: ${lats.join('; ')}`);
+  }
+
+  const m0 = await ownerMem();
+  if (hugeBytes > 0) {
+    for (const [p, c] of clients) {
+      if (p === 'tcp') continue;
+      settle(out, 0);
+      const t0 = process.hrtime.bigint();
+      await c.client.pull(c.address, { upath: 'huge', size: hugeBytes, digest: zeroDigest(hugeBytes) }, join(out, 'huge'));
+      const g = gbps(Number(process.hrtime.bigint() - t0) / 1e9, hugeBytes);
+      const m = await ownerMem();
+      console.log(`${p}: 1 x ${values['huge-mib']} MiB: ${g.toFixed(2)} GB/s; owner peak RSS ${(m.maxRss / 2 ** 20).toFixed(0)} MiB (was ${(m0.maxRss / 2 ** 20).toFixed(0)} MiB after the ${values.mib} MiB files)`);
+    }
+  }
+  console.log(`consumer peak RSS ${((process.resourceUsage().maxRSS * 1024) / 2 ** 20).toFixed(0)} MiB`);
+  for (const c of clients.values()) await c.client.close();
+  proc.disconnect();
+  if (!values.dir) rmSync(base, { recursive: true, force: true });
+}
+
+if (process.argv[2] === '--child') {
+  await child(process.argv[3]!, Number(process.argv[4]), Number(process.argv[5]), process.argv[6] as IoMode);
+} else {
+  await main();
+}
