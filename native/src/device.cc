@@ -111,14 +111,17 @@ Napi::Value FuseDevice::Start(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value FuseDevice::Stop(const Napi::CallbackInfo& info) {
-  if (running_) {
-    running_ = false;
-    uv_poll_stop(poll_);
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnClose);
-    poll_ = nullptr;
-    Unref();
-  }
+  StopPolling();
   return info.Env().Undefined();
+}
+
+void FuseDevice::StopPolling() {
+  if (!running_) return;
+  running_ = false;
+  uv_poll_stop(poll_);
+  uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnClose);
+  poll_ = nullptr;
+  Unref();
 }
 
 void FuseDevice::OnClose(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }
@@ -174,13 +177,7 @@ void FuseDevice::Emit(size_t n) {
 void FuseDevice::Fail(int err) {
   Napi::Env env = Env();
   Napi::HandleScope scope(env);
-  if (running_) {
-    running_ = false;
-    uv_poll_stop(poll_);
-    uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnClose);
-    poll_ = nullptr;
-    Unref();
-  }
+  StopPolling();
   on_error_.MakeCallback(Value(), {Napi::Number::New(env, err)}, *async_);
 }
 

@@ -36,6 +36,7 @@ class FuseDevice : public Napi::ObjectWrap<FuseDevice> {
   void Drain();
   void Emit(size_t n);
   void Fail(int err);
+  void StopPolling();
 
   int fd_ = -1;
   uv_poll_t* poll_ = nullptr;
