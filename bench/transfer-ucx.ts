@@ -6,7 +6,7 @@
  * The owner runs in a child process, as it would on another node.
  *
  *   node dist/bench/transfer-ucx.js [--rounds 3] [--files 16] [--mib 64] [--small 1000]
- *        [--tls tcp] [--devices lo] [--chunk-kib 4096] [--window 4] [--buffers 6]
+ *        [--tls tcp] [--devices lo] [--chunk-kib 512] [--window 8] [--buffers 10]
  *        [--paths am,get,tcp] [--huge-mib 1024] [--no-perftest] [--no-prefault]
  *
  * --tls/--devices become UCX_TLS/UCX_NET_DEVICES for both processes and for
@@ -16,7 +16,7 @@
  */
 import { fork, execSync, spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdirSync, mkdtempSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -25,6 +25,7 @@ import { parseArgs } from 'node:util';
 import { crc32Update, digestBuffer, formatDigest, tcpBackend } from '../src/dtl/index.js';
 import type { PullRequest, TransferClient } from '../src/dtl/index.js';
 import { createUcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
+import { loadUcx } from '../src/dtl/ucx/native.js';
 import type { IoMode } from '../src/dtl/inline.js';
 
 const SECRET = 'bench-secret';
@@ -32,22 +33,46 @@ const SECRET = 'bench-secret';
 interface Ready {
   ucx: string;
   tcp: string;
+  /** Worker address (base64) of the child's raw receiver, for the binding-only measurement. */
+  raw: string;
 }
+
+const RAW_AM = 0x77;
 
 interface Mem {
   rss: number;
   maxRss: number;
+  anon: number;
+  file: number;
+  stats?: unknown;
+}
+
+/** Anonymous and file-backed resident memory: mapped files count in RSS but are page cache. */
+function anon(): { anon: number; file: number } {
+  const s = readFileSync('/proc/self/status', 'utf8');
+  const kb = (k: string): number => Number(new RegExp(`${k}:\\s+(\\d+)`).exec(s)?.[1] ?? 0) * 1024;
+  return { anon: kb('RssAnon'), file: kb('RssFile') + kb('RssShmem') };
 }
 
 /** Child: the owner, serving `root` over UCX and TCP. */
 async function child(root: string, chunkBytes: number, window: number, readMode: IoMode): Promise<void> {
-  const ucx = await createUcxBackend().serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes, window, readMode });
+  const backend = createUcxBackend({ spinUs: Number(process.env.DYAD_BENCH_SPIN_US ?? 0) });
+  const ucx = await backend.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes, window, readMode });
   const tcp = await tcpBackend.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET });
   process.on('message', () => {
-    const m: Mem = { rss: process.memoryUsage().rss, maxRss: process.resourceUsage().maxRSS * 1024 };
+    const m: Mem = { rss: process.memoryUsage().rss, maxRss: process.resourceUsage().maxRSS * 1024, ...anon(), stats: backend.stats() };
     process.send!(m);
   });
-  const ready: Ready = { ucx: ucx.address, tcp: tcp.address };
+  // Binding-only ceiling: receive rendezvous messages into one registered buffer, no file, no digest.
+  const addon = loadUcx().addon!;
+  const w = new addon.Worker({}, 'bench-raw');
+  w.setSpin(Number(process.env.DYAD_BENCH_SPIN_US ?? 0));
+  const scratch = Buffer.allocUnsafeSlow(64 << 20);
+  const region = w.register(scratch);
+  w.setAmHandler(RAW_AM, (_h, length, desc) => {
+    if (desc) void w.amRecv(desc, scratch.subarray(0, length), region);
+  });
+  const ready: Ready = { ucx: ucx.address, tcp: tcp.address, raw: w.address().toString('base64') };
   process.send!(ready);
   process.on('disconnect', () => process.exit(0));
 }
@@ -95,6 +120,43 @@ async function perftest(env: NodeJS.ProcessEnv, iters: number): Promise<number> 
   }
 }
 
+/** Sends `total` bytes as `msg`-byte rendezvous active messages, `window` in flight; GB/s. */
+async function rawBinding(peer: string, total: number, msg: number, window: number): Promise<number> {
+  const addon = loadUcx().addon!;
+  const w = new addon.Worker({}, 'bench-raw-send');
+  w.setSpin(Number(process.env.DYAD_BENCH_SPIN_US ?? 0));
+  const ep = w.connect(Buffer.from(peer, 'base64'), () => {});
+  const bufs = Array.from({ length: window }, () => {
+    const buf = Buffer.alloc(msg, 7);
+    return { buf, region: w.register(buf) };
+  });
+  const header = Buffer.alloc(16);
+  // Wire-up and first-touch outside the timing.
+  await ep.amSend(RAW_AM, header, bufs[0]!.buf, addon.amFlags.rndv, bufs[0]!.region);
+  const t0 = process.hrtime.bigint();
+  let sent = 0;
+  await new Promise<void>((resolve, reject) => {
+    let inflight = 0;
+    const pump = (): void => {
+      while (bufs.length > 0 && sent < total) {
+        const b = bufs.pop()!;
+        sent += msg;
+        inflight++;
+        ep.amSend(RAW_AM, header, b.buf, addon.amFlags.rndv, b.region).then(() => {
+          bufs.push(b);
+          if (--inflight === 0 && sent >= total) resolve();
+          else pump();
+        }, reject);
+      }
+    };
+    pump();
+  });
+  const g = total / (Number(process.hrtime.bigint() - t0) / 1e9) / 1e9;
+  await ep.close(false);
+  w.close();
+  return g;
+}
+
 function zeroDigest(size: number): string {
   const z = Buffer.alloc(1 << 20);
   let crc = 0;
@@ -112,9 +174,9 @@ async function main(): Promise<void> {
       small: { type: 'string', default: '1000' },
       tls: { type: 'string', default: 'tcp' },
       devices: { type: 'string', default: 'lo' },
-      'chunk-kib': { type: 'string', default: '4096' },
-      window: { type: 'string', default: '4' },
-      buffers: { type: 'string', default: '6' },
+      'chunk-kib': { type: 'string', default: '512' },
+      window: { type: 'string', default: '8' },
+      buffers: { type: 'string', default: '10' },
       'write-mode': { type: 'string', default: 'adaptive' },
       'read-mode': { type: 'string', default: 'adaptive' },
       paths: { type: 'string', default: 'am,get,tcp' },
@@ -161,7 +223,7 @@ async function main(): Promise<void> {
       proc.once('message', (m) => r(m as Mem));
       proc.send('mem');
     });
-  const ucx = createUcxBackend();
+  const ucx = createUcxBackend({ spinUs: Number(process.env.DYAD_BENCH_SPIN_US ?? 0) });
   const clients = new Map<string, { client: TransferClient; address: string }>();
   for (const p of paths) {
     if (p === 'tcp') clients.set(p, { client: tcpBackend.client({ secret: SECRET }), address: ready.tcp });
@@ -174,12 +236,17 @@ async function main(): Promise<void> {
   const gbps = (secs: number, bytes = total): number => bytes / secs / 1e9;
   const results = new Map<string, number[]>();
   const perf: number[] = [];
+  const raw: number[] = [];
+  const ratios = new Map<string, number[]>();
   for (let r = 0; r < Number(values.rounds); r++) {
     const line: string[] = [];
     if (values.perftest) {
       const g = await perftest(process.env, 2000);
       perf.push(g);
       line.push(`perftest tag_bw ${g.toFixed(2)}`);
+      const b = await rawBinding(ready.raw, 2000 << 20, 1 << 20, 8);
+      raw.push(b);
+      line.push(`binding am_bw ${b.toFixed(2)}`);
     }
     for (const [p, c] of clients) {
       settle(out, values.prefault ? Math.round(total * 1.5) : 0);
@@ -189,13 +256,25 @@ async function main(): Promise<void> {
       results.set(p, [...(results.get(p) ?? []), g]);
       line.push(`${p} ${g.toFixed(2)}`);
     }
+    // Neighbours on a shared VM move every figure; ratios within a round move less.
+    const tcpNow = results.get('tcp')?.[r];
+    for (const p of clients.keys()) {
+      if (p === 'tcp' || tcpNow === undefined) continue;
+      ratios.set(p, [...(ratios.get(p) ?? []), results.get(p)![r]! / tcpNow]);
+    }
     console.log(`round ${r}: GB/s ${line.join(', ')}`);
   }
+  const mStats = await ownerMem();
+  console.log(`owner worker ${JSON.stringify(mStats.stats)}; consumer worker ${JSON.stringify(ucx.stats())}`);
   const med = (xs: number[]): number => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)]!;
   const summary = [...results].map(([p, xs]) => `${p} ${med(xs).toFixed(2)}`);
-  if (perf.length) summary.unshift(`perftest ${med(perf).toFixed(2)}`);
+  if (perf.length) summary.unshift(`perftest tag_bw ${med(perf).toFixed(2)}`, `binding am_bw ${med(raw).toFixed(2)}`);
   console.log(`median GB/s: ${summary.join(', ')}`);
-  if (perf.length && results.has('am')) console.log(`am / perftest tag_bw = ${(med(results.get('am')!) / med(perf)).toFixed(2)}`);
+  for (const [p, xs] of ratios) console.log(`${p} / tcp per round: ${xs.map((x) => x.toFixed(2)).join(' ')} (median ${med(xs).toFixed(2)})`);
+  if (perf.length) {
+    console.log(`binding am_bw / perftest tag_bw = ${(med(raw) / med(perf)).toFixed(2)}`);
+    if (results.has('am')) console.log(`am pull / perftest tag_bw = ${(med(results.get('am')!) / med(perf)).toFixed(2)}`);
+  }
 
   for (const [p, c] of nSmall > 0 ? clients : []) {
     if (p === 'get') continue; // small files never reach the data path

@@ -391,6 +391,27 @@ function suites(): void {
     t.same(parts(dir), []);
   });
 
+  t.test('a pull queued behind a busy owner is kept alive by WAIT, not timed out', async (t) => {
+    const dir = tmp(t);
+    const root = join(dir, 'root');
+    const out = join(dir, 'out');
+    mkdirSync(root);
+    mkdirSync(out);
+    const owner = createUcxBackend({ config: TCP });
+    const server = await owner.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, maxActive: 1 });
+    const client = createUcxBackend({ config: TCP }).client({ secret: SECRET, peerTimeoutMs: 1200 });
+    t.teardown(async () => {
+      await client.close();
+      await server.close();
+    });
+    const a = sparse(root, 'a', 768 << 20);
+    const b = sparse(root, 'b', 768 << 20);
+    const t0 = Date.now();
+    const [ra, rb] = await Promise.all([client.pull(server.address, a, join(out, 'a')), client.pull(server.address, b, join(out, 'b'))]);
+    t.equal(ra.bytes + rb.bytes, 1536 << 20, `both landed in ${Date.now() - t0} ms with a 1200 ms peer timeout`);
+    t.same(parts(out), []);
+  });
+
   t.test('memory stays bounded: a 1 GiB pull with 1 MiB chunks', async (t) => {
     const e = await setup(t, TCP, 'am');
     const req = sparse(e.root, 'big', 1 << 30);

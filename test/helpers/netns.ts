@@ -70,6 +70,15 @@ export function network(t: Tap, n: number): Network {
     ip('-n', ns, 'link', 'set', 'lo', 'up');
     hosts.push({ index: i, ns, addr, enter: ['nsenter', `--net=/run/netns/${ns}`] });
   }
+  // A veth reports its carrier a moment after both ends are up; programs that
+  // list usable interfaces at start (UCX) must not look before that.
+  for (const h of hosts) {
+    for (let i = 0; i < 100; i++) {
+      const state = execFileSync('ip', ['-n', h.ns, '-br', 'link', 'show', 'eth0'], { encoding: 'utf8' });
+      if (!state.includes('NO-CARRIER')) break;
+      Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, 50);
+    }
+  }
   return { id, hosts, switchNs };
 }
 

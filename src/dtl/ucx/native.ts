@@ -1,0 +1,116 @@
+/**
+ * Typed access to the optional UCX addon (native/ucx, built as dyaducx.node
+ * only where libucx-dev is installed). Loading never throws: a missing or
+ * unloadable addon is reported through `ucxLoadError` so that selecting UCX
+ * can say why it is unavailable while every other transport keeps working.
+ */
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+/** A registered memory region (a buffer, or a read-only mapping of a file). */
+export interface UcxRegion {
+  /** Packed remote key a peer unpacks to read this region with get. */
+  rkey(): Buffer;
+  address(): bigint;
+  length(): number;
+  release(): void;
+}
+
+export interface UcxRemoteKey {
+  destroy(): void;
+}
+
+export interface UcxEndpoint {
+  /** Rejects with a UCS_ERR_* coded Error if the endpoint failed or closed. */
+  amSend(id: number, header: Uint8Array, data: Uint8Array | null, flags: number, region?: UcxRegion | null): Promise<void>;
+  get(dest: Uint8Array, remoteAddress: bigint, rkey: UcxRemoteKey, region?: UcxRegion | null): Promise<void>;
+  unpackRkey(packed: Uint8Array): UcxRemoteKey;
+  /** ucp_ep_print_info: the lanes and transports this endpoint uses. */
+  info(): string;
+  /** 'open', 'closed', or the UCS_ERR_* code it failed with. */
+  state(): string;
+  /** Force cancels requests in flight; a failed endpoint is always forced. */
+  close(force: boolean): Promise<void>;
+}
+
+/**
+ * Called for each active message. `desc` is non-zero for a rendezvous
+ * message whose `length` bytes are still at the sender: fetch them with
+ * amRecv(desc, ...) or drop them with amRelease(desc), exactly once.
+ * Otherwise `data` holds the (eager) payload.
+ */
+export type UcxAmHandler = (header: Buffer, length: number, desc: number, data: Buffer | undefined) => void;
+
+export interface UcxWorker {
+  address(): Buffer;
+  /**
+   * `peerErrors` (default true) asks UCX to detect a dead peer and fail its
+   * requests; shared-memory transports cannot, and are unusable with it.
+   */
+  connect(address: Uint8Array, onError: (code: string, message: string) => void, peerErrors?: boolean): UcxEndpoint;
+  setAmHandler(id: number, fn: UcxAmHandler | null): void;
+  amRecv(desc: number, dest: Uint8Array, region?: UcxRegion | null): Promise<number>;
+  amRelease(desc: number): void;
+  register(buf: Uint8Array): UcxRegion;
+  mapFile(fd: number, length: number): UcxRegion;
+  /** ucp_context_print_info + ucp_worker_print_info. */
+  info(): string;
+  /** Microseconds to keep polling after the worker goes quiet while requests are in flight (default 0). */
+  setSpin(microseconds: number): void;
+  /** Counters for tests and diagnosis; `wakeups` counts event-fd wake-ups, `pumps` progress passes, `progressMs` time inside them. */
+  stats(): { inFlight: number; endpoints: number; regions: number; heldMessages: number; closed: boolean; wakeups: number; pumps: number; progressMs: number };
+  close(): void;
+}
+
+export interface UcxAddon {
+  /** `config` keys are UCX options without the "UCX_" prefix (TLS, NET_DEVICES...); they override the environment. */
+  Worker: new (config: Record<string, string>, name: string) => UcxWorker;
+  version(): string;
+  amFlags: { reply: number; eager: number; rndv: number };
+}
+
+/** The error a rejected UCX operation carries. */
+export interface UcxError extends Error {
+  code: string;
+  ucsStatus: number;
+}
+
+export function isUcxError(err: unknown): err is UcxError {
+  return err instanceof Error && typeof (err as { ucsStatus?: unknown }).ucsStatus === 'number';
+}
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+// dist/src/dtl/ucx -> repository root
+const root = path.resolve(here, '..', '..', '..', '..');
+const addonPath = path.join(root, 'native', 'build', 'Release', 'dyaducx.node');
+
+/**
+ * UCX's memory hooks are off unless the operator asks for them. By default
+ * the first ucp_init installs them by patching the code of mmap/munmap in
+ * libc ("bistro") while V8's background threads may be running it; we saw
+ * Node die with SIGSEGV in V8's page allocator right after ucp_init. The
+ * hooks only feed UCX's registration cache for buffers the caller did not
+ * register, and every buffer this backend hands to UCX is registered up
+ * front (runtime.ts pools, file mappings), so nothing is lost. libucm reads
+ * these when the library loads, hence before the require.
+ */
+const SAFE_DEFAULTS = [
+  ['UCX_MEM_EVENTS', 'no'],
+  ['UCX_MEM_MALLOC_HOOKS', 'no'],
+] as const;
+
+let loaded: { addon: UcxAddon | null; error: string | null } | null = null;
+
+/** Loads the addon on first use (loading libucp is not free); null if it is not built. */
+export function loadUcx(): { addon: UcxAddon | null; error: string | null } {
+  if (loaded) return loaded;
+  for (const [k, v] of SAFE_DEFAULTS) if (process.env[k] === undefined) process.env[k] = v;
+  try {
+    loaded = { addon: createRequire(import.meta.url)(addonPath) as UcxAddon, error: null };
+  } catch (err) {
+    const e = err as NodeJS.ErrnoException;
+    loaded = { addon: null, error: e.code === 'MODULE_NOT_FOUND' ? `${addonPath} does not exist` : `${addonPath}: ${e.message}` };
+  }
+  return loaded;
+}

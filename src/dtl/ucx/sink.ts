@@ -1,0 +1,277 @@
+/**
+ * The UCX backend's temp-file sink. Same contract as src/dtl/sink.ts (bytes
+ * land in ".dyad-part-*" beside the destination; only a complete file whose
+ * size and digest match is renamed into place; anything else unlinks it),
+ * but shaped for RDMA-style transfers: several chunks are in flight at
+ * once, each received by UCX straight into its own registered buffer, and
+ * they may complete in any order. FileSink hands out one region at a time
+ * and digests in arrival order, so it cannot take that.
+ *
+ * Each completed chunk is written with a positional write from the very
+ * buffer UCX filled (no copy) and digested once every earlier byte has
+ * been; its buffer goes back to the transport only after both. Writes run
+ * inline while the page cache keeps up and on the thread pool otherwise,
+ * one at a time per file (inline.ts has the measurements behind that).
+ */
+import { closeSync, constants, fchmodSync, fsync as fsFsync, openSync, renameSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { DyadError } from '../../errors.js';
+import { crc32Update, formatDigest, sameDigest } from '../digest.js';
+import { digestError, localError } from '../errors.js';
+import { inlineWrites, type IoMode } from '../inline.js';
+import { PART_PREFIX } from '../sink.js';
+
+export interface ChunkSinkOptions {
+  writeMode: IoMode;
+  mode?: number;
+  fsync?: boolean;
+}
+
+interface Chunk {
+  offset: number;
+  buf: Buffer;
+  release: () => void;
+  digested: boolean;
+  written: boolean;
+  released: boolean;
+}
+
+let seq = 0;
+const instance = randomBytes(4).toString('hex');
+
+function fsyncAsync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+export class ChunkSink {
+  readonly tmpPath: string;
+  private fd = -1;
+  private crc = 0;
+  private digestedTo = 0;
+  private received = 0;
+  private readonly waitingDigest = new Map<number, Chunk>();
+  private readonly writeQueue: Chunk[] = [];
+  private writing = false;
+  private holding = 0;
+  private failure: DyadError | null = null;
+  private idle: (() => void) | null = null;
+  private created = false;
+  private cleaned = false;
+  /** Called once if a write fails, so the transport can stop early. */
+  onError: ((err: DyadError) => void) | null = null;
+
+  constructor(
+    readonly destPath: string,
+    private readonly expect: { size: number; digest: string },
+    private readonly o: ChunkSinkOptions,
+    private readonly peer: string,
+    private readonly upath: string,
+  ) {
+    this.tmpPath = join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-u${++seq}`);
+  }
+
+  get bytes(): number {
+    return this.received;
+  }
+
+  /** Chunks handed in and not yet released (their buffers are still ours). */
+  get held(): number {
+    return this.holding;
+  }
+
+  get failed(): DyadError | null {
+    return this.failure;
+  }
+
+  /** Creates the temp file; throws DYAD_ENOSPC/DYAD_ELOCAL. */
+  open(): void {
+    try {
+      this.fd = openSync(this.tmpPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, this.o.mode ?? 0o644);
+      this.created = true;
+      // open(2) applies the umask; the producer's mode must survive exactly.
+      if (this.o.mode !== undefined) fchmodSync(this.fd, this.o.mode);
+    } catch (err) {
+      this.cleanupSync();
+      throw localError(this.peer, this.upath, this.destPath, err);
+    }
+  }
+
+  /**
+   * `buf` holds the file's bytes at `offset`. `release` is called once the
+   * sink no longer needs `buf` (written and digested, or dropped after a failure).
+   */
+  put(offset: number, buf: Buffer, release: () => void): void {
+    if (this.failure) {
+      release();
+      return;
+    }
+    const c: Chunk = { offset, buf, release, digested: false, written: false, released: false };
+    this.holding++;
+    this.received += buf.length;
+    this.waitingDigest.set(offset, c);
+    this.advanceDigest();
+    this.writeQueue.push(c);
+    if (!this.writing) this.writeNext();
+  }
+
+  private advanceDigest(): void {
+    for (;;) {
+      const c = this.waitingDigest.get(this.digestedTo);
+      if (!c) return;
+      this.waitingDigest.delete(this.digestedTo);
+      this.crc = crc32Update(this.crc, c.buf);
+      this.digestedTo += c.buf.length;
+      c.digested = true;
+      this.settle(c);
+    }
+  }
+
+  private settle(c: Chunk): void {
+    if (!c.digested || !c.written || c.released) return;
+    c.released = true;
+    this.holding--;
+    c.release();
+    this.checkIdle();
+  }
+
+  private checkIdle(): void {
+    if (this.idle && !this.writing && this.writeQueue.length === 0) {
+      const f = this.idle;
+      this.idle = null;
+      f();
+    }
+  }
+
+  private fail(err: unknown): void {
+    if (this.failure) return;
+    this.failure = localError(this.peer, this.upath, this.destPath, err);
+    this.onError?.(this.failure);
+  }
+
+  // One write in flight per file: writes to one inode serialise on its lock
+  // anyway; parallelism comes from several pulls.
+  private writeNext(): void {
+    const c = this.writeQueue.shift();
+    if (!c) {
+      this.checkIdle();
+      return;
+    }
+    if (this.failure) {
+      c.written = true;
+      c.digested = true;
+      this.settle(c);
+      this.writeNext();
+      return;
+    }
+    const t0 = inlineWrites.begin(this.o.writeMode);
+    if (t0 >= 0) {
+      try {
+        let o = 0;
+        while (o < c.buf.length) o += writeSync(this.fd, c.buf, o, c.buf.length - o, c.offset + o);
+      } catch (err) {
+        this.fail(err);
+      }
+      inlineWrites.done(t0, c.buf.length);
+      c.written = true;
+      this.settle(c);
+      this.writeNext();
+      return;
+    }
+    this.writing = true;
+    const step = (off: number): void => {
+      fsWrite(this.fd, c.buf, off, c.buf.length - off, c.offset + off, (err, n) => {
+        if (!err && !this.failure && off + n < c.buf.length) return step(off + n);
+        this.writing = false;
+        if (err) this.fail(err);
+        c.written = true;
+        this.settle(c);
+        this.writeNext();
+      });
+    };
+    step(0);
+  }
+
+  private allWritten(): Promise<void> {
+    if (!this.writing && this.writeQueue.length === 0) return Promise.resolve();
+    return new Promise((resolve) => (this.idle = resolve));
+  }
+
+  /**
+   * Every byte has been put: waits for the writes, verifies size and digest,
+   * optionally fsyncs, renames into place. Rejects (temp file removed) on
+   * any failure.
+   */
+  async finish(): Promise<{ bytes: number }> {
+    try {
+      await this.allWritten();
+      if (this.failure) throw this.failure;
+      if (this.received !== this.expect.size || this.digestedTo !== this.expect.size) {
+        throw digestError(this.peer, this.upath, `size mismatch: expected ${this.expect.size} bytes, received ${this.received}`);
+      }
+      const got = formatDigest(this.crc);
+      if (!sameDigest(got, this.expect.digest)) {
+        throw digestError(this.peer, this.upath, `digest mismatch: expected ${this.expect.digest}, received ${got}`);
+      }
+      try {
+        if (this.o.fsync) await fsyncAsync(this.fd);
+        closeSync(this.fd);
+        this.fd = -1;
+        renameSync(this.tmpPath, this.destPath);
+        this.cleaned = true;
+      } catch (err) {
+        throw localError(this.peer, this.upath, this.destPath, err);
+      }
+      if (this.o.fsync) await this.syncDir();
+      return { bytes: this.received };
+    } catch (err) {
+      await this.abort();
+      throw err;
+    }
+  }
+
+  // The rename is durable only once the directory is; failing a pull that
+  // has already landed over it would be worse than DYAD_FSYNC_WRITE's best effort.
+  private async syncDir(): Promise<void> {
+    let dfd = -1;
+    try {
+      dfd = openSync(dirname(this.destPath), constants.O_RDONLY | constants.O_DIRECTORY);
+      await fsyncAsync(dfd);
+    } catch {
+      /* best effort */
+    } finally {
+      if (dfd >= 0) closeSync(dfd);
+    }
+  }
+
+  /** Stops: releases held chunks, waits for a write in flight (the fd must outlive it), removes the temp file. */
+  async abort(): Promise<void> {
+    this.failure ??= new DyadError('DYAD_EINTR', 0, 'sink aborted');
+    for (const c of this.waitingDigest.values()) {
+      c.digested = true;
+      this.settle(c);
+    }
+    this.waitingDigest.clear();
+    await this.allWritten();
+    this.cleanupSync();
+  }
+
+  private cleanupSync(): void {
+    if (this.cleaned) return;
+    this.cleaned = true;
+    if (this.fd >= 0) {
+      try {
+        closeSync(this.fd);
+      } catch {
+        /* irrelevant now */
+      }
+      this.fd = -1;
+    }
+    if (!this.created) return;
+    try {
+      unlinkSync(this.tmpPath);
+    } catch {
+      /* already gone */
+    }
+  }
+}
