@@ -112,3 +112,11 @@ t.test('dyad config shows values and their sources', async (t) => {
   const f = await sh(`DYAD_KVS_NAMESPACE=envns ${process.execPath} ${dyadBin} config --namespace flagns`);
   t.match(f.stdout, /^namespace\s+flagns\s+flag/m, 'flags win over the environment');
 });
+
+t.test('dyad config names the UCX transports in use', async (t) => {
+  const { ucxAvailable } = await import('../src/dtl/index.js');
+  const r = await sh(`UCX_TLS=tcp UCX_NET_DEVICES=lo ${process.execPath} ${dyadBin} config --dtl UCX`);
+  t.equal(r.code, 0, r.stderr);
+  if (ucxAvailable()) t.match(r.stdout, /^ucx\s+1\.\d+\.\d+: transports .*tcp\/lo/m);
+  else t.match(r.stdout, /^ucx\s+not built/m);
+});

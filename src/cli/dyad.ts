@@ -14,6 +14,7 @@ import { ConfigError, DyadError } from '../errors.js';
 import { EmbeddedKvsClient, KvsServer, adminSecretPath, openKvs, type Kvs } from '../kvs/index.js';
 import { defaultKvsData, describeConfig, resolveConfig, type Flags } from '../node/config.js';
 import { addDyadOptions } from './options.js';
+import { ucxInfo } from '../dtl/index.js';
 import { Logger } from '../node/log.js';
 
 function fail(err: unknown): never {
@@ -122,7 +123,15 @@ addDyadOptions(
     .description('print the effective dyad-mount configuration and where each value comes from')
     .argument('[mountpoint]'),
 ).action((mountpoint: string | undefined, o: Flags) => {
-  process.stdout.write(`${describeConfig(resolveConfig(mountpoint, o))}\n`);
+  const cfg = resolveConfig(mountpoint, o);
+  let out = describeConfig(cfg);
+  if (cfg.dtl.value === 'UCX') {
+    const u = ucxInfo();
+    out += u.built
+      ? `\nucx            ${u.version ?? '?'}: transports ${u.transports.join(' ') || '(none)'} (UCX_TLS=${u.tls}, UCX_NET_DEVICES=${u.netDevices})`
+      : `\nucx            not built: ${u.reason ?? ''}`;
+  }
+  process.stdout.write(`${out}\n`);
 });
 
 program.parseAsync().catch((err: unknown) => fail(err instanceof DyadError || err instanceof Error ? err : new Error(String(err))));
