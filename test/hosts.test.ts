@@ -6,7 +6,6 @@
 import t from 'tap';
 import fs from 'node:fs';
 import path from 'node:path';
-import { spawn } from 'node:child_process';
 import { netCluster, network } from './helpers/netns.js';
 import { etcdUnavailable, startEtcd } from './helpers/etcd.js';
 import { dyadBin, exec } from './helpers/mount.js';

@@ -113,14 +113,3 @@ export function unmount(mountpoint: string, opts: { lazy?: boolean } = {}): void
     throw new DyadError('DYAD_EUMOUNT', errnos.EBUSY, `fusermount3 -u ${mountpoint}: ${stderr || 'failed'}`);
   }
 }
-
-/** Is this path currently a mount point of ours (fuse.<subtype>)? */
-export function isMounted(mountpoint: string, subtype = 'dyad'): boolean {
-  const target = fs.realpathSync.native(mountpoint);
-  const lines = fs.readFileSync('/proc/self/mountinfo', 'utf8').split('\n');
-  return lines.some((l) => {
-    const f = l.split(' ');
-    const sep = f.indexOf('-');
-    return f[4] === target && f[sep + 1] === `fuse.${subtype}`;
-  });
-}
