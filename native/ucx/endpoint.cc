@@ -74,6 +74,7 @@ void Endpoint::OnError(void* arg, ucp_ep_h ep, ucs_status_t status) { static_cas
 
 void Endpoint::Failed(ucs_status_t status) {
   if (failed_ == UCS_OK) failed_ = status;
+  if (used_get_ && w_) w_->Taint();
   if (w_) w_->EndpointFailed(this, status);
 }
 
@@ -102,13 +103,14 @@ void Endpoint::Detach() {
   Unref();
 }
 
-void* Endpoint::CloseForShutdown() {
+void* Endpoint::CloseForShutdown(bool force) {
   if (!ep_) return nullptr;
+  if (force && used_get_ && w_) w_->Taint();
   DestroyKeys();
   ucp_request_param_t p;
   memset(&p, 0, sizeof(p));
   p.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
-  p.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  p.flags = force ? UCP_EP_CLOSE_FLAG_FORCE : 0;
   ucs_status_ptr_t sp = ucp_ep_close_nbx(ep_, &p);
   Detach();
   return (sp == nullptr || UCS_PTR_IS_ERR(sp)) ? nullptr : sp;
@@ -170,6 +172,7 @@ Napi::Value Endpoint::Get(const Napi::CallbackInfo& info) {
   Napi::Uint8Array buf = info[0].As<Napi::Uint8Array>();
   Op* op = new Op(env, w_);
   op->what = "get";
+  op->is_get = true;
   op->Keep(Value());
   op->Keep(info[0]);
   op->Keep(info[2]);
@@ -184,6 +187,7 @@ Napi::Value Endpoint::Get(const Napi::CallbackInfo& info) {
     p.memh = memh;
     op->Keep(info[3]);
   }
+  used_get_ = true;
   ucs_status_ptr_t sp = ucp_get_nbx(ep_, buf.Data(), buf.ByteLength(), raddr, key->handle(), &p);
   return w_->Track(op, sp);
 }
@@ -247,6 +251,7 @@ Napi::Value Endpoint::Close(const Napi::CallbackInfo& info) {
     return p;
   }
   bool force = (info.Length() > 0 && info[0].ToBoolean().Value()) || failed_ != UCS_OK;
+  if (force && used_get_) w_->Taint();
   DestroyKeys();
   op->Keep(Value());
   ucp_request_param_t p;

@@ -89,6 +89,16 @@ void Region::Release() {
   w_ = nullptr;
 }
 
+void Region::Forget() {
+  memh_ = nullptr;
+  if (mmapped_ && addr_) munmap(addr_, len_);
+  mmapped_ = false;
+  addr_ = nullptr;
+  len_ = 0;
+  if (!buffer_.IsEmpty()) buffer_.Reset();
+  w_ = nullptr;
+}
+
 // rkey() -> Buffer: the packed remote key a peer unpacks to read this region.
 Napi::Value Region::Rkey(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

@@ -59,6 +59,7 @@ struct Op {
   Worker* worker;
   // Set by the completion callback, which UCX may invoke inside the nbx call itself.
   bool queued = false;
+  bool is_get = false;
   // The UCX request while in flight (not queued), for cancellation at close.
   void* request = nullptr;
   void Keep(Napi::Value v) {
@@ -96,6 +97,8 @@ class Worker : public Napi::ObjectWrap<Worker> {
   void Completed(Op* op, void* request, ucs_status_t status);
   void SchedulePump();
   void EndpointFailed(Endpoint* ep, ucs_status_t status);
+  // An endpoint that issued gets failed: see Close for why that matters.
+  void Taint() { tainted_ = true; }
   void Forget(Endpoint* ep);
   void Forget(Region* r);
   Ctors* ctors() const { return ctors_; }
@@ -110,7 +113,7 @@ class Worker : public Napi::ObjectWrap<Worker> {
   void Dispatch();
   void Settle(Napi::Env env, Op* op);
   void UpdateRef();
-  void Shutdown();
+  void Shutdown(bool release_regions);
 
   Napi::Value Address(const Napi::CallbackInfo& info);
   Napi::Value Connect(const Napi::CallbackInfo& info);
@@ -143,6 +146,7 @@ class Worker : public Napi::ObjectWrap<Worker> {
   bool closed_ = false;
   bool referenced_ = false;
   uint64_t spin_ns_ = 0;
+  bool tainted_ = false;
   uint64_t wakeups_ = 0;
   uint64_t pumps_ = 0;
   uint64_t pump_ns_ = 0;
@@ -170,8 +174,10 @@ class Endpoint : public Napi::ObjectWrap<Endpoint> {
   ucs_status_t Open(Worker* w, Napi::Object worker_obj, const void* address, Napi::Function on_error, bool peer_errors);
   void Failed(ucs_status_t status);
   void NotifyError(Napi::Env env, ucs_status_t status);
-  // Destroys keys and requests a forced close; used when the worker closes.
-  void* CloseForShutdown();
+  // Destroys keys and requests a close; used when the worker closes.
+  void* CloseForShutdown(bool force);
+  bool used_get() const { return used_get_; }
+  bool failed() const { return failed_ != UCS_OK; }
   void Forget(RemoteKey* k);
   ucp_ep_h handle() const { return ep_; }
   bool usable() const { return ep_ != nullptr && !closing_; }
@@ -194,6 +200,7 @@ class Endpoint : public Napi::ObjectWrap<Endpoint> {
   ucp_ep_h ep_ = nullptr;
   bool closing_ = false;
   ucs_status_t failed_ = UCS_OK;
+  bool used_get_ = false;
   std::unordered_set<RemoteKey*> keys_;
 };
 
@@ -227,6 +234,9 @@ class Region : public Napi::ObjectWrap<Region> {
   // The memory handle if [p, p+n) lies inside this region, else null.
   ucp_mem_h MemhFor(const void* p, size_t n) const;
   void Release();
+  // Drops the handle without unmapping (its context is being abandoned).
+  void Forget();
+  bool file_mapping() const { return mmapped_ && memh_ != nullptr; }
 
  private:
   Napi::Value Rkey(const Napi::CallbackInfo& info);

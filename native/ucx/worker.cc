@@ -168,7 +168,7 @@ Worker::Worker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Worker>(info) 
   if (st == UCS_OK) st = ucp_worker_get_efd(worker_, &efd_);
   if (st == UCS_OK) st = ucp_worker_get_address(worker_, &addr_, &addr_len_);
   if (st != UCS_OK) {
-    Shutdown();
+    Shutdown(false);
     StatusError(env, st, "ucp worker").ThrowAsJavaScriptException();
     return;
   }
@@ -190,7 +190,7 @@ Worker::Worker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Worker>(info) 
     idle_->data = this;
   }
   if (rc != 0) {
-    Shutdown();
+    Shutdown(false);
     Napi::Error::New(env, std::string("uv_poll on the UCX event fd: ") + uv_strerror(rc)).ThrowAsJavaScriptException();
     return;
   }
@@ -281,8 +281,14 @@ void Worker::Pump() {
 }
 
 void Worker::Completed(Op* op, void* request, ucs_status_t status) {
+  if (op->queued) {
+    // Already failed by close(); UCX is purging it while destroying the worker.
+    if (request) ucp_request_free(request);
+    return;
+  }
   op->status = status;
   op->queued = true;
+  if (status != UCS_OK && op->is_get) tainted_ = true;
   if (request) ucp_request_free(request);
   done_.push_back(op);
 }
@@ -295,6 +301,7 @@ Napi::Value Worker::Track(Op* op, ucs_status_ptr_t sp) {
     live_.insert(op);
   } else if (sp == nullptr || UCS_PTR_IS_ERR(sp)) {
     op->status = sp == nullptr ? UCS_OK : UCS_PTR_STATUS(sp);
+    if (op->status != UCS_OK && op->is_get) tainted_ = true;
     Settle(env, op);
   } else {
     op->request = sp;
@@ -600,9 +607,36 @@ Napi::Value Worker::Stats(const Napi::CallbackInfo& info) {
 Napi::Value Worker::Close(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (closed_ || !worker_) return env.Undefined();
+  // Endpoints that read with get are flushed, not forced, when they can be:
+  // forcing one with emulated gets still queued is what leads UCX into the
+  // crash described in Shutdown, so a failed flush taints the worker.
+  std::vector<void*> flushing;
+  for (Endpoint* ep : std::vector<Endpoint*>(eps_.begin(), eps_.end())) {
+    if (!ep->used_get()) continue;
+    if (ep->failed()) {
+      tainted_ = true;
+      continue;
+    }
+    void* req = ep->CloseForShutdown(false);
+    if (req) flushing.push_back(req);
+  }
+  for (uint64_t until = NowMs() + 500;;) {
+    ucp_worker_progress(worker_);
+    bool all = true;
+    for (void* r : flushing) all = all && ucp_request_check_status(r) != UCS_INPROGRESS;
+    if (all || NowMs() > until) break;
+  }
+  for (void* r : flushing) {
+    ucs_status_t st = ucp_request_check_status(r);
+    if (st != UCS_OK) tainted_ = true;
+    if (st != UCS_INPROGRESS) ucp_request_free(r);
+  }
+  // A file mapping still exposed may have peers' gets queued against it on
+  // endpoints they created; the same purge would meet them.
+  for (Region* r : regions_) tainted_ = tainted_ || r->file_mapping();
   std::vector<void*> closing;
   for (Endpoint* ep : std::vector<Endpoint*>(eps_.begin(), eps_.end())) {
-    void* req = ep->CloseForShutdown();
+    void* req = ep->CloseForShutdown(true);
     if (req) closing.push_back(req);
   }
   for (auto& d : descs_) ucp_am_data_release(worker_, d.second);
@@ -611,21 +645,24 @@ Napi::Value Worker::Close(const Napi::CallbackInfo& info) {
   for (Op* op : live_) {
     if (!op->queued && op->request) ucp_request_cancel(worker_, op->request);
   }
-  // Forced closes complete locally; the deadline only guards against a UCX bug.
-  uint64_t deadline = NowMs() + 2000;
+  // Let every close (ours now, and earlier ones still running, e.g. of an
+  // endpoint whose peer died) and every cancelled request finish through the
+  // normal path: ucp_worker_destroy purging them itself has crashed UCX 1.13
+  // (ucp_request_memory_dereg on a purged send). Forced closes complete
+  // locally; the deadline only guards against a peer that never answers.
+  uint64_t deadline = NowMs() + 1000;
   for (;;) {
     ucp_worker_progress(worker_);
     bool all = true;
     for (void* r : closing) {
       if (r && ucp_request_check_status(r) == UCS_INPROGRESS) all = false;
     }
+    for (Op* op : live_) all = all && op->queued;
     if (all || NowMs() > deadline) break;
   }
   for (void* r : closing) {
     if (r && ucp_request_check_status(r) != UCS_INPROGRESS) ucp_request_free(r);
   }
-  for (Region* r : std::vector<Region*>(regions_.begin(), regions_.end())) r->Release();
-  regions_.clear();
   closed_ = true;
   // Requests UCX still holds will never call back once the worker is gone.
   for (Op* op : live_) {
@@ -636,7 +673,9 @@ Napi::Value Worker::Close(const Napi::CallbackInfo& info) {
     }
   }
   for (auto& h : am_handlers_) h.second->fn.Reset();
-  Shutdown();
+  // Destroying the worker purges requests still queued on endpoints the
+  // peers created, and those may reference our registrations: unmap after.
+  Shutdown(true);
   // Settle everything now, closed_ makes Dispatch skip AM events.
   bool was = dispatching_;
   dispatching_ = false;
@@ -657,7 +696,7 @@ Napi::Value Worker::Close(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-void Worker::Shutdown() {
+void Worker::Shutdown(bool release_regions) {
   closed_ = true;
   if (poll_) {
     uv_poll_stop(poll_);
@@ -673,9 +712,27 @@ void Worker::Shutdown() {
     ucp_worker_release_address(worker_, addr_);
     addr_ = nullptr;
   }
+  if (tainted_) {
+    // UCX 1.13 can crash in ucp_worker_destroy when it purges the internal
+    // requests of emulated gets (TCP) still queued on an endpoint
+    // (ucp_request_memory_dereg on a purged request), on the side issuing
+    // them and on the side answering them. A worker that may hold such
+    // requests (a get endpoint forced or failed, a get failed, a file
+    // mapping still exposed) is left, with its registrations and context,
+    // to process exit. Only the get data path ever taints a worker.
+    for (Region* r : std::vector<Region*>(regions_.begin(), regions_.end())) r->Forget();
+    regions_.clear();
+    worker_ = nullptr;
+    ctx_ = nullptr;
+    return;
+  }
   if (worker_) {
     ucp_worker_destroy(worker_);
     worker_ = nullptr;
+  }
+  if (release_regions) {
+    for (Region* r : std::vector<Region*>(regions_.begin(), regions_.end())) r->Release();
+    regions_.clear();
   }
   if (ctx_) {
     ucp_cleanup(ctx_);

@@ -79,9 +79,6 @@ export class RegisteredPool {
     else b.region.release();
   }
 
-  drain(): void {
-    for (const b of this.free.splice(0)) b.region.release();
-  }
 }
 
 export type ChunkRoute = UcxAmHandler;
@@ -133,11 +130,12 @@ export class UcxRuntime {
   release(): void {
     if (--this.users > 0 || this.closed) return;
     this.closed = true;
-    for (const p of this.pools.values()) p.drain();
+    // The worker goes first: it releases every registration itself, after
+    // the requests that may still reference them (see Worker::Close).
+    this.worker.close();
     this.pools.clear();
     this.eps.clear();
     this.routes.clear();
-    this.worker.close();
     this.onClosed();
   }
 
