@@ -1,5 +1,6 @@
 /** Small helpers shared by the benchmarks: timing, tables, child processes. */
-import { execFileSync, spawnSync } from 'node:child_process';
+import { execFileSync, spawn, spawnSync } from 'node:child_process';
+import net from 'node:net';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -82,4 +83,34 @@ export function dropCaches(): void {
  */
 export function prefault(mib: number): void {
   spawnSync(process.execPath, ['-e', `const b=[];for(let i=0;i<${mib};i++)b.push(Buffer.alloc(1<<20,1));`]);
+}
+
+function freePort(): Promise<number> {
+  return new Promise((resolve) => {
+    const s = net.createServer();
+    s.listen(0, '127.0.0.1', () => {
+      const p = (s.address() as net.AddressInfo).port;
+      s.close(() => resolve(p));
+    });
+  });
+}
+
+/** ucx_perftest tag_bw 1 MiB between a server and a client process; GB/s (10^9 B/s). */
+export async function ucxPerftest(env: NodeJS.ProcessEnv, iters: number): Promise<number> {
+  const port = await freePort();
+  const server = spawn('ucx_perftest', ['-p', String(port)], { env, stdio: 'ignore' });
+  try {
+    for (let i = 0; i < 50; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      const r = spawnSync('ucx_perftest', ['127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)], { env, encoding: 'utf8' });
+      const line = r.stdout.split('\n').find((l) => l.includes('Final:'));
+      if (!line) continue;
+      // Final: iters, latency typical/avg/overall, bandwidth (MiB/s) avg/overall, msg rate avg/overall
+      const f = line.replace(/.*Final:/, '').trim().split(/\s+/).map(Number);
+      return (f[5]! * 1048576) / 1e9;
+    }
+    return NaN;
+  } finally {
+    server.kill();
+  }
 }

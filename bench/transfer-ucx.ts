@@ -14,10 +14,9 @@
  * shared memory). Each round deletes the previous output, syncs and
  * prefaults memory first; transfer-raw.ts explains why on the project VM.
  */
-import { fork, execSync, spawn, spawnSync } from 'node:child_process';
+import { fork, execSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdirSync, mkdtempSync, readFileSync, rmSync, truncateSync, writeFileSync } from 'node:fs';
-import net from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -27,6 +26,7 @@ import type { PullRequest, TransferClient } from '../src/dtl/index.js';
 import { createUcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
 import { loadUcx } from '../src/dtl/ucx/native.js';
 import type { IoMode } from '../src/dtl/inline.js';
+import { ucxPerftest } from './lib.js';
 
 const SECRET = 'bench-secret';
 
@@ -88,36 +88,6 @@ function settle(dir: string, prefaultBytes: number): void {
 
 function pct(sorted: number[], p: number): number {
   return sorted[Math.min(sorted.length - 1, Math.floor(sorted.length * p))]!;
-}
-
-function freePort(): Promise<number> {
-  return new Promise((resolve) => {
-    const s = net.createServer();
-    s.listen(0, '127.0.0.1', () => {
-      const p = (s.address() as net.AddressInfo).port;
-      s.close(() => resolve(p));
-    });
-  });
-}
-
-/** ucx_perftest tag_bw 1 MiB between a server and a client process; GB/s (10^9 B/s). */
-async function perftest(env: NodeJS.ProcessEnv, iters: number): Promise<number> {
-  const port = await freePort();
-  const server = spawn('ucx_perftest', ['-p', String(port)], { env, stdio: 'ignore' });
-  try {
-    for (let i = 0; i < 50; i++) {
-      await new Promise((r) => setTimeout(r, 100));
-      const r = spawnSync('ucx_perftest', ['127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)], { env, encoding: 'utf8' });
-      const line = r.stdout.split('\n').find((l) => l.includes('Final:'));
-      if (!line) continue;
-      // Final: iters, latency typical/avg/overall, bandwidth (MiB/s) avg/overall, msg rate avg/overall
-      const f = line.replace(/.*Final:/, '').trim().split(/\s+/).map(Number);
-      return (f[5]! * 1048576) / 1e9;
-    }
-    return NaN;
-  } finally {
-    server.kill();
-  }
 }
 
 /** Sends `total` bytes as `msg`-byte rendezvous active messages, `window` in flight; GB/s. */
@@ -241,7 +211,7 @@ async function main(): Promise<void> {
   for (let r = 0; r < Number(values.rounds); r++) {
     const line: string[] = [];
     if (values.perftest) {
-      const g = await perftest(process.env, 2000);
+      const g = await ucxPerftest(process.env, 2000);
       perf.push(g);
       line.push(`perftest tag_bw ${g.toFixed(2)}`);
       const b = await rawBinding(ready.raw, 2000 << 20, 1 << 20, 8);

@@ -11,12 +11,16 @@
  *
  * The programs doing the I/O are a small C loop (bench/files.c), as an
  * unmodified application would be.
+ *
+ * --dtl ucx [--tls tcp|shm]: the same workloads over the TCP transport and
+ * then over UCX, with ucx_perftest tag_bw between two processes on the same
+ * transport, all in one run.
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { compile, prefault, printTable, repoRoot, run, type Row } from './lib.js';
+import { compile, prefault, printTable, repoRoot, run, ucxPerftest, type Row } from './lib.js';
 
 interface Node {
   mnt: string;
@@ -58,18 +62,27 @@ async function rawTcp(mib: number): Promise<number> {
   return Number(out.trim());
 }
 
-export async function main(args: string[]): Promise<void> {
-  const quick = args.includes('--quick');
-  const dtlIdx = args.indexOf('--dtl');
-  const dtl = (dtlIdx >= 0 ? args[dtlIdx + 1]! : 'tcp').toUpperCase();
-  const small = quick ? 300 : 1000;
-  const bigCount = quick ? 4 : 16;
-  const bigMiB = 64;
-  const files = compile('files');
+/** Every figure of one run of the workloads over one transport. */
+interface Figures {
+  aLocal: Files;
+  aRemote: Files;
+  aAgain: Files;
+  bRemoteGBps: number;
+  bLocalGBps: number;
+  bWriteGBps: number;
+  rawGBps: number;
+  cSmallS: number;
+  cBigS: number;
+  dDirect: Files;
+  dMount: Files;
+}
+
+const gbps = (f: Files) => f.bytes / f.seconds / 1e9;
+
+/** Two daemons (node 0 serves the KVS) pulling over `dtl`; the workloads (a)-(d) and their baselines. */
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string): Promise<Figures> {
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-xfer-'));
   const nodes: Node[] = [];
-  console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, two daemons on this machine`);
-  console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
   try {
     const n0 = startNode(base, 0, ['--kvs-serve', '127.0.0.1:0', '--kvs-data', path.join(base, 'kvs')], ['--dtl', dtl]);
     nodes.push(n0);
@@ -95,11 +108,10 @@ export async function main(args: string[]): Promise<void> {
     prefault(bigCount * bigMiB * 2);
     // What a consumer must at least pay: writing the bytes into local storage.
     const bWrite = parseFiles(run(files, ['write', path.join(direct, 'big'), 'b', String(bigCount), String(bigMiB << 20)]));
-    const raw = await rawTcp(bigCount * bigMiB);
+    const rawGBps = await rawTcp(bigCount * bigMiB);
     prefault(bigCount * bigMiB * 2);
     const bRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'big'), 'b', String(bigCount)]));
     const bLocal = parseFiles(run(files, ['read', path.join(direct, 'big'), 'b', String(bigCount)]));
-    const gbps = (f: Files) => f.bytes / f.seconds / 1e9;
 
     // (c) consumer first, both sizes.
     const consumerFirst = async (dir: string, count: number, size: number) => {
@@ -111,26 +123,73 @@ export async function main(args: string[]): Promise<void> {
       await done;
       return Number(process.hrtime.bigint() - t0) / 1e9;
     };
-    const cSmall = await consumerFirst('c-small', small, 4096);
+    const cSmallS = await consumerFirst('c-small', small, 4096);
     prefault(bigCount * bigMiB * 2);
-    const cBig = await consumerFirst('c-big', bigCount, bigMiB << 20);
-
-    const rows: Row[] = [
-      { what: `(a) remote 4 KiB open-to-close, median`, value: aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'local read', value: aLocal.medianUs / 1000 }, better: 'lower', target: '≤ 0.3 ms (DYAD 1.34 ms FLUX_RPC)' },
-      { what: `(a) remote 4 KiB open-to-close, p99`, value: aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'local read', value: aLocal.p99Us / 1000 }, better: 'lower' },
-      { what: `(a) second read of the pulled files, median`, value: aAgain.medianUs / 1000, unit: 'ms', baseline: { name: 'local read', value: aLocal.medianUs / 1000 }, better: 'lower' },
-      { what: `(b) ${bigCount} × 64 MiB pull`, value: gbps(bRemote), unit: 'GB/s', baseline: { name: 'raw Node TCP stream', value: raw }, better: 'higher', target: '≥ 1.7 GB/s and ≥ 0.6× raw TCP (DYAD 0.105 / 0.337)' },
-      { what: `(b) ${bigCount} × 64 MiB pull vs local read`, value: gbps(bRemote), unit: 'GB/s', baseline: { name: 'local read', value: gbps(bLocal) }, better: 'higher' },
-      { what: `(b) ${bigCount} × 64 MiB pull vs writing the same bytes locally`, value: gbps(bRemote), unit: 'GB/s', baseline: { name: 'local write', value: gbps(bWrite) }, better: 'higher' },
-      { what: `(c) consumer first, ${small} × 4 KiB, producer start → consumer done`, value: cSmall, unit: 's', better: 'lower', target: '≤ 1 s (DYAD 4.7 s)' },
-      { what: `(c) consumer first, ${bigCount} × 64 MiB, producer start → consumer done`, value: cBig, unit: 's', better: 'lower' },
-      { what: `(d) producer write + publish per 4 KiB file, median`, value: dMount.medianUs / 1000, unit: 'ms', baseline: { name: 'local write', value: dDirect.medianUs / 1000 }, better: 'lower', target: '≤ 0.3 ms (DYAD 3.5 ms)' },
-      { what: `(d) producer write + publish per 4 KiB file, p99`, value: dMount.p99Us / 1000, unit: 'ms', baseline: { name: 'local write', value: dDirect.p99Us / 1000 }, better: 'lower' },
-    ];
-    printTable(`Transfer (${dtl})`, rows);
+    const cBigS = await consumerFirst('c-big', bigCount, bigMiB << 20);
+    return { aLocal, aRemote, aAgain, bRemoteGBps: gbps(bRemote), bLocalGBps: gbps(bLocal), bWriteGBps: gbps(bWrite), rawGBps, cSmallS, cBigS, dDirect, dMount };
   } finally {
     for (const n of nodes.reverse()) spawnSync('umount', [n.mnt]);
     await new Promise((r) => setTimeout(r, 500));
     fs.rmSync(base, { recursive: true, force: true });
   }
+}
+
+function tcpRows(f: Figures, small: number, bigCount: number): Row[] {
+  return [
+    { what: `(a) remote 4 KiB open-to-close, median`, value: f.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.medianUs / 1000 }, better: 'lower', target: '≤ 0.3 ms (DYAD 1.34 ms FLUX_RPC)' },
+    { what: `(a) remote 4 KiB open-to-close, p99`, value: f.aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.p99Us / 1000 }, better: 'lower' },
+    { what: `(a) second read of the pulled files, median`, value: f.aAgain.medianUs / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.medianUs / 1000 }, better: 'lower' },
+    { what: `(b) ${bigCount} × 64 MiB pull`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'raw Node TCP stream', value: f.rawGBps }, better: 'higher', target: '≥ 1.7 GB/s and ≥ 0.6× raw TCP (DYAD 0.105 / 0.337)' },
+    { what: `(b) ${bigCount} × 64 MiB pull vs local read`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'local read', value: f.bLocalGBps }, better: 'higher' },
+    { what: `(b) ${bigCount} × 64 MiB pull vs writing the same bytes locally`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'local write', value: f.bWriteGBps }, better: 'higher' },
+    { what: `(c) consumer first, ${small} × 4 KiB, producer start → consumer done`, value: f.cSmallS, unit: 's', better: 'lower', target: '≤ 1 s (DYAD 4.7 s)' },
+    { what: `(c) consumer first, ${bigCount} × 64 MiB, producer start → consumer done`, value: f.cBigS, unit: 's', better: 'lower' },
+    { what: `(d) producer write + publish per 4 KiB file, median`, value: f.dMount.medianUs / 1000, unit: 'ms', baseline: { name: 'local write', value: f.dDirect.medianUs / 1000 }, better: 'lower', target: '≤ 0.3 ms (DYAD 3.5 ms)' },
+    { what: `(d) producer write + publish per 4 KiB file, p99`, value: f.dMount.p99Us / 1000, unit: 'ms', baseline: { name: 'local write', value: f.dDirect.p99Us / 1000 }, better: 'lower' },
+  ];
+}
+
+/** UCX beside the TCP transport and ucx_perftest, all from the same run. */
+function ucxRows(u: Figures, tcp: Figures, perftestGBps: number, tls: string, small: number, bigCount: number): Row[] {
+  const dyadUcx = 0.337;
+  return [
+    { what: `(b) ${bigCount} × 64 MiB pull over UCX (${tls})`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: `ucx_perftest tag_bw (${tls})`, value: perftestGBps }, better: 'higher', target: '≥ 0.8× ucx_perftest' },
+    { what: `(b) ${bigCount} × 64 MiB pull over UCX vs DYAD's UCX DTL`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'DYAD UCX DTL (reference, not this run)', value: dyadUcx }, better: 'higher', target: '≥ 6×' },
+    { what: `(b) ${bigCount} × 64 MiB pull over UCX vs the TCP transport`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'TCP transport', value: tcp.bRemoteGBps }, better: 'higher' },
+    { what: `(a) remote 4 KiB open-to-close over UCX, median`, value: u.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'TCP transport', value: tcp.aRemote.medianUs / 1000 }, better: 'lower', target: '≤ TCP transport' },
+    { what: `(a) remote 4 KiB open-to-close over UCX, p99`, value: u.aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'TCP transport', value: tcp.aRemote.p99Us / 1000 }, better: 'lower' },
+    { what: `(c) consumer first, ${small} × 4 KiB over UCX`, value: u.cSmallS, unit: 's', baseline: { name: 'TCP transport', value: tcp.cSmallS }, better: 'lower' },
+    { what: `(c) consumer first, ${bigCount} × 64 MiB over UCX`, value: u.cBigS, unit: 's', baseline: { name: 'TCP transport', value: tcp.cBigS }, better: 'lower' },
+    { what: `(d) producer write + publish per 4 KiB file (UCX daemons)`, value: u.dMount.medianUs / 1000, unit: 'ms', baseline: { name: 'TCP daemons', value: tcp.dMount.medianUs / 1000 }, better: 'lower' },
+  ];
+}
+
+export async function main(args: string[]): Promise<void> {
+  const quick = args.includes('--quick');
+  const dtlIdx = args.indexOf('--dtl');
+  const dtl = (dtlIdx >= 0 ? args[dtlIdx + 1]! : 'tcp').toUpperCase();
+  const tlsIdx = args.indexOf('--tls');
+  const small = quick ? 300 : 1000;
+  const bigCount = quick ? 4 : 16;
+  const bigMiB = 64;
+  const files = compile('files');
+  console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, two daemons on this machine`);
+  console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
+  if (!dtl.startsWith('U')) {
+    printTable(`Transfer (${dtl})`, tcpRows(await measure(dtl, small, bigCount, bigMiB, files), small, bigCount));
+    return;
+  }
+  // Two daemons on one machine: without these UCX would pick shared memory.
+  // --tls shm measures that path instead (perftest then uses it too).
+  const tls = tlsIdx >= 0 ? args[tlsIdx + 1]! : 'tcp';
+  process.env.UCX_TLS = tls === 'shm' ? 'sm,self' : tls;
+  if (tls === 'tcp') process.env.UCX_NET_DEVICES = 'lo';
+  console.log(`# UCX_TLS=${process.env.UCX_TLS}${process.env.UCX_NET_DEVICES ? ` UCX_NET_DEVICES=${process.env.UCX_NET_DEVICES}` : ''}`);
+  const tcp = await measure('TCP', small, bigCount, bigMiB, files);
+  prefault(bigCount * bigMiB * 2);
+  const perf = await ucxPerftest(process.env, 2000);
+  prefault(bigCount * bigMiB * 2);
+  const u = await measure('UCX', small, bigCount, bigMiB, files);
+  printTable(`Transfer (TCP transport, same run)`, tcpRows(tcp, small, bigCount));
+  printTable(`Transfer (UCX over ${tls}) beside the TCP transport and ucx_perftest`, ucxRows(u, tcp, perf, tls, small, bigCount));
 }

@@ -1,6 +1,6 @@
 {
   "variables": {
-    "have_ucx%": "<!(test \"$DYAD_BUILD_UCX\" = 1 && test -f /usr/include/ucp/api/ucp.h && echo 1 || echo 0)"
+    "have_ucx%": "<!(test \"$DYAD_BUILD_UCX\" != 0 && test -f /usr/include/ucp/api/ucp.h && echo 1 || echo 0)"
   },
   "targets": [
     {

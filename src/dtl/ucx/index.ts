@@ -41,7 +41,7 @@ import { UcxTransferServer, type UcxServeOptions } from './server.js';
 export type { UcxClientOptions, UcxDataPath } from './client.js';
 export type { UcxServeOptions } from './server.js';
 
-export const UCX_NOT_BUILT = 'UCX transport not built (experimental: install libucx-dev and rebuild with DYAD_BUILD_UCX=1 npm run build)';
+export const UCX_NOT_BUILT = 'UCX transport not built (install libucx-dev and run npm run build)';
 
 export interface UcxBackendOptions extends UcxRuntimeOptions {
   /** Default data path of this backend's clients. */
