@@ -5,7 +5,8 @@
  * with the daemon serving I/O (--passthrough off); bindfs --multithreaded
  * (libfuse, C) over the same storage. Workloads: warm sequential read and
  * sequential write of a 1 GiB file (dd, 1 MiB blocks), and open+read+close
- * of 10,000 files of 4 KiB (a C loop, warm).
+ * of 10,000 files of 4 KiB (a C loop, warm). Then the daemon's memory over
+ * 100,000 lookups of distinct files (--memory-only runs just that).
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -52,8 +53,56 @@ async function requestStats(v: Variant): Promise<Record<string, number>> {
   return last ? (JSON.parse(last.slice(last.indexOf('{'))) as Record<string, number>) : {};
 }
 
+type Stats = Record<string, number>;
+
+/**
+ * Memory over many lookups of distinct files: the daemon's node table and
+ * heap (after a full GC) once the storage is published, after the lookups,
+ * and after the kernel forgets them.
+ */
+async function memoryOverLookups(lookups: number): Promise<{ before: Stats; after: Stats; forgotten: Stats }> {
+  const memBase = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-bench-mem-'));
+  const memStorage = path.join(memBase, 'storage');
+  const memVariant: Variant = { name: 'memory', dir: path.join(memBase, 'mnt'), mount: [] };
+  fs.mkdirSync(path.join(memStorage, 'many'), { recursive: true });
+  for (let i = 0; i < lookups; i++) fs.closeSync(fs.openSync(path.join(memStorage, 'many', `f${i}`), 'w'));
+  try {
+    await mountVariant(memVariant, memStorage);
+    // At start the daemon publishes what its storage holds (here 100,000
+    // records in the KVS it serves): wait for that, so the baseline counts
+    // the records and the lookups are all that changes afterwards.
+    for (let i = 0; i < 600 && !/storage scan:/.test(fs.readFileSync(memVariant.log!, 'utf8')); i++) await sleep(200);
+    const before = await requestStats(memVariant);
+    run('python3', ['-c', `import os\nfor i in range(${lookups}): os.stat(${JSON.stringify(path.join(memVariant.dir, 'many'))} + '/f%d' % i)`]);
+    const after = await requestStats(memVariant);
+    for (let i = 0; i < 20; i++) {
+      fs.writeFileSync('/proc/sys/vm/drop_caches', '2');
+      await sleep(200);
+    }
+    const forgotten = await requestStats(memVariant);
+    return { before, after, forgotten };
+  } finally {
+    unmountVariant(memVariant);
+    await sleep(300);
+    fs.rmSync(memBase, { recursive: true, force: true });
+  }
+}
+
+function printMemory(lookups: number, mem: { before: Stats; after: Stats; forgotten: Stats }): void {
+  console.log(
+    `Daemon memory over ${lookups} lookups of distinct files: nodes ${mem.before.nodes} → ${mem.after.nodes} → ${mem.forgotten.nodes} after the kernel forgot them; ` +
+      `JS heap in use (after a full GC) ${mem.before.heapUsedMiB} → ${mem.after.heapUsedMiB} → ${mem.forgotten.heapUsedMiB} MiB, ` +
+      `RSS ${mem.before.rssMiB} → ${mem.after.rssMiB} → ${mem.forgotten.rssMiB} MiB (FORGET requests: ${(mem.forgotten.FORGET ?? 0) + (mem.forgotten.BATCH_FORGET ?? 0)})`,
+  );
+}
+
 export async function main(args: string[]): Promise<void> {
   const quick = args.includes('--quick');
+  const lookups = quick ? 20_000 : 100_000;
+  if (args.includes('--memory-only')) {
+    printMemory(lookups, await memoryOverLookups(lookups));
+    return;
+  }
   const sizeMiB = quick ? 256 : 1024;
   const files = quick ? 2000 : 10_000;
   const runs = 3;
@@ -123,32 +172,6 @@ export async function main(args: string[]): Promise<void> {
     await sleep(300);
     fs.rmSync(base, { recursive: true, force: true });
   }
-  // Memory over 100,000 lookups of distinct files: the daemon's node table
-  // and RSS after the lookups, and after the kernel forgets them.
-  const lookups = quick ? 20_000 : 100_000;
-  const memBase = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-bench-mem-'));
-  const memStorage = path.join(memBase, 'storage');
-  const memVariant: Variant = { name: 'memory', dir: path.join(memBase, 'mnt'), mount: [] };
-  fs.mkdirSync(path.join(memStorage, 'many'), { recursive: true });
-  for (let i = 0; i < lookups; i++) fs.closeSync(fs.openSync(path.join(memStorage, 'many', `f${i}`), 'w'));
-  let mem: { before: Record<string, number>; after: Record<string, number>; forgotten: Record<string, number> } | undefined;
-  try {
-    await mountVariant(memVariant, memStorage);
-    const before = await requestStats(memVariant);
-    run('python3', ['-c', `import os\nfor i in range(${lookups}): os.stat(${JSON.stringify(path.join(memVariant.dir, 'many'))} + '/f%d' % i)`]);
-    const after = await requestStats(memVariant);
-    for (let i = 0; i < 20; i++) {
-      fs.writeFileSync('/proc/sys/vm/drop_caches', '2');
-      await sleep(200);
-    }
-    const forgotten = await requestStats(memVariant);
-    mem = { before, after, forgotten };
-  } finally {
-    unmountVariant(memVariant);
-    await sleep(300);
-    fs.rmSync(memBase, { recursive: true, force: true });
-  }
-
   const direct = results.get('direct (storage)')!;
   const bindfs = results.get('bindfs --multithreaded')!;
   const rows: Row[] = [];
@@ -173,11 +196,5 @@ export async function main(args: string[]): Promise<void> {
   const pt = results.get('dyad-mount, passthrough')!;
   const npt = results.get('dyad-mount, no passthrough')!;
   console.log(`\nREAD requests reaching the daemon per GiB read: passthrough ${pt.readRequestsPerGiB}, no passthrough ${npt.readRequestsPerGiB}`);
-  if (mem) {
-    console.log(
-      `Daemon memory over ${lookups} lookups of distinct files: nodes ${mem.before.nodes} → ${mem.after.nodes} → ${mem.forgotten.nodes} after the kernel forgot them; ` +
-        `JS heap in use ${mem.before.heapUsedMiB} → ${mem.after.heapUsedMiB} → ${mem.forgotten.heapUsedMiB} MiB, ` +
-        `RSS ${mem.before.rssMiB} → ${mem.after.rssMiB} → ${mem.forgotten.rssMiB} MiB (FORGET requests: ${(mem.forgotten.FORGET ?? 0) + (mem.forgotten.BATCH_FORGET ?? 0)})`,
-    );
-  }
+  printMemory(lookups, await memoryOverLookups(lookups));
 }
