@@ -144,7 +144,12 @@ export class Daemon {
       if (!secret) throw new ConfigError(`no secret for namespace ${ns}`);
       // No cached absences: a stat right after another node published (and
       // told us by other means) must see the file.
-      this.kvs = new CachedKvs(raw, { cacheNegative: false });
+      const cached = new CachedKvs(raw, { cacheNegative: false });
+      this.kvs = cached;
+      // Subscribe now rather than at the first lookup: records published
+      // from here on reach the cache as they happen, so a reader's first
+      // open of a file produced meanwhile costs no KVS round trip.
+      if (!(await cached.watching(ns))) log.warn(`kvs: no change notifications for namespace ${ns}; records are cached for 1 s only`);
     }
 
     // Transfers: serve our storage to other nodes, pull from theirs.
