@@ -32,7 +32,7 @@ import type {
 } from '../fuse/types.js';
 import { callerOf, type Caller } from '../fuse/caller.js';
 import { DyadError, errnos } from '../errors.js';
-import { Storage, fstat, lstat, toAttr } from './storage.js';
+import { Storage, fstat, lstat, lstatIfExists, toAttr } from './storage.js';
 
 const O_ACCMODE = 3;
 const { O_RDONLY, O_RDWR, O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_TRUNC, O_NOFOLLOW, O_DIRECT, O_SYNC, O_DSYNC, O_NOATIME } =
@@ -225,11 +225,10 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   lookup(ctx: RequestContext, parent: number, name: string): Entry | Promise<Entry> {
     const dir = this.node(parent);
-    let st: fs.BigIntStats;
-    try {
-      st = lstat(this.storage.abs(this.childRel(dir, name)));
-    } catch (err) {
-      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+    // Missing names are the common case for producers and consumers: no
+    // exception (and its stack trace) for them.
+    const st = lstatIfExists(this.storage.abs(this.childRel(dir, name)));
+    if (st === undefined) {
       const caller = callerOf(ctx.pid);
       if (missingChannel.hasSubscribers) missingChannel.publish({ path: this.childRel(dir, name), caller, pid: ctx.pid });
       return this.lookupMissing(ctx, dir, name, caller);

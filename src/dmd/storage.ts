@@ -71,6 +71,11 @@ export function lstat(path: string): fs.BigIntStats {
   return fs.lstatSync(path, { bigint: true });
 }
 
+/** lstat, or undefined when the name does not exist (other errors still throw). */
+export function lstatIfExists(path: string): fs.BigIntStats | undefined {
+  return fs.lstatSync(path, { bigint: true, throwIfNoEntry: false });
+}
+
 export function fstat(fd: number): fs.BigIntStats {
   return fs.fstatSync(fd, { bigint: true });
 }

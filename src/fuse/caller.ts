@@ -87,15 +87,29 @@ function readHow(tid: number, addr: bigint): number | undefined {
   }
 }
 
+// One LOOKUP of a missing name reads this file: open, one read, close
+// (readFileSync would add an fstat and a second read). The line is at most
+// a syscall number and six arguments, with the stack and program counters.
+const syscallBuf = Buffer.alloc(512);
+
+function readSyscall(tid: number): string | undefined {
+  let fd: number | undefined;
+  try {
+    fd = fs.openSync(`/proc/${tid}/syscall`, 'r');
+    const n = fs.readSync(fd, syscallBuf, 0, syscallBuf.length, 0);
+    return syscallBuf.toString('latin1', 0, n);
+  } catch {
+    return undefined;
+  } finally {
+    if (fd !== undefined) fs.closeSync(fd);
+  }
+}
+
 /** Classifies the system call thread `tid` is blocked in. */
 export function callerOf(tid: number): Caller {
   if (!tid || !TABLE) return { kind: 'unknown', syscall: -1 };
-  let text: string;
-  try {
-    text = fs.readFileSync(`/proc/${tid}/syscall`, 'latin1');
-  } catch {
-    return { kind: 'unknown', syscall: -1 };
-  }
+  const text = readSyscall(tid);
+  if (text === undefined) return { kind: 'unknown', syscall: -1 };
   const fields = text.trim().split(' ');
   const nr = Number(fields[0]);
   if (!Number.isInteger(nr)) return { kind: 'unknown', syscall: -1 }; // "running" or "-1 ..."
