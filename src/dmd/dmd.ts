@@ -18,7 +18,7 @@ import path from 'node:path';
 import diagnostics from 'node:diagnostics_channel';
 import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
 import { Fetcher, REPLICAS } from './fetch.js';
-import { Storage, lstat } from './storage.js';
+import { Storage, lstat, lstatIfExists } from './storage.js';
 import { callerPath, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs } from '../kvs/types.js';
@@ -138,11 +138,13 @@ export class DmdFs extends MirrorFs {
   private localOrRemote(dir: Node, name: string, rec: FileRecord): Entry {
     const p = this.storage.abs(this.childRel(dir, name));
     if (rec.kind === 'dir') fs.mkdirSync(p, { recursive: true, mode: 0o755 });
+    let st: fs.BigIntStats | undefined;
     try {
-      return this.entryFor(dir, name, lstat(p));
+      st = lstatIfExists(p);
     } catch {
-      return this.remoteEntry(dir, name, rec);
+      st = undefined; // not usable locally: show the record
     }
+    return st ? this.entryFor(dir, name, st) : this.remoteEntry(dir, name, rec);
   }
 
   private remoteEntry(dir: Node, name: string, rec: FileRecord | undefined, isDir = false): Entry {
