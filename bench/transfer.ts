@@ -134,7 +134,8 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
   }
 }
 
-function tcpRows(f: Figures, small: number, bigCount: number): Row[] {
+/** The rows for one transport against its local and raw-TCP baselines (the issue 3 targets). */
+function transportRows(f: Figures, small: number, bigCount: number): Row[] {
   return [
     { what: `(a) remote 4 KiB open-to-close, median`, value: f.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.medianUs / 1000 }, better: 'lower', target: '≤ 0.3 ms (DYAD 1.34 ms FLUX_RPC)' },
     { what: `(a) remote 4 KiB open-to-close, p99`, value: f.aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.p99Us / 1000 }, better: 'lower' },
@@ -176,7 +177,7 @@ export async function main(args: string[]): Promise<void> {
   console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, two daemons on this machine`);
   console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
   if (!dtl.startsWith('U')) {
-    printTable(`Transfer (${dtl})`, tcpRows(await measure(dtl, small, bigCount, bigMiB, files), small, bigCount));
+    printTable(`Transfer (${dtl})`, transportRows(await measure(dtl, small, bigCount, bigMiB, files), small, bigCount));
     return;
   }
   // Two daemons on one machine: without these UCX would pick shared memory.
@@ -190,6 +191,6 @@ export async function main(args: string[]): Promise<void> {
   const perf = await ucxPerftest(process.env, 2000);
   prefault(bigCount * bigMiB * 2);
   const u = await measure('UCX', small, bigCount, bigMiB, files);
-  printTable(`Transfer (TCP transport, same run)`, tcpRows(tcp, small, bigCount));
+  printTable(`Transfer (TCP transport, same run)`, transportRows(tcp, small, bigCount));
   printTable(`Transfer (UCX over ${tls}) beside the TCP transport and ucx_perftest`, ucxRows(u, tcp, perf, tls, small, bigCount));
 }
