@@ -5,6 +5,7 @@
  */
 import t from 'tap';
 import fs from 'node:fs';
+import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { cFixture, cluster, sh } from './helpers/mount.js';
@@ -146,7 +147,8 @@ t.test('shared storage: synchronise only, never transfer', async (t) => {
 });
 
 t.test('a dead node\'s rank lease expires: readers fail at once', async (t) => {
-  const c = await cluster(t, 3, ['--peer-timeout', '30'], (rank) => (rank === 0 ? ['--rank-lease', '1'] : []));
+  // --push-max 0: the file's bytes must not travel with its publication, or the reader would not need the owner.
+  const c = await cluster(t, 3, ['--peer-timeout', '30', '--push-max', '0'], (rank) => (rank === 0 ? ['--rank-lease', '1'] : []));
   const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
   fs.writeFileSync(path.join(p.mnt, 'gone.txt'), 'x');
   process.kill(p.pid, 'SIGKILL');
@@ -156,4 +158,26 @@ t.test('a dead node\'s rank lease expires: readers fail at once', async (t) => {
   t.not(r.code, 0);
   t.match(r.stderr, /Input\/output error/);
   t.match(fs.readFileSync(q.log, 'utf8'), /rank 1 has no transfer address registered/, 'no connection attempt to a dead node');
+});
+
+t.test('small files travel with their publication: readers need no transfer', async (t) => {
+  const c = await cluster(t, 3, ['--log-level', 'debug', '--peer-timeout', '2']);
+  const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const small = Buffer.alloc(10 << 10, 7);
+  fs.writeFileSync(path.join(p.mnt, 'small.bin'), small);
+  fs.writeFileSync(path.join(p.mnt, 'bigger.bin'), Buffer.alloc((16 << 10) + 1, 8));
+  fs.chmodSync(path.join(p.mnt, 'small.bin'), 0o640);
+  fs.appendFileSync(path.join(p.mnt, 'small.bin'), 'and more');
+  await sleep(300); // the change events reach node 2
+  // With the owner gone, only bytes that came with the publication can be read.
+  process.kill(p.pid, 'SIGKILL');
+  const r = await sh(`md5sum < ${path.join(q.mnt, 'small.bin')}; stat -c %a ${path.join(q.mnt, 'small.bin')}`, { timeoutMs: 30_000 });
+  const want = createHash('md5').update(Buffer.concat([small, Buffer.from('and more')])).digest('hex');
+  t.equal(r.stdout.split(' ')[0], want, 'the reader got the latest version of the small file');
+  t.equal(r.stdout.split('\n')[1], '640', 'with its mode');
+  t.match(fs.readFileSync(q.log, 'utf8'), /small\.bin \(10248 B\) came with rank 1's publication/);
+  t.equal(pulls(q.log), 0, 'nothing was pulled');
+  const b = await sh(`cat ${path.join(q.mnt, 'bigger.bin')} > /dev/null`, { timeoutMs: 60_000 });
+  t.match(b.stderr, /Input\/output error/, 'a file over --push-max still needs its owner');
+  t.equal(fs.readdirSync(q.storage).filter((n) => n.startsWith('.dyad-part')).length, 0, 'no temp file');
 });

@@ -5,6 +5,8 @@
  * a backend that cannot push changes.
  */
 import { mkdtemp, rm } from 'node:fs/promises';
+import { readdirSync, readFileSync, statSync } from 'node:fs';
+import { decodeContent, MAX_PUSHED_BYTES } from '../src/kvs/embedded/protocol.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
@@ -183,4 +185,66 @@ t.test('fallback without change notifications', async (t) => {
   await noNeg.lookup('f', 'nope');
   await noNeg.lookup('f', 'nope');
   t.equal(noNeg.stats().hits, 0, 'cacheNegative: false');
+});
+
+t.test('content pushed with a publication reaches other caches, once, for its version only', async (t) => {
+  const dataDir = await mkdtemp(join(tmpdir(), 'kvs-push-'));
+  t.teardown(() => rm(dataDir, { recursive: true, force: true }));
+  const s = await startKvsServer({ dataDir });
+  t.teardown(() => s.close());
+  const secret = await s.createNamespace('p');
+  const reader = new CachedKvs(await EmbeddedKvsClient.connect(s.url, { secret, env: {} }));
+  t.teardown(() => reader.close());
+  const writer = new CachedKvs(await EmbeddedKvsClient.connect(s.url, { secret, env: {} }));
+  t.teardown(() => writer.close());
+  t.equal(await reader.watching('p'), true);
+  t.equal(await writer.watching('p'), true);
+
+  const bytes = Buffer.from('ten int32s would be here');
+  const changed = new Promise<void>((resolve) => {
+    void (reader.inner as EmbeddedKvsClient).watch('p', (ev) => ev.type === 'change' && resolve());
+  });
+  const v1 = await writer.publish('p', 'dir/small', rec(bytes.length), { content: bytes });
+  await changed;
+  t.same(Buffer.from(reader.takePushedContent('p', 'dir/small', v1) ?? []), bytes, 'the reader holds the bytes');
+  t.equal(reader.takePushedContent('p', 'dir/small', v1), undefined, 'taken once');
+  t.equal(writer.takePushedContent('p', 'dir/small', v1), undefined, 'the publisher keeps no copy of its own bytes');
+
+  // A newer version without content: the old bytes must not stand in for it.
+  const again = new Promise<void>((resolve) => {
+    void (reader.inner as EmbeddedKvsClient).watch('p', (ev) => ev.type === 'change' && resolve());
+  });
+  await writer.publish('p', 'dir/other', rec(3), { content: Buffer.from('old') });
+  const v3 = await writer.publish('p', 'dir/other', rec(3));
+  await again;
+  await reader.lookup('p', 'dir/other');
+  t.equal(reader.takePushedContent('p', 'dir/other', v3), undefined, 'a republish without bytes drops the older bytes');
+
+  // Never stored: a client connecting afterwards gets the record, not the bytes.
+  const late = new CachedKvs(await EmbeddedKvsClient.connect(s.url, { secret, env: {} }));
+  t.teardown(() => late.close());
+  t.same(await late.lookup('p', 'dir/small'), v1);
+  t.equal(late.takePushedContent('p', 'dir/small', v1), undefined);
+  for (const f of readdirSync(dataDir, { recursive: true }).map(String)) {
+    const file = join(dataDir, f);
+    if (statSync(file).isFile()) t.notOk(readFileSync(file).includes(bytes), `${f} does not hold the bytes`);
+  }
+
+  // Bytes over the protocol's limit are not sent; the record still is.
+  const big = new Promise<void>((resolve) => {
+    void (reader.inner as EmbeddedKvsClient).watch('p', (ev) => ev.type === 'change' && resolve());
+  });
+  const vb = await writer.publish('p', 'huge', rec(300 << 10), { content: Buffer.alloc(300 << 10) });
+  await big;
+  t.same(await reader.lookup('p', 'huge'), vb);
+  t.equal(reader.takePushedContent('p', 'huge', vb), undefined);
+});
+
+t.test('pushed content on the wire: base64 within the limit, or a protocol error', async (t) => {
+  t.same(decodeContent(Buffer.from('abc').toString('base64')), Buffer.from('abc'));
+  t.equal(decodeContent(undefined), undefined);
+  t.throws(() => decodeContent('not base64!'), { code: 'DYAD_EPROTO' });
+  t.throws(() => decodeContent(42), { code: 'DYAD_EPROTO' });
+  t.throws(() => decodeContent(Buffer.alloc(MAX_PUSHED_BYTES + 3).toString('base64')), { code: 'DYAD_EPROTO' });
+  t.equal(decodeContent(Buffer.alloc(MAX_PUSHED_BYTES).toString('base64'))?.length, MAX_PUSHED_BYTES);
 });

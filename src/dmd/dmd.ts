@@ -55,6 +55,12 @@ export interface DmdOptions extends MirrorOptions {
   transfer?: TransferClient;
   asyncPublish: boolean;
   fsyncWrite: boolean;
+  /**
+   * Files up to this size written here travel with their publication to the
+   * nodes watching the KVS (embedded KVS), so their readers need no transfer;
+   * 0 turns it off. Not used for shared storage, where nothing moves.
+   */
+  pushMaxBytes: number;
   /** Reader waits give up with ETIMEDOUT after this long; undefined waits forever. */
   waitTimeoutMs?: number;
   peerTimeoutMs: number;
@@ -290,14 +296,17 @@ export class DmdFs extends MirrorFs {
   }
 
   private publishSoon(node: Node): Promise<void> | undefined {
-    const p = this.publish(this.rel(node));
+    const p = this.publish(this.rel(node), true);
     if (!this.o.asyncPublish) return p;
     p.catch(() => undefined);
     return undefined;
   }
 
-  /** Publishes a local file unless this exact version is published already. */
-  async publish(upath: string): Promise<void> {
+  /**
+   * Publishes a local file unless this exact version is published already.
+   * `push`: a file just written may travel with its publication (small ones only).
+   */
+  async publish(upath: string, push = false): Promise<void> {
     const abs = this.storage.abs(upath);
     try {
       const before = lstat(abs);
@@ -305,14 +314,20 @@ export class DmdFs extends MirrorFs {
       if (this.published.get(upath) === stamp || !before.isFile()) return;
       if (this.o.fsyncWrite) fsyncPath(abs);
       // Small files: one synchronous read beats three thread-pool round trips.
-      const { digest, size } = before.size <= SMALL_FILE ? digestSmall(abs) : await digestLarge(abs);
-      const rec = await this.o.kvs.publish(this.o.ns, upath, {
-        owner: this.o.rank,
-        size,
-        mode: Number(before.mode),
-        mtimeMs: Number(before.mtimeNs / 1_000_000n),
-        digest,
-      });
+      const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs) : await digestLarge(abs);
+      const pushIt = push && data !== undefined && size <= this.o.pushMaxBytes && !this.o.sharedStorage;
+      const rec = await this.o.kvs.publish(
+        this.o.ns,
+        upath,
+        {
+          owner: this.o.rank,
+          size,
+          mode: Number(before.mode),
+          mtimeMs: Number(before.mtimeNs / 1_000_000n),
+          digest,
+        },
+        pushIt ? { content: data } : undefined,
+      );
       this.published.set(upath, stamp);
       if (publishChannel.hasSubscribers) publishChannel.publish({ upath, record: rec });
     } catch (err) {
@@ -425,17 +440,17 @@ function openNoatime(p: string): number {
   }
 }
 
-function digestSmall(p: string): { digest: string; size: number } {
+function digestSmall(p: string): { digest: string; size: number; data: Buffer } {
   const fd = openNoatime(p);
   try {
     const data = fs.readFileSync(fd);
-    return { digest: digestBuffer(data), size: data.length };
+    return { digest: digestBuffer(data), size: data.length, data };
   } finally {
     fs.closeSync(fd);
   }
 }
 
-async function digestLarge(p: string): Promise<{ digest: string; size: number }> {
+async function digestLarge(p: string): Promise<{ digest: string; size: number; data?: Buffer }> {
   const fd = openNoatime(p);
   try {
     return await digestFile(fd);

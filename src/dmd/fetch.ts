@@ -9,10 +9,11 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import diagnostics from 'node:diagnostics_channel';
-import type { FileRecord, Kvs } from '../kvs/types.js';
+import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 import type { Storage } from './storage.js';
+import { landWhole } from '../dtl/sink.js';
 
 export const pullChannel = diagnostics.channel('dyad-fs:dmd:pull');
 
@@ -53,9 +54,15 @@ interface Flight {
   controller: AbortController;
 }
 
+/** Copy records wait at most this long, or until this many are pending. */
+const REPLICA_DELAY_MS = 20;
+const REPLICA_BATCH = 256;
+
 export class Fetcher {
   private readonly flights = new Map<string, Flight>();
   private readonly addresses = new Map<number, string>();
+  private readonly copies = new Map<string, PublishInput>();
+  private copyTimer: NodeJS.Timeout | undefined;
 
   constructor(private readonly o: FetcherOptions) {}
 
@@ -131,6 +138,7 @@ export class Fetcher {
     }
     if (!this.o.transfer) throw new DyadError('DYAD_ENODTL', errnos.EIO, `${upath}: no transfer service configured`);
     this.ensureDir(path.dirname(dest));
+    if (this.landPushed(upath, rec, dest)) return rec;
     try {
       await this.pullFrom(rec.owner, upath, rec, dest, signal);
     } catch (err) {
@@ -139,11 +147,33 @@ export class Fetcher {
       // The owner is gone or lost the file: a node that pulled it earlier may still have it.
       if (!(await this.pullFromReplica(upath, rec, dest, signal))) throw err;
     }
-    // Tell the others this node now holds a copy, in case the owner goes away.
-    this.o.kvs
-      .publish(this.o.ns, replicaPath(this.o.rank, upath), { owner: this.o.rank, size: rec.size, mode: rec.mode, mtimeMs: rec.mtimeMs, digest: rec.digest })
-      .catch((e: Error) => this.o.log.debug(`replica record for ${upath}: ${e.message}`));
+    this.recordCopy(upath, rec);
     return rec;
+  }
+
+  /**
+   * Tells the others this node now holds a copy, in case the owner goes
+   * away. Nobody waits on these records, so they are sent in batches: a
+   * stream of small pulls then costs the KVS one write (and each watcher
+   * one event frame) per batch instead of per file.
+   */
+  private recordCopy(upath: string, rec: FileRecord): void {
+    this.copies.set(upath, { owner: this.o.rank, size: rec.size, mode: rec.mode, mtimeMs: rec.mtimeMs, digest: rec.digest });
+    if (this.copies.size >= REPLICA_BATCH) this.flushCopies();
+    else this.copyTimer ??= setTimeout(() => this.flushCopies(), REPLICA_DELAY_MS);
+  }
+
+  /** Sends the copy records not sent yet; resolves when the KVS has them. */
+  flushCopies(): Promise<void> {
+    if (this.copyTimer) clearTimeout(this.copyTimer);
+    this.copyTimer = undefined;
+    const batch = [...this.copies];
+    this.copies.clear();
+    return Promise.all(
+      batch.map(([upath, input]) =>
+        this.o.kvs.publish(this.o.ns, replicaPath(this.o.rank, upath), input).catch((e: Error) => this.o.log.debug(`replica record for ${upath}: ${e.message}`)),
+      ),
+    ).then(() => undefined);
   }
 
   private async pullFrom(rank: number, upath: string, rec: FileRecord, dest: string, signal: AbortSignal): Promise<void> {
@@ -169,6 +199,25 @@ export class Fetcher {
       const out = errno === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO;
       throw new DyadError('DYAD_EPULL', out, `${upath}: pull from rank ${rank} failed: ${(err as Error).message}`, { cause: err });
     }
+  }
+
+  /**
+   * A small file whose bytes came with its publication: write them here
+   * instead of asking the owner. Any doubt (wrong digest, a local error)
+   * falls back to the pull.
+   */
+  private landPushed(upath: string, rec: FileRecord, dest: string): boolean {
+    const content = this.o.kvs.takePushedContent?.(this.o.ns, upath, rec);
+    if (content === undefined) return false;
+    try {
+      landWhole(dest, content, rec, rec.mode & 0o7777, `rank ${rec.owner}'s publication`, upath);
+    } catch (err) {
+      this.o.log.info(`${(err as Error).message}; pulling it instead`);
+      return false;
+    }
+    if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: rec.owner, bytes: content.byteLength, ms: 0, pushed: true });
+    this.o.log.debug(`${upath} (${content.byteLength} B) came with rank ${rec.owner}'s publication`);
+    return true;
   }
 
   /** Tries every node that recorded a copy of this exact version. */

@@ -49,6 +49,11 @@ export interface SinkOptions {
 let seq = 0;
 const instance = randomBytes(4).toString('hex');
 
+/** A temp name beside the destination, unique across daemons sharing the directory. */
+function partPathFor(destPath: string): string {
+  return join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-${++seq}`);
+}
+
 function fsyncAsync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
 }
@@ -80,7 +85,7 @@ export class FileSink {
     private readonly peer: string,
     private readonly upath: string,
   ) {
-    this.tmpPath = join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-${++seq}`);
+    this.tmpPath = partPathFor(destPath);
   }
 
   get bytes(): number {
@@ -314,5 +319,34 @@ export class FileSink {
     } catch {
       /* already gone */
     }
+  }
+}
+
+/**
+ * Lands bytes already in memory (content pushed with a publication) with
+ * the same guarantees as a pull: checked against the published size and
+ * digest first, then written to a temp file and renamed into place.
+ */
+export function landWhole(destPath: string, data: Uint8Array, expect: { size: number; digest: string }, mode: number | undefined, from: string, upath: string): void {
+  if (data.byteLength !== expect.size) throw digestError(from, upath, `size mismatch: expected ${expect.size} bytes, received ${data.byteLength}`);
+  const got = formatDigest(crc32Update(0, data));
+  if (!sameDigest(got, expect.digest)) throw digestError(from, upath, `digest mismatch: expected ${expect.digest}, received ${got}`);
+  const tmpPath = partPathFor(destPath);
+  let fd = -1;
+  try {
+    fd = openSync(tmpPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, mode ?? 0o644);
+    if (mode !== undefined) fchmodSync(fd, mode);
+    for (let off = 0; off < data.byteLength; ) off += writeSync(fd, data, off, data.byteLength - off, off);
+    closeSync(fd);
+    fd = -1;
+    renameSync(tmpPath, destPath);
+  } catch (err) {
+    if (fd >= 0) closeSync(fd);
+    try {
+      unlinkSync(tmpPath);
+    } catch {
+      /* never created, or already gone */
+    }
+    throw localError(from, upath, destPath, err);
   }
 }

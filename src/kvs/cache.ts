@@ -22,7 +22,7 @@
  * every caching client; see docs/KVS.md.
  */
 import { LRUCache } from 'lru-cache';
-import { isWatchable, type DirEntry, type FileRecord, type Kvs, type KvsWatchEvent, type PublishInput, type RankInfo, type WaitOptions } from './types.js';
+import { isWatchable, type DirEntry, type FileRecord, type Kvs, type KvsWatchEvent, type PublishInput, type PublishOptions, type RankInfo, type WaitOptions } from './types.js';
 import { parentOf } from './upath.js';
 
 export interface CachedKvsOptions {
@@ -38,6 +38,8 @@ export interface CachedKvsOptions {
   cacheNegative?: boolean;
   /** Cache directory listings (with a subscription only). Default true. */
   cacheLists?: boolean;
+  /** Bytes of pushed file content held until a reader takes them, LRU. Default 64 MiB; 0 keeps none. */
+  maxPushedBytes?: number;
 }
 
 export interface CacheStats {
@@ -78,6 +80,7 @@ function key(ns: string, upath: string): string {
 export class CachedKvs implements Kvs {
   private readonly records: LRUCache<string, RecordEntry>;
   private readonly lists: LRUCache<string, ListEntry>;
+  private readonly pushed: LRUCache<string, { version: number; content: Uint8Array }> | undefined;
   private readonly states = new Map<string, NsState>();
   private readonly ttlMs: number;
   private readonly rewatchDelayMs: number;
@@ -95,6 +98,8 @@ export class CachedKvs implements Kvs {
   ) {
     this.records = new LRUCache({ max: opts.maxRecords ?? 100_000 });
     this.lists = new LRUCache({ maxSize: opts.maxListEntries ?? 1_000_000, sizeCalculation: (v) => v.entries.length + 1 });
+    const maxPushed = opts.maxPushedBytes ?? 64 << 20;
+    this.pushed = maxPushed > 0 ? new LRUCache({ maxSize: maxPushed, sizeCalculation: (v) => v.content.byteLength + 64 }) : undefined;
     this.ttlMs = opts.ttlMs ?? 1000;
     this.rewatchDelayMs = opts.rewatchDelayMs ?? 1000;
     this.canWatch = isWatchable(inner);
@@ -161,10 +166,12 @@ export class CachedKvs implements Kvs {
     return entries;
   }
 
-  async publish(ns: string, upath: string, rec: PublishInput): Promise<FileRecord> {
+  async publish(ns: string, upath: string, rec: PublishInput, opts?: PublishOptions): Promise<FileRecord> {
     const st = this.state(ns);
     const mode = st.mode;
-    const out = await this.inner.publish(ns, upath, rec);
+    const out = await this.inner.publish(ns, upath, rec, opts);
+    // Our own change came back with its bytes: nobody here will pull them.
+    if (opts?.content !== undefined) this.pushed?.delete(key(ns, upath));
     // With a subscription the change event has already updated the cache.
     if (mode === 'unwatched' && st.mode === 'unwatched') this.records.set(key(ns, upath), { rec: Object.freeze(out), gen: st.gen, expires: performance.now() + this.ttlMs });
     return out;
@@ -175,6 +182,14 @@ export class CachedKvs implements Kvs {
     const out = await this.inner.unpublish(ns, upath);
     if (st.mode !== 'live') this.records.delete(key(ns, upath));
     return out;
+  }
+
+  takePushedContent(ns: string, upath: string, rec: FileRecord): Uint8Array | undefined {
+    const k = key(ns, upath);
+    const e = this.pushed?.get(k);
+    if (e === undefined) return undefined;
+    this.pushed!.delete(k);
+    return e.version === rec.version ? e.content : undefined;
   }
 
   createNamespace(ns: string): Promise<void> {
@@ -214,6 +229,7 @@ export class CachedKvs implements Kvs {
     this.states.clear();
     this.records.clear();
     this.lists.clear();
+    this.pushed?.clear();
     await this.inner.close();
   }
 
@@ -298,6 +314,8 @@ export class CachedKvs implements Kvs {
         } else {
           this.records.delete(key(ns, c.upath));
         }
+        if (c.content !== undefined && c.record !== undefined) this.pushed?.set(key(ns, c.upath), { version: c.record.version, content: c.content });
+        else this.pushed?.delete(key(ns, c.upath));
         // A changed entry alters its parent's listing; a changed directory record means its entries changed.
         this.lists.delete(key(ns, c.upath));
         if (c.upath !== '') this.lists.delete(key(ns, parentOf(c.upath)));

@@ -8,7 +8,7 @@ import { ConfigError } from '../errors.js';
 import type { DyadError } from '../errors.js';
 import { closedError, interrupted, invalidArgument, timedOut } from './errors.js';
 import { KvsStore, type StoreOptions, type Waiter } from './embedded/store.js';
-import type { DirEntry, FileRecord, KvsWatchListener, PublishInput, RankInfo, WaitOptions, WatchableKvs } from './types.js';
+import type { DirEntry, FileRecord, KvsWatchListener, PublishInput, PublishOptions, RankInfo, WaitOptions, WatchableKvs } from './types.js';
 
 const shared = new Map<string, KvsStore>();
 
@@ -40,9 +40,9 @@ export class MemoryKvs implements WatchableKvs {
     shared.delete(name);
   }
 
-  async publish(ns: string, upath: string, rec: PublishInput): Promise<FileRecord> {
+  async publish(ns: string, upath: string, rec: PublishInput, opts?: PublishOptions): Promise<FileRecord> {
     this.checkOpen();
-    return this.store.publish(ns, upath, rec);
+    return this.store.publish(ns, upath, rec, opts?.content);
   }
 
   async lookup(ns: string, upath: string): Promise<FileRecord | undefined> {

@@ -25,6 +25,15 @@ export interface FileRecord {
 /** What a producer supplies; the backend assigns version and kind. */
 export type PublishInput = Omit<FileRecord, 'version' | 'kind'>;
 
+export interface PublishOptions {
+  /**
+   * The file's bytes, for a small file: a backend that pushes changes may hand
+   * them to its watchers along with the change, so a reader elsewhere needs no
+   * transfer. Never stored; backends that cannot push ignore it.
+   */
+  content?: Uint8Array;
+}
+
 export interface RankInfo {
   rank: number;
   /** Transfer endpoint, "host:port". */
@@ -46,7 +55,7 @@ export interface DirEntry {
 
 export interface Kvs {
   /** Publishes (or republishes) a file; parent directories come into being implicitly. */
-  publish(ns: string, upath: string, rec: PublishInput): Promise<FileRecord>;
+  publish(ns: string, upath: string, rec: PublishInput, opts?: PublishOptions): Promise<FileRecord>;
   /** Non-blocking; '' is the namespace root, a directory holding published files is kind 'dir'. */
   lookup(ns: string, upath: string): Promise<FileRecord | undefined>;
   /** Resolves once upath exists (file or directory); pushed by the server, never polled. */
@@ -67,12 +76,20 @@ export interface Kvs {
   listRanks(ns: string): Promise<RankInfo[]>;
   /** Pending waits reject with DYAD_ECLOSED. */
   close(): Promise<void>;
+  /**
+   * The bytes a publisher pushed with this exact version of the record, if
+   * they reached this client and are still held (a cache implements it);
+   * taking them lets them go.
+   */
+  takePushedContent?(ns: string, upath: string, rec: FileRecord): Uint8Array | undefined;
 }
 
 /** One path whose record changed; `record` undefined means it no longer exists. */
 export interface KvsChange {
   upath: string;
   record: FileRecord | undefined;
+  /** The published file's bytes, when its publisher pushed them (PublishOptions.content). */
+  content?: Uint8Array;
 }
 
 export type KvsWatchEvent =

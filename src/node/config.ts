@@ -7,6 +7,7 @@
 import os from 'node:os';
 import path from 'node:path';
 import { ConfigError } from '../errors.js';
+import { MAX_PUSHED_BYTES } from '../kvs/embedded/protocol.js';
 
 export type Source = 'flag' | 'env' | 'default';
 
@@ -35,6 +36,7 @@ export interface Flags {
   keyBins?: string;
   waitTimeout?: string;
   peerTimeout?: string;
+  pushMax?: string;
 }
 
 export interface DyadConfig {
@@ -55,6 +57,7 @@ export interface DyadConfig {
   keyBins: Setting<number>;
   waitTimeoutMs: Setting<number | undefined>;
   peerTimeoutMs: Setting<number>;
+  pushMaxBytes: Setting<number>;
 }
 
 type Env = NodeJS.ProcessEnv;
@@ -150,6 +153,8 @@ export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env
     keyBins: pick(f.keyBins, '--key-bins', env, ['DYAD_KEY_BINS'], int(1, 0xffffffff), 1024),
     waitTimeoutMs: pick(f.waitTimeout, '--wait-timeout', env, ['DYAD_WAIT_TIMEOUT'], seconds, undefined as number | undefined),
     peerTimeoutMs: pick(f.peerTimeout, '--peer-timeout', env, ['DYAD_PEER_TIMEOUT'], seconds, 10_000),
+    // One small file costs far less on the wire than the round trip it saves.
+    pushMaxBytes: pick(f.pushMax, '--push-max', env, ['DYAD_PUSH_MAX'], int(0, MAX_PUSHED_BYTES), 16 << 10),
   };
   if (cfg.kvs.value && cfg.kvsServe.value) {
     throw new ConfigError('--kvs and --kvs-serve exclude each other: a daemon either serves the embedded KVS or uses one');

@@ -191,6 +191,7 @@ export class Daemon {
       fsyncWrite: cfg.fsyncWrite.value,
       waitTimeoutMs: cfg.waitTimeoutMs.value,
       peerTimeoutMs: cfg.peerTimeoutMs.value,
+      pushMaxBytes: cfg.pushMaxBytes.value,
       log,
     });
     this.fs = fsys;
@@ -249,6 +250,7 @@ export class Daemon {
   async stop(): Promise<void> {
     if (this.heartbeat) clearInterval(this.heartbeat);
     await this.server?.stop();
+    await this.fs?.fetcher.flushCopies();
     await this.transferServer?.close().catch(() => undefined);
     await this.transferClient?.close().catch(() => undefined);
     await this.kvs?.close().catch(() => undefined);

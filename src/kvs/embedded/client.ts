@@ -21,6 +21,7 @@ import type {
   KvsWatchEvent,
   KvsWatchListener,
   PublishInput,
+  PublishOptions,
   RankInfo,
   WaitOptions,
   WatchableKvs,
@@ -30,15 +31,18 @@ import { checkNamespace, checkPublishInput, checkRank, checkRankInfo } from '../
 import { authProof, isNonce, newNonce, proofMatches, scopeOf } from './auth.js';
 import {
   CLIENT_MAX_FRAME_BYTES,
+  decodeContent,
   encodeFrame,
   FrameDecoder,
   fromWireError,
   isObject,
+  MAX_PUSHED_BYTES,
   PROTOCOL,
   type HelloFrame,
   type WireChange,
 } from './protocol.js';
 import { SecretSource, type SecretOptions } from './secrets.js';
+import { TurnBatcher } from './batch.js';
 
 export interface EmbeddedClientOptions extends SecretOptions {
   /** Deadline for each request other than wait(), including time spent reconnecting; 0 = none. Default 30 s. */
@@ -96,6 +100,7 @@ class Conn {
   readonly watched = new Set<string>();
   readonly internal = new Map<number, { resolve(v: unknown): void; reject(e: DyadError): void }>();
   readonly decoder: FrameDecoder;
+  private readonly out: TurnBatcher;
   onHello: (() => void) | undefined;
 
   constructor(
@@ -103,10 +108,11 @@ class Conn {
     maxFrameBytes: number,
   ) {
     this.decoder = new FrameDecoder(maxFrameBytes);
+    this.out = new TurnBatcher(socket);
   }
 
   send(msg: object): void {
-    if (this.alive) this.socket.write(encodeFrame(msg));
+    if (this.alive) this.out.write(encodeFrame(msg));
   }
 }
 
@@ -188,11 +194,14 @@ export class EmbeddedKvsClient implements WatchableKvs {
 
   // ---- Kvs ----
 
-  async publish(ns: string, upath: string, rec: PublishInput): Promise<FileRecord> {
+  async publish(ns: string, upath: string, rec: PublishInput, opts?: PublishOptions): Promise<FileRecord> {
     checkNamespace(ns);
     checkUpath(upath);
     const clean = checkPublishInput(rec);
-    return (await this.request(ns, { op: 'publish', ns, path: upath, rec: clean }, true)) as FileRecord;
+    const msg: Record<string, unknown> = { op: 'publish', ns, path: upath, rec: clean };
+    const c = opts?.content;
+    if (c !== undefined && c.byteLength <= MAX_PUSHED_BYTES) msg['data'] = Buffer.from(c.buffer, c.byteOffset, c.byteLength).toString('base64');
+    return (await this.request(ns, msg, true)) as FileRecord;
   }
 
   async lookup(ns: string, upath: string): Promise<FileRecord | undefined> {
@@ -701,10 +710,10 @@ export class EmbeddedKvsClient implements WatchableKvs {
     const set = this.watches.get(ns);
     if (set === undefined || !conn.watched.has(ns)) return;
     if (ev === 'change') {
-      const changes = (Array.isArray(m['changes']) ? (m['changes'] as WireChange[]) : []).map((c) => ({
-        upath: c.path,
-        record: c.rec ?? undefined,
-      }));
+      const changes = (Array.isArray(m['changes']) ? (m['changes'] as WireChange[]) : []).map((c) => {
+        const content = decodeContent(c.data);
+        return content === undefined ? { upath: c.path, record: c.rec ?? undefined } : { upath: c.path, record: c.rec ?? undefined, content };
+      });
       emit(set, { type: 'change', ns, rev: Number(m['rev']), changes });
     } else if (ev === 'closed') {
       conn.watched.delete(ns);

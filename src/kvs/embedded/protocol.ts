@@ -41,6 +41,20 @@ export type ResponseFrame = { id: number; ok: true; res: unknown } | { id: numbe
 export interface WireChange {
   path: string;
   rec: FileRecord | null;
+  /** Pushed file content, base64. */
+  data?: string;
+}
+
+/** Largest content a publisher may push with a publication (it travels in JSON frames). */
+export const MAX_PUSHED_BYTES = 256 << 10;
+
+/** Decodes pushed content; DYAD_EPROTO when it is not base64 or is too big. */
+export function decodeContent(v: unknown): Buffer | undefined {
+  if (v === undefined || v === null) return undefined;
+  if (typeof v !== 'string' || v.length > Math.ceil(MAX_PUSHED_BYTES / 3) * 4 || !/^[A-Za-z0-9+/]*={0,2}$/.test(v)) {
+    throw protocolError(`pushed content must be base64 of at most ${MAX_PUSHED_BYTES} bytes`);
+  }
+  return Buffer.from(v, 'base64');
 }
 
 export type EventFrame =

@@ -259,7 +259,12 @@ export class KvsServer implements SessionHost {
     if (hub === undefined) return;
     let frame: EventFrame;
     if (ev.type === 'change') {
-      frame = { ev: 'change', ns, rev: ev.rev, changes: ev.changes.map((c) => ({ path: c.upath, rec: c.record ?? null })) };
+      frame = {
+        ev: 'change',
+        ns,
+        rev: ev.rev,
+        changes: ev.changes.map((c) => (c.content === undefined ? { path: c.upath, rec: c.record ?? null } : { path: c.upath, rec: c.record ?? null, data: Buffer.from(c.content.buffer, c.content.byteOffset, c.content.byteLength).toString('base64') })),
+      };
     } else if (ev.type === 'closed') {
       frame = { ev: 'closed', ns, err: toWireError(ev.reason) };
       this.hubs.delete(ns);

@@ -17,6 +17,7 @@ import { accessDenied, invalidArgument, kvsError, timedOut } from '../errors.js'
 import { checkNamespace } from '../validate.js';
 import { authProof, isNonce, newNonce, proofMatches, scopeOf } from './auth.js';
 import {
+  decodeContent,
   encodeFrame,
   FrameDecoder,
   isObject,
@@ -28,6 +29,7 @@ import {
   type HelloFrame,
 } from './protocol.js';
 import type { KvsStore, Waiter } from './store.js';
+import { TurnBatcher } from './batch.js';
 
 export interface SessionLimits {
   /** Largest client frame accepted. */
@@ -80,6 +82,7 @@ export class Session {
   private readonly waits = new Map<number, { ns: string; upath: string; waiter: Waiter; timer: NodeJS.Timeout | undefined }>();
   private readonly watched = new Set<string>();
   private readonly authTimer: NodeJS.Timeout;
+  private readonly out: TurnBatcher;
 
   constructor(
     private readonly host: SessionHost,
@@ -87,6 +90,7 @@ export class Session {
   ) {
     this.peer = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? '?'}`;
     this.decoder = new FrameDecoder(host.limits.maxFrameBytes);
+    this.out = new TurnBatcher(socket);
     socket.setNoDelay(true);
     socket.setKeepAlive(true, 30_000);
     socket.on('data', (chunk: Buffer) => this.onData(chunk));
@@ -100,7 +104,7 @@ export class Session {
 
   send(frame: Buffer): void {
     if (this.closed) return;
-    this.socket.write(frame);
+    this.out.write(frame);
     if (this.socket.writableLength > this.host.limits.maxBacklogBytes) this.close('it is not reading its replies');
   }
 
@@ -245,7 +249,7 @@ export class Session {
         return store.namespaceSecret(ns);
       }
       case 'publish':
-        return store.publish(this.scope(m), path, m['rec'] as never);
+        return store.publish(this.scope(m), path, m['rec'] as never, decodeContent(m['data']));
       case 'lookup':
         return store.lookup(this.scope(m), path);
       case 'wait':

@@ -190,7 +190,8 @@ export class KvsStore {
     }));
   }
 
-  async publish(ns: string, upath: string, input: PublishInput): Promise<FileRecord> {
+  /** `content`: bytes pushed to watchers with the change, never stored. */
+  async publish(ns: string, upath: string, input: PublishInput, content?: Uint8Array): Promise<FileRecord> {
     const space = this.space(ns);
     checkUpath(upath);
     const clean = checkPublishInput(input);
@@ -200,6 +201,10 @@ export class KvsStore {
     const rec: FileRecord = Object.freeze({ ...clean, version: rev, kind: 'file' });
     const t = this.now();
     const changes = this.applyPublish(space, upath, rec, t);
+    if (content !== undefined) {
+      const own = changes.findIndex((c) => c.upath === upath);
+      if (own >= 0) changes[own] = { upath, record: rec, content };
+    }
     this.announce(space, rev, changes);
     // Only paths that came into existence can have waiters.
     for (const c of changes) if (c.record !== undefined) this.wake(space, c.upath, c.record);
