@@ -12,6 +12,10 @@
  * The programs doing the I/O are a small C loop (bench/files.c), as an
  * unmodified application would be.
  *
+ * Small files travel with their publication by default (--push-max), so
+ * (a) and (c) are also measured with --push-max 0, where every file is
+ * pulled through the transport.
+ *
  * --dtl ucx [--tls tcp|shm]: the same workloads over the TCP transport and
  * then over UCX, with ucx_perftest tag_bw between two processes on the same
  * transport, all in one run.
@@ -79,15 +83,25 @@ interface Figures {
 
 const gbps = (f: Files) => f.bytes / f.seconds / 1e9;
 
+/** What the small-file workloads give when small files are not pushed: every read is a pull. */
+interface PulledSmall {
+  aRemote: Files;
+  dMount: Files;
+  cSmallS: number;
+}
+
 /** Two daemons (node 0 serves the KVS) pulling over `dtl`; the workloads (a)-(d) and their baselines. */
-async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string): Promise<Figures> {
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string): Promise<Figures>;
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string, pushOff: true): Promise<PulledSmall>;
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string, pushOff = false): Promise<Figures | PulledSmall> {
+  const daemonArgs = ['--dtl', dtl, ...(pushOff ? ['--push-max', '0'] : [])];
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-xfer-'));
   const nodes: Node[] = [];
   try {
-    const n0 = startNode(base, 0, ['--kvs-serve', '127.0.0.1:0', '--kvs-data', path.join(base, 'kvs')], ['--dtl', dtl]);
+    const n0 = startNode(base, 0, ['--kvs-serve', '127.0.0.1:0', '--kvs-data', path.join(base, 'kvs')], daemonArgs);
     nodes.push(n0);
     const url = /serving the embedded KVS at (dyad:\/\/\S+)/.exec(fs.readFileSync(n0.log, 'utf8'))![1]!;
-    const n1 = startNode(base, 1, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], ['--dtl', dtl]);
+    const n1 = startNode(base, 1, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], daemonArgs);
     nodes.push(n1);
     const direct = path.join(base, 'direct');
     for (const d of ['small', 'big', 'c-small', 'c-big']) fs.mkdirSync(path.join(n0.mnt, d));
@@ -102,6 +116,18 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     const aRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'small'), 'f', String(small)]));
     const aAgain = parseFiles(run(files, ['read', path.join(n1.mnt, 'small'), 'f', String(small)]));
 
+    // (c) consumer first, both sizes (run below).
+    const consumerFirst = async (dir: string, count: number, size: number) => {
+      const cons = spawn(files, ['read', path.join(n1.mnt, dir), 'f', String(count)]);
+      await new Promise((r) => setTimeout(r, 500)); // let it block on the first open
+      const t0 = process.hrtime.bigint();
+      const done = new Promise<void>((resolve, reject) => cons.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`consumer exited ${code}`)))));
+      run(files, ['write', path.join(n0.mnt, dir), 'f', String(count), String(size)]);
+      await done;
+      return Number(process.hrtime.bigint() - t0) / 1e9;
+    };
+    if (pushOff) return { aRemote, dMount, cSmallS: await consumerFirst('c-small', small, 4096) };
+
     // (b) big files produced first.
     prefault(bigCount * bigMiB * 2);
     run(files, ['write', path.join(n0.mnt, 'big'), 'b', String(bigCount), String(bigMiB << 20)]);
@@ -113,16 +139,6 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     const bRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'big'), 'b', String(bigCount)]));
     const bLocal = parseFiles(run(files, ['read', path.join(direct, 'big'), 'b', String(bigCount)]));
 
-    // (c) consumer first, both sizes.
-    const consumerFirst = async (dir: string, count: number, size: number) => {
-      const cons = spawn(files, ['read', path.join(n1.mnt, dir), 'f', String(count)]);
-      await new Promise((r) => setTimeout(r, 500)); // let it block on the first open
-      const t0 = process.hrtime.bigint();
-      const done = new Promise<void>((resolve, reject) => cons.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`consumer exited ${code}`)))));
-      run(files, ['write', path.join(n0.mnt, dir), 'f', String(count), String(size)]);
-      await done;
-      return Number(process.hrtime.bigint() - t0) / 1e9;
-    };
     const cSmallS = await consumerFirst('c-small', small, 4096);
     prefault(bigCount * bigMiB * 2);
     const cBigS = await consumerFirst('c-big', bigCount, bigMiB << 20);
@@ -150,8 +166,17 @@ function transportRows(f: Figures, small: number, bigCount: number): Row[] {
   ];
 }
 
+/** Small files pulled one by one (--push-max 0) beside the default, where they travel with their publication. */
+function pulledRows(p: PulledSmall, f: Figures, small: number, label: string): Row[] {
+  return [
+    { what: `(a) remote 4 KiB open-to-close, every file pulled${label}, median`, value: p.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'pushed with the publication', value: f.aRemote.medianUs / 1000 }, better: 'lower' },
+    { what: `(c) consumer first, ${small} × 4 KiB, every file pulled${label}`, value: p.cSmallS, unit: 's', baseline: { name: 'pushed with the publication', value: f.cSmallS }, better: 'lower' },
+    { what: `(d) producer write + publish per 4 KiB file, nothing pushed${label}, median`, value: p.dMount.medianUs / 1000, unit: 'ms', baseline: { name: 'pushed with the publication', value: f.dMount.medianUs / 1000 }, better: 'lower' },
+  ];
+}
+
 /** UCX beside the TCP transport and ucx_perftest, all from the same run. */
-function ucxRows(u: Figures, tcp: Figures, perftestGBps: number, tls: string, small: number, bigCount: number): Row[] {
+function ucxRows(u: Figures, tcp: Figures, uPulled: PulledSmall, tcpPulled: PulledSmall, perftestGBps: number, tls: string, small: number, bigCount: number): Row[] {
   const dyadUcx = 0.337;
   return [
     { what: `(b) ${bigCount} × 64 MiB pull over UCX (${tls})`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: `ucx_perftest tag_bw (${tls})`, value: perftestGBps }, better: 'higher', target: '≥ 0.8× ucx_perftest' },
@@ -159,6 +184,8 @@ function ucxRows(u: Figures, tcp: Figures, perftestGBps: number, tls: string, sm
     { what: `(b) ${bigCount} × 64 MiB pull over UCX vs the TCP transport`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'TCP transport', value: tcp.bRemoteGBps }, better: 'higher' },
     { what: `(a) remote 4 KiB open-to-close over UCX, median`, value: u.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'TCP transport', value: tcp.aRemote.medianUs / 1000 }, better: 'lower', target: '≤ TCP transport' },
     { what: `(a) remote 4 KiB open-to-close over UCX, p99`, value: u.aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'TCP transport', value: tcp.aRemote.p99Us / 1000 }, better: 'lower' },
+    { what: `(a) remote 4 KiB over UCX, every file pulled (--push-max 0), median`, value: uPulled.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'TCP transport, every file pulled', value: tcpPulled.aRemote.medianUs / 1000 }, better: 'lower', target: '≤ TCP transport' },
+    { what: `(c) consumer first, ${small} × 4 KiB over UCX, every file pulled`, value: uPulled.cSmallS, unit: 's', baseline: { name: 'TCP transport, every file pulled', value: tcpPulled.cSmallS }, better: 'lower' },
     { what: `(c) consumer first, ${small} × 4 KiB over UCX`, value: u.cSmallS, unit: 's', baseline: { name: 'TCP transport', value: tcp.cSmallS }, better: 'lower' },
     { what: `(c) consumer first, ${bigCount} × 64 MiB over UCX`, value: u.cBigS, unit: 's', baseline: { name: 'TCP transport', value: tcp.cBigS }, better: 'lower' },
     { what: `(d) producer write + publish per 4 KiB file (UCX daemons)`, value: u.dMount.medianUs / 1000, unit: 'ms', baseline: { name: 'TCP daemons', value: tcp.dMount.medianUs / 1000 }, better: 'lower' },
@@ -177,7 +204,10 @@ export async function main(args: string[]): Promise<void> {
   console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, two daemons on this machine`);
   console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
   if (!dtl.startsWith('U')) {
-    printTable(`Transfer (${dtl})`, transportRows(await measure(dtl, small, bigCount, bigMiB, files), small, bigCount));
+    const f = await measure(dtl, small, bigCount, bigMiB, files);
+    const pulled = await measure(dtl, small, bigCount, bigMiB, files, true);
+    printTable(`Transfer (${dtl})`, transportRows(f, small, bigCount));
+    printTable(`Small files without --push-max (${dtl}, same run)`, pulledRows(pulled, f, small, ''));
     return;
   }
   // Two daemons on one machine: without these UCX would pick shared memory.
@@ -191,6 +221,9 @@ export async function main(args: string[]): Promise<void> {
   const perf = await ucxPerftest(process.env, 2000);
   prefault(bigCount * bigMiB * 2);
   const u = await measure('UCX', small, bigCount, bigMiB, files);
+  const tcpPulled = await measure('TCP', small, bigCount, bigMiB, files, true);
+  const uPulled = await measure('UCX', small, bigCount, bigMiB, files, true);
   printTable(`Transfer (TCP transport, same run)`, transportRows(tcp, small, bigCount));
-  printTable(`Transfer (UCX over ${tls}) beside the TCP transport and ucx_perftest`, ucxRows(u, tcp, perf, tls, small, bigCount));
+  printTable(`Small files without --push-max (TCP transport, same run)`, pulledRows(tcpPulled, tcp, small, ''));
+  printTable(`Transfer (UCX over ${tls}) beside the TCP transport and ucx_perftest`, ucxRows(u, tcp, uPulled, tcpPulled, perf, tls, small, bigCount));
 }

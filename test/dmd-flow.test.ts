@@ -181,3 +181,28 @@ t.test('small files travel with their publication: readers need no transfer', as
   t.match(b.stderr, /Input\/output error/, 'a file over --push-max still needs its owner');
   t.equal(fs.readdirSync(q.storage).filter((n) => n.startsWith('.dyad-part')).length, 0, 'no temp file');
 });
+
+t.test('close() of one of several descriptors does not publish a file still being written', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  // Readers wait on node 1 before anything exists.
+  const redirected = exited(spawn('cat', [path.join(q.mnt, 'redirected.txt')]));
+  const duped = exited(spawn('cat', [path.join(q.mnt, 'duped.txt')]));
+  await sleep(500);
+  // A shell's `>` opens the file, dup2s it onto stdout and closes the first descriptor before echo writes.
+  const a = await sh(`echo hello > ${path.join(p.mnt, 'redirected.txt')}`);
+  t.equal(a.code, 0, a.stderr);
+  // Written through fd 3, which is then closed while its duplicate fd 4 stays open and writes more.
+  const b = await sh(`exec 3> ${path.join(p.mnt, 'duped.txt')}; echo first >&3; exec 4>&3; exec 3>&-; sleep 0.5; echo second >&4; exec 4>&-`);
+  t.equal(b.code, 0, b.stderr);
+  const r1 = await redirected;
+  t.equal(r1.out, 'hello\n', 'the redirect target was published with its content, not empty');
+  const r2 = await duped;
+  t.equal(r2.out, 'first\nsecond\n', 'the duplicated descriptor\'s writes are part of what was published');
+  // A parent hands the file to a child and closes its own copy before the child writes.
+  const handed = exited(spawn('cat', [path.join(q.mnt, 'handed.txt')]));
+  await sleep(300);
+  const h = await sh(`exec 3> ${path.join(p.mnt, 'handed.txt')}; (sleep 0.5; echo late >&3) & exec 3>&-; wait`);
+  t.equal(h.code, 0, h.stderr);
+  t.equal((await handed).out, 'late\n', 'what the child wrote after the parent closed is what was published');
+});

@@ -17,6 +17,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fallocate", Napi::Function::New(env, Fallocate));
   exports.Set("lseek", Napi::Function::New(env, Lseek));
   exports.Set("utimens", Napi::Function::New(env, Utimens));
+  exports.Set("fdsLinkingTo", Napi::Function::New(env, FdsLinkingTo));
   return exports;
 }
 

@@ -5,3 +5,4 @@
 Napi::Value Fallocate(const Napi::CallbackInfo& info);
 Napi::Value Lseek(const Napi::CallbackInfo& info);
 Napi::Value Utimens(const Napi::CallbackInfo& info);
+Napi::Value FdsLinkingTo(const Napi::CallbackInfo& info);

@@ -19,7 +19,7 @@ import diagnostics from 'node:diagnostics_channel';
 import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
 import { Fetcher, REPLICAS } from './fetch.js';
 import { Storage, lstat, lstatIfExists } from './storage.js';
-import { callerPath, type Caller } from '../fuse/caller.js';
+import { callerPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
@@ -267,16 +267,22 @@ export class DmdFs extends MirrorFs {
 
   /**
    * close() of a descriptor open for writing: publish now, so close() returns
-   * after the publication, unless the closing process still holds another
-   * descriptor of the file (a shell's `>` opens, dup2s and closes the first
-   * descriptor before anything is written). Such files, and descriptors
-   * shared with other processes, are published at the last RELEASE.
+   * after the publication, unless more writes may follow through another
+   * descriptor: the closing process, or a child of it, still holds one (a
+   * shell's `>` opens, dup2s and closes the first descriptor before anything
+   * is written; a parent hands the file to a child as its stdout and closes
+   * its own copy), or the closer is not the process that opened the file
+   * (a child closing an inherited copy). Those are published at the last
+   * RELEASE, when every descriptor in every process is closed.
    */
   override flush(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
     const h = this.handle(fh);
-    if (!h.writable || !ctx.pid) return;
+    if (!h.writable || !ctx.pid || !h.opener) return;
+    // A process that inherited the descriptor (a child of the opener) closing its copy.
+    if (!sameProcess(h.opener, ctx.pid)) return;
     const mine = path.posix.join(this.o.mountpoint, this.rel(h.node));
-    if (holdsOtherDescriptor(ctx.pid, mine)) return;
+    // Cannot tell (no /proc): leave it to the last RELEASE.
+    if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
     return this.publishSoon(h.node);
   }
 
@@ -314,7 +320,7 @@ export class DmdFs extends MirrorFs {
       if (this.published.get(upath) === stamp || !before.isFile()) return;
       if (this.o.fsyncWrite) fsyncPath(abs);
       // Small files: one synchronous read beats three thread-pool round trips.
-      const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs) : await digestLarge(abs);
+      const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs, Number(before.size)) : await digestLarge(abs);
       const pushIt = push && data !== undefined && size <= this.o.pushMaxBytes && !this.o.sharedStorage;
       const rec = await this.o.kvs.publish(
         this.o.ns,
@@ -412,25 +418,6 @@ function fsyncPath(p: string): void {
   }
 }
 
-/** Does process `pid` still have a descriptor open on `file` (by path)? */
-function holdsOtherDescriptor(pid: number, file: string): boolean {
-  let fds: string[];
-  try {
-    fds = fs.readdirSync(`/proc/${pid}/fd`);
-  } catch {
-    return true; // cannot tell: leave it to the last RELEASE
-  }
-  for (const fd of fds) {
-    try {
-      // readlink, not stat: a stat would come back to this very daemon.
-      if (fs.readlinkSync(`/proc/${pid}/fd/${fd}`) === file) return true;
-    } catch {
-      /* closed meanwhile */
-    }
-  }
-  return false;
-}
-
 /** Reading to digest must not change the file's atime. */
 function openNoatime(p: string): number {
   try {
@@ -440,10 +427,13 @@ function openNoatime(p: string): number {
   }
 }
 
-function digestSmall(p: string): { digest: string; size: number; data: Buffer } {
+/** `expected`: the size just seen, so one read usually does (a file that grew since is read whole). */
+function digestSmall(p: string, expected: number): { digest: string; size: number; data: Buffer } {
   const fd = openNoatime(p);
   try {
-    const data = fs.readFileSync(fd);
+    const buf = Buffer.allocUnsafe(expected + 1);
+    const n = fs.readSync(fd, buf, 0, buf.length, 0);
+    const data = n <= expected ? buf.subarray(0, n) : fs.readFileSync(fd);
     return { digest: digestBuffer(data), size: data.length, data };
   } finally {
     fs.closeSync(fd);

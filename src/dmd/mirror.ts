@@ -72,6 +72,8 @@ export interface Handle {
   passthrough: boolean;
   /** Opened for writing (the DMD publishes such files when closed). */
   writable: boolean;
+  /** Thread that opened it (0 when unknown): a close by another process is one of a shared descriptor. */
+  opener: number;
 }
 
 /** A directory entry as opendir snapshots it; `extra` marks entries not in storage. */
@@ -413,16 +415,22 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   // ---- files ----------------------------------------------------------
 
-  private backingFor(node: Node, p: string): number {
+  /** `opened`: a read-write descriptor of the file the caller already has (and hands over). */
+  private backingFor(node: Node, p: string, opened?: number): number {
     if (node.backing) {
+      if (opened !== undefined) fs.closeSync(opened);
       node.backing.refs++;
       return node.backing.id;
     }
     let fd: number;
-    try {
-      fd = fs.openSync(p, O_RDWR | O_NOFOLLOW);
-    } catch {
-      fd = fs.openSync(p, O_RDONLY | O_NOFOLLOW);
+    if (opened !== undefined) {
+      fd = opened;
+    } else {
+      try {
+        fd = fs.openSync(p, O_RDWR | O_NOFOLLOW);
+      } catch {
+        fd = fs.openSync(p, O_RDONLY | O_NOFOLLOW);
+      }
     }
     try {
       const id = this.session!.backingOpen(fd);
@@ -434,23 +442,23 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     }
   }
 
-  private openHandle(node: Node, p: string, flags: number, created: boolean): OpenReply {
+  private openHandle(ctx: RequestContext, node: Node, p: string, flags: number, created: boolean, opened?: number): OpenReply {
     const acc = flags & O_ACCMODE;
     const writable = acc !== O_RDONLY;
     let fh: number;
     let reply: OpenReply;
     if (this.passthrough) {
       if (flags & O_TRUNC && !created) fs.truncateSync(p, 0);
-      const backingId = this.backingFor(node, p);
+      const backingId = this.backingFor(node, p, opened);
       fh = this.nextFh++;
-      this.handles.set(fh, { fd: node.backing!.fd, node, flags, passthrough: true, writable });
+      this.handles.set(fh, { fd: node.backing!.fd, node, flags, passthrough: true, writable, opener: ctx.pid });
       reply = { fh, backingId, noFlush: !writable };
     } else {
       const keep = acc | (flags & (O_APPEND | O_TRUNC | O_DIRECT | O_SYNC | O_DSYNC | O_NOATIME));
       const fd = fs.openSync(p, (created ? keep & ~O_TRUNC : keep) | O_NOFOLLOW);
       fh = this.nextFh++;
       node.openFds.add(fd);
-      this.handles.set(fh, { fd, node, flags, passthrough: false, writable });
+      this.handles.set(fh, { fd, node, flags, passthrough: false, writable, opener: ctx.pid });
       // Like libfuse's auto_cache: keep the kernel's pages of this file when
       // storage shows no change since they were cached. Writes through the
       // mount keep those pages current; a change behind our back does not.
@@ -465,21 +473,32 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
-    return this.openHandle(node, this.abs(node), flags, false);
+    return this.openHandle(ctx, node, this.abs(node), flags, false);
   }
 
   create(ctx: RequestContext, parent: number, name: string, mode: number, flags: number): CreateReply {
     const dir = this.node(parent);
     const p = this.storage.abs(this.childRel(dir, name));
-    // Create with the caller's flags (O_EXCL decides EEXIST), then open the
-    // handle the normal way so passthrough and non-passthrough agree.
-    const fd = fs.openSync(p, O_CREAT | O_WRONLY | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW, mode & 0o7777);
-    fs.closeSync(fd);
-    this.own(ctx, dir, p);
-    const entry = this.entryFor(dir, name, lstat(p));
+    // Create with the caller's flags (O_EXCL decides EEXIST). With
+    // passthrough (root) the descriptor is opened read-write and becomes the
+    // backing file; otherwise the handle is opened the normal way.
+    const access = this.passthrough ? O_RDWR : O_WRONLY;
+    let fd: number | undefined = fs.openSync(p, O_CREAT | access | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW, mode & 0o7777);
+    if (!this.passthrough) {
+      fs.closeSync(fd);
+      fd = undefined;
+    }
+    let entry: Entry;
+    try {
+      this.own(ctx, dir, p);
+      entry = this.entryFor(dir, name, fd === undefined ? lstat(p) : fstat(fd));
+    } catch (err) {
+      if (fd !== undefined) fs.closeSync(fd);
+      throw err;
+    }
     const node = this.nodes.get(entry.nodeid)!;
     try {
-      return { entry, open: this.openHandle(node, p, flags, true) };
+      return { entry, open: this.openHandle(ctx, node, p, flags, true, fd) };
     } catch (err) {
       this.forget(entry.nodeid, 1);
       throw err;

@@ -9,6 +9,7 @@
  * in a struct in the caller's memory, read through /proc/<tid>/mem.
  */
 import fs from 'node:fs';
+import { native } from './native.js';
 
 export type CallerKind =
   /** open/openat/openat2/execve without O_CREAT: wants existing content. */
@@ -165,4 +166,21 @@ export function callerPath(c: Caller): string | undefined {
   } catch {
     return undefined;
   }
+}
+
+/**
+ * Does process `pid`, or one of its descendants (which may have inherited
+ * it), still hold a descriptor on `file` (the path as the kernel shows it,
+ * through the mount)? Asked at FLUSH: close() already removed the closing
+ * descriptor, so any match is another one (a dup, a second open, a child's
+ * copy). Undefined when /proc cannot tell.
+ */
+export function holdsDescriptorOn(pid: number, file: string): boolean | undefined {
+  const n = native.fdsLinkingTo(pid, file, true);
+  return n < 0 ? undefined : n > 0;
+}
+
+/** Are two thread ids threads of one process? */
+export function sameProcess(tid: number, other: number): boolean {
+  return tid === other || fs.existsSync(`/proc/${tid}/task/${other}`);
 }

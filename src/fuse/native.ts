@@ -42,6 +42,8 @@ export interface NativeAddon {
   lseek(fd: number, offset: number, whence: number): number;
   /** nsec -1 = UTIME_NOW, -2 = UTIME_OMIT. */
   utimens(path: string, atimeSec: number, atimeNsec: number, mtimeSec: number, mtimeNsec: number, nofollow: boolean): number;
+  /** How many descriptors of process pid (and its descendants) link to exactly `target` (by /proc readlink), or -errno. */
+  fdsLinkingTo(pid: number, target: string, withDescendants: boolean): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
