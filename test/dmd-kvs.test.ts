@@ -88,6 +88,11 @@ t.test('configuration errors stop the start with one line', async (t) => {
     t.match(r.stderr, re);
     t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
   }
+  // With --log the reason goes to the log file, whole, even though the process exits at once.
+  const log = path.join(base, 'failed.log');
+  const withLog = await run('', `--log ${log} --dtl speedy`);
+  t.not(withLog.code, 0);
+  t.match(fs.readFileSync(log, 'utf8'), /--dtl=SPEEDY: unknown transfer mode/, 'the log holds the reason');
   // A namespace that does not exist in a KVS served elsewhere.
   const port = await freePort();
   const data = path.join(base, 'kvs2');
@@ -109,8 +114,9 @@ t.test('dyad config shows values and their sources', async (t) => {
   t.match(r.stdout, /^asyncPublish\s+true\s+env \(DYAD_ASYNC_PUBLISH\)$/m, 'DYAD booleans: set means true, even 0');
   t.match(r.stdout, /^serviceMux\s+2\s+env/m);
   t.match(r.stdout, /^keyBins\s+1024\s+default$/m);
-  const f = await sh(`DYAD_KVS_NAMESPACE=envns ${process.execPath} ${dyadBin} config --namespace flagns`);
+  const f = await sh(`DYAD_KVS_NAMESPACE=envns ${process.execPath} ${dyadBin} config --namespace flagns --dtl flux_rpc`);
   t.match(f.stdout, /^namespace\s+flagns\s+flag/m, 'flags win over the environment');
+  t.match(f.stdout, /^dtl\s+TCP\s+flag \(--dtl\)$/m, 'the --dtl flag ignores case (DYAD_DTL_MODE does not)');
 });
 
 t.test('dyad config names the UCX transports in use', async (t) => {

@@ -51,9 +51,13 @@ const opts = program.opts<
 >();
 const mountpoint = program.args[0];
 
+const terminal = process.stderr.isTTY ? process.stderr.write.bind(process.stderr) : undefined;
+
 function fail(err: unknown): never {
   const msg = err instanceof DyadError ? err.message : err instanceof Error ? err.message : String(err);
   process.stderr.write(`dyad-mount: ${msg}\n`);
+  // With --log the line went to the file; someone at a terminal should see it too.
+  if (opts.log && terminal) terminal(`dyad-mount: ${msg}\n`);
   process.exit(1);
 }
 
@@ -92,8 +96,14 @@ async function background(): Promise<void> {
 
 async function foreground(): Promise<void> {
   if (opts.log) {
-    const out = fs.createWriteStream(opts.log, { flags: 'a' });
-    process.stderr.write = out.write.bind(out) as typeof process.stderr.write;
+    // Written synchronously: the last lines before an exit (the reason for
+    // it, above all) must not sit in a stream's buffer when the process ends.
+    const fd = fs.openSync(opts.log, 'a');
+    process.stderr.write = ((chunk: string | Uint8Array) => {
+      if (typeof chunk === 'string') fs.writeSync(fd, chunk);
+      else fs.writeSync(fd, chunk);
+      return true;
+    }) as typeof process.stderr.write;
   }
   const logger = new Logger('dyad-mount', opts.logLevel);
   const daemon = new Daemon({

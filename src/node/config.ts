@@ -142,7 +142,8 @@ export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env
     kvsServe: pick(f.kvsServe, '--kvs-serve', env, [], hostPort, undefined as string | undefined),
     kvsData: pick(f.kvsData, '--kvs-data', env, ['DYAD_KVS_DATA'], (v) => path.resolve(v), defaultKvsData()),
     namespace: pick(f.namespace, '--namespace', env, ['DYAD_KVS_NAMESPACE'], namespace, 'dyad'),
-    dtl: pick(f.dtl, '--dtl', env, ['DYAD_DTL_MODE'], parseDtl, 'TCP' as const),
+    // DYAD_DTL_MODE is matched as DYAD does (case-sensitive); the flag is ours and takes `--dtl ucx` too.
+    dtl: pick(f.dtl?.toUpperCase(), '--dtl', env, ['DYAD_DTL_MODE'], parseDtl, 'TCP' as const),
     listen: pick(f.listen, '--listen', env, ['DYAD_LISTEN'], hostPort, '127.0.0.1:0'),
     sharedStorage: pickBool(f.sharedStorage, '--shared-storage', env, 'DYAD_SHARED_STORAGE'),
     asyncPublish: pickBool(f.asyncPublish, '--async-publish', env, 'DYAD_ASYNC_PUBLISH'),
