@@ -204,8 +204,14 @@ t.test('content pushed with a publication reaches other caches, once, for its ve
   const changed = new Promise<void>((resolve) => {
     void (reader.inner as EmbeddedKvsClient).watch('p', (ev) => ev.type === 'change' && resolve());
   });
+  const echoed: Array<Uint8Array | undefined> = [];
+  const stopEcho = await (writer.inner as EmbeddedKvsClient).watch('p', (ev) => {
+    if (ev.type === 'change') for (const c of ev.changes) if (c.upath === 'dir/small') echoed.push(c.content);
+  });
   const v1 = await writer.publish('p', 'dir/small', rec(bytes.length), { content: bytes });
   await changed;
+  stopEcho();
+  t.same(echoed, [undefined], 'the server does not send the bytes back to their publisher');
   t.same(Buffer.from(reader.takePushedContent('p', 'dir/small', v1) ?? []), bytes, 'the reader holds the bytes');
   t.equal(reader.takePushedContent('p', 'dir/small', v1), undefined, 'taken once');
   t.equal(writer.takePushedContent('p', 'dir/small', v1), undefined, 'the publisher keeps no copy of its own bytes');

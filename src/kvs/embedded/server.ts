@@ -56,6 +56,8 @@ export class KvsServer implements SessionHost {
   readonly limits: SessionLimits;
   private readonly sessions = new Set<Session>();
   private readonly hubs = new Map<string, { sessions: Set<Session>; stop: () => void }>();
+  /** The session whose request is being applied, while the store announces its change. */
+  private origin: Session | undefined;
   private server: Server | undefined;
   private bound: { host: string; port: number } | undefined;
   private closing: Promise<void> | undefined;
@@ -254,25 +256,41 @@ export class KvsServer implements SessionHost {
     this.sessions.add(session);
   }
 
+  /** Runs a session's mutation; its change events then skip pushed bytes for that session, which sent them. */
+  fromSession<T>(session: Session, fn: () => T): T {
+    this.origin = session;
+    try {
+      return fn();
+    } finally {
+      this.origin = undefined;
+    }
+  }
+
   private fanOut(ns: string, ev: KvsWatchEvent): void {
     const hub = this.hubs.get(ns);
     if (hub === undefined) return;
-    let frame: EventFrame;
-    if (ev.type === 'change') {
-      frame = {
+    if (ev.type === 'closed') {
+      this.hubs.delete(ns);
+      const buf = encodeFrame({ ev: 'closed', ns, err: toWireError(ev.reason) } satisfies EventFrame);
+      for (const s of hub.sessions) s.send(buf);
+      return;
+    }
+    if (ev.type !== 'change') return;
+    const frame = (withData: boolean): Buffer =>
+      encodeFrame({
         ev: 'change',
         ns,
         rev: ev.rev,
-        changes: ev.changes.map((c) => (c.content === undefined ? { path: c.upath, rec: c.record ?? null } : { path: c.upath, rec: c.record ?? null, data: Buffer.from(c.content.buffer, c.content.byteOffset, c.content.byteLength).toString('base64') })),
-      };
-    } else if (ev.type === 'closed') {
-      frame = { ev: 'closed', ns, err: toWireError(ev.reason) };
-      this.hubs.delete(ns);
-    } else {
-      return;
-    }
-    const buf = encodeFrame(frame);
-    for (const s of hub.sessions) s.send(buf);
+        changes: ev.changes.map((c) =>
+          c.content === undefined || !withData
+            ? { path: c.upath, rec: c.record ?? null }
+            : { path: c.upath, rec: c.record ?? null, data: Buffer.from(c.content.buffer, c.content.byteOffset, c.content.byteLength).toString('base64') },
+        ),
+      } satisfies EventFrame);
+    const pushed = ev.changes.some((c) => c.content !== undefined);
+    const buf = frame(true);
+    const origin = this.origin;
+    for (const s of hub.sessions) s.send(pushed && s === origin ? frame(false) : buf);
   }
 
   private async exportSecret(ns: string, secret: string): Promise<void> {

@@ -50,6 +50,8 @@ export interface SessionHost {
   subscribe(ns: string, session: Session): void;
   unsubscribe(ns: string, session: Session): void;
   detach(session: Session): void;
+  /** Runs a mutation on behalf of `session` (its own change events leave out the bytes it pushed). */
+  fromSession<T>(session: Session, fn: () => T): T;
   /** A rank was (re)registered: its lease starts again. */
   rankSeen(ns: string, rank: number): void;
   log(level: 'info' | 'warn', msg: string): void;
@@ -248,8 +250,12 @@ export class Session {
         checkNamespace(ns);
         return store.namespaceSecret(ns);
       }
-      case 'publish':
-        return store.publish(this.scope(m), path, m['rec'] as never, decodeContent(m['data']));
+      case 'publish': {
+        const ns = this.scope(m);
+        const content = decodeContent(m['data']);
+        // The store announces synchronously, inside publish(): that is when the host needs to know who asked.
+        return this.host.fromSession(this, () => store.publish(ns, path, m['rec'] as never, content));
+      }
       case 'lookup':
         return store.lookup(this.scope(m), path);
       case 'wait':
