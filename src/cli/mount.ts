@@ -26,7 +26,7 @@ const program = addDyadOptions(
     .description('Mount a DYAD managed directory (DMD) backed by node-local storage.')
     .argument('[mountpoint]', 'directory to mount over; by default its own contents are the storage (default: DYAD_PATH_CONSUMER or DYAD_PATH_PRODUCER)'),
 )
-  .option('--rank-lease <seconds>', 'a served embedded KVS forgets a rank not renewed for this long (default 10)', positiveNumber('--rank-lease'))
+  .option('--rank-lease <seconds>', 'a served embedded KVS forgets a rank not renewed for this long; every daemon renews every third of it, at most 3 s (default 10; give all daemons the same value)', positiveNumber('--rank-lease'))
   .option('--kvs-fsync', 'a served embedded KVS syncs its journal to disk before acknowledging (survives a machine crash, slower)')
   .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
   .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin'), 0)
