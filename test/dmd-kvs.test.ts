@@ -5,20 +5,12 @@
  */
 import t from 'tap';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { dyadBin, dyadMountBin, exec, mountCli, sh, tmpdir } from './helpers/mount.js';
+import { freePort } from './helpers/ports.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((r) => srv.listen(0, '127.0.0.1', r));
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise((r) => srv.close(r));
-  return port;
-}
 
 async function startKvs(t: { teardown(fn: () => unknown): void }, port: number, data: string): Promise<ChildProcess> {
   const child = spawn(process.execPath, [dyadBin, 'kvs', 'serve', '--listen', `127.0.0.1:${port}`, '--data', data], { stdio: ['ignore', 'ignore', 'pipe'] });
