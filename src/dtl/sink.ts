@@ -50,8 +50,15 @@ let seq = 0;
 const instance = randomBytes(4).toString('hex');
 
 /** A temp name beside the destination, unique across daemons sharing the directory. */
-function partPathFor(destPath: string): string {
+export function partPathFor(destPath: string): string {
   return join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-${++seq}`);
+}
+
+/** Throws DYAD_EDIGEST unless what was received is what the producer published. */
+export function checkReceived(peer: string, upath: string, expect: { size: number; digest: string }, received: number, crc: number): void {
+  if (received !== expect.size) throw digestError(peer, upath, `size mismatch: expected ${expect.size} bytes, received ${received}`);
+  const got = formatDigest(crc);
+  if (!sameDigest(got, expect.digest)) throw digestError(peer, upath, `digest mismatch: expected ${expect.digest}, received ${got}`);
 }
 
 function fsyncAsync(fd: number): Promise<void> {
@@ -250,13 +257,7 @@ export class FileSink {
       this.flush();
       await this.allWritten();
       if (this.failure) throw this.failure;
-      if (this.received !== this.expect.size) {
-        throw digestError(this.peer, this.upath, `size mismatch: expected ${this.expect.size} bytes, received ${this.received}`);
-      }
-      const got = formatDigest(this.crc);
-      if (!sameDigest(got, this.expect.digest)) {
-        throw digestError(this.peer, this.upath, `digest mismatch: expected ${this.expect.digest}, received ${got}`);
-      }
+      checkReceived(this.peer, this.upath, this.expect, this.received, this.crc);
       try {
         if (this.o.fsync) await fsyncAsync(this.fd);
         closeSync(this.fd);
@@ -328,9 +329,7 @@ export class FileSink {
  * digest first, then written to a temp file and renamed into place.
  */
 export function landWhole(destPath: string, data: Uint8Array, expect: { size: number; digest: string }, mode: number | undefined, from: string, upath: string): void {
-  if (data.byteLength !== expect.size) throw digestError(from, upath, `size mismatch: expected ${expect.size} bytes, received ${data.byteLength}`);
-  const got = formatDigest(crc32Update(0, data));
-  if (!sameDigest(got, expect.digest)) throw digestError(from, upath, `digest mismatch: expected ${expect.digest}, received ${got}`);
+  checkReceived(from, upath, expect, data.byteLength, crc32Update(0, data));
   const tmpPath = partPathFor(destPath);
   let fd = -1;
   try {

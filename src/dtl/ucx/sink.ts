@@ -14,13 +14,12 @@
  * one at a time per file (inline.ts has the measurements behind that).
  */
 import { closeSync, constants, fchmodSync, fsync as fsFsync, openSync, renameSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
-import { dirname, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { dirname } from 'node:path';
 import { DyadError } from '../../errors.js';
-import { crc32Update, formatDigest, sameDigest } from '../digest.js';
+import { crc32Update } from '../digest.js';
 import { digestError, localError } from '../errors.js';
 import { inlineWrites, type IoMode } from '../inline.js';
-import { PART_PREFIX } from '../sink.js';
+import { checkReceived, partPathFor } from '../sink.js';
 
 export interface ChunkSinkOptions {
   writeMode: IoMode;
@@ -37,8 +36,6 @@ interface Chunk {
   released: boolean;
 }
 
-let seq = 0;
-const instance = randomBytes(4).toString('hex');
 
 function fsyncAsync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
@@ -68,7 +65,7 @@ export class ChunkSink {
     private readonly peer: string,
     private readonly upath: string,
   ) {
-    this.tmpPath = join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-u${++seq}`);
+    this.tmpPath = partPathFor(destPath);
   }
 
   get bytes(): number {
@@ -206,13 +203,11 @@ export class ChunkSink {
     try {
       await this.allWritten();
       if (this.failure) throw this.failure;
-      if (this.received !== this.expect.size || this.digestedTo !== this.expect.size) {
+      // Bytes received but never digested would make the digest check meaningless.
+      if (this.digestedTo !== this.received) {
         throw digestError(this.peer, this.upath, `size mismatch: expected ${this.expect.size} bytes, received ${this.received}`);
       }
-      const got = formatDigest(this.crc);
-      if (!sameDigest(got, this.expect.digest)) {
-        throw digestError(this.peer, this.upath, `digest mismatch: expected ${this.expect.digest}, received ${got}`);
-      }
+      checkReceived(this.peer, this.upath, this.expect, this.received, this.crc);
       try {
         if (this.o.fsync) await fsyncAsync(this.fd);
         closeSync(this.fd);
