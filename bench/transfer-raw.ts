@@ -28,6 +28,7 @@ import { parseArgs } from 'node:util';
 import { digestBuffer, tcpBackend } from '../src/dtl/index.js';
 import type { PullRequest } from '../src/dtl/index.js';
 import type { WriteMode } from '../src/dtl/sink.js';
+import { setSendfileEnabled } from '../src/dtl/sendfile.js';
 
 const SECRET = 'bench-secret';
 const RAW_CHUNK = 1 << 20;
@@ -38,7 +39,8 @@ interface Ready {
 }
 
 /** Child: serves `root` over the transfer server and a raw byte streamer. */
-async function child(root: string): Promise<void> {
+async function child(root: string, sendfile: boolean): Promise<void> {
+  setSendfileEnabled(sendfile);
   const server = await tcpBackend.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET });
   const chunk = Buffer.alloc(RAW_CHUNK, 7);
   // Raw baseline: on an 8-byte length request, write that many bytes from memory in 1 MiB writes.
@@ -170,8 +172,11 @@ async function main(): Promise<void> {
   writeFileSync(join(root, 'small'), smallBuf);
   execSync('sync');
 
-  const proc = fork(fileURLToPath(import.meta.url), ['--child', root], { stdio: 'inherit' });
+  // Two owners: one sends bodies with sendfile (the default), one through buffers.
+  const proc = fork(fileURLToPath(import.meta.url), ['--child', root, 'sendfile'], { stdio: 'inherit' });
   const ready = await new Promise<Ready>((r) => proc.once('message', (m) => r(m as Ready)));
+  const procBuf = fork(fileURLToPath(import.meta.url), ['--child', root, 'buffered'], { stdio: 'inherit' });
+  const readyBuf = await new Promise<Ready>((r) => procBuf.once('message', (m) => r(m as Ready)));
   const client = tcpBackend.client({
     secret: SECRET,
     maxConnectionsPerPeer: Number(values.conns),
@@ -188,13 +193,18 @@ async function main(): Promise<void> {
     const tOnread = await rawStream(ready.rawPort, total, true);
     const tFiles = await rawToFiles(ready.rawPort, nBig, bigBytes, out);
     settle(out, values.prefault ? Math.round(total * 1.5) : 0);
-    const t0 = process.hrtime.bigint();
-    await Promise.all(big.map((req, i) => client.pull(ready.pullAddress, req, join(out, `big${i}`))));
-    const tPull = Number(process.hrtime.bigint() - t0) / 1e9;
+    const pullAll = async (address: string): Promise<number> => {
+      const t0 = process.hrtime.bigint();
+      await Promise.all(big.map((req, i) => client.pull(address, req, join(out, `big${i}`))));
+      return Number(process.hrtime.bigint() - t0) / 1e9;
+    };
+    const tBuf = await pullAll(readyBuf.pullAddress);
+    settle(out, values.prefault ? Math.round(total * 1.5) : 0);
+    const tPull = await pullAll(ready.pullAddress);
     console.log(
       `round ${r}: raw 'data' ${gb(tData)} GB/s, raw onread ${gb(tOnread)}, raw piped to files ${gb(tFiles)}, ` +
         `pull ${gb(tPull)} GB/s = ${(tData / tPull).toFixed(2)}x raw 'data', ${(tOnread / tPull).toFixed(2)}x raw onread, ` +
-        `${(tFiles / tPull).toFixed(2)}x raw to files`,
+        `${(tFiles / tPull).toFixed(2)}x raw to files; owner without sendfile ${gb(tBuf)} GB/s (sendfile ${(tBuf / tPull).toFixed(2)}x)`,
     );
   }
   for (let r = 0; r < Number(values.rounds); r++) {
@@ -210,11 +220,12 @@ async function main(): Promise<void> {
   }
   await client.close();
   proc.disconnect();
+  procBuf.disconnect();
   if (!values.dir) rmSync(base, { recursive: true, force: true });
 }
 
 if (process.argv[2] === '--child') {
-  await child(process.argv[3]!);
+  await child(process.argv[3]!, process.argv[4] !== 'buffered');
 } else {
   await main();
 }

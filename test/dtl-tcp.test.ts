@@ -29,7 +29,8 @@ import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errnos } from '../src/errors.js';
 import { PART_PREFIX, digestBuffer, formatDigest, crc32Update, tcpBackend } from '../src/dtl/index.js';
-import type { PullRequest, TransferClient, TransferServer } from '../src/dtl/index.js';
+import { sendfileAvailable, setSendfileEnabled } from '../src/dtl/sendfile.js';
+import type { PullRequest, PullResult, TransferClient, TransferServer } from '../src/dtl/index.js';
 import {
   FrameReader,
   FrameType,
@@ -109,6 +110,18 @@ async function partWithData(dir: string): Promise<void> {
   }
 }
 
+/** Starts pulling a 512 MiB sparse file and resolves once bytes are landing. */
+async function sparsePullUnderway(e: Env): Promise<{ pull: Promise<PullResult> }> {
+  const size = 512 << 20;
+  writeFileSync(join(e.root, 'sparse'), '');
+  truncateSync(join(e.root, 'sparse'), size);
+  const pull = e.client.pull(e.server.address, { upath: 'sparse', size, digest: zeroDigest(size) }, join(e.out, 'sparse'));
+  pull.catch(() => {});
+  await partWithData(e.out);
+  // Wrapped: an async function returning the promise itself would wait for it.
+  return { pull };
+}
+
 /**
  * A scripted peer: speaks HELLO/WELCOME with the real MACs (or stays silent),
  * then hands each GET to `onGet`.
@@ -174,6 +187,31 @@ t.test('20 concurrent pulls', async (t) => {
   t.same(results.map((r) => r.bytes), files.map((f) => f.data.length));
   for (const f of files) t.ok(readFileSync(join(e.out, f.name)).equals(f.data), f.name);
   t.same(parts(e.out), []);
+});
+
+t.test('bodies sent with sendfile and through buffers are the same bytes', async (t) => {
+  const e = await setup(t);
+  t.ok(sendfileAvailable(), 'the addon provides sendfile on this machine');
+  const data = randomBytes((3 << 20) + 12345);
+  const req = e.put('f', data);
+  for (const on of [true, false]) {
+    setSendfileEnabled(on);
+    t.teardown(() => setSendfileEnabled(true));
+    const dest = join(e.out, `f-${on}`);
+    await e.client.pull(e.server.address, req, dest);
+    t.ok(readFileSync(dest).equals(data), on ? 'sendfile' : 'buffered');
+  }
+});
+
+t.test('a file that shrinks while sendfile sends it fails the pull; the server keeps serving', async (t) => {
+  const e = await setup(t);
+  const { pull } = await sparsePullUnderway(e);
+  truncateSync(join(e.root, 'sparse'), 1 << 20);
+  await t.rejects(pull, { code: 'DYAD_EPEER', errno: errnos.EIO });
+  t.same(parts(e.out), []);
+  const data = randomBytes(2 << 20);
+  await e.client.pull(e.server.address, e.put('after', data), join(e.out, 'after'));
+  t.ok(readFileSync(join(e.out, 'after')).equals(data), 'next pull served');
 });
 
 t.test('serving from a /proc/self/fd/N root', async (t) => {
@@ -292,12 +330,7 @@ t.test('the peer dies mid-body', async (t) => {
 
 t.test('the real server is closed during a large pull', async (t) => {
   const e = await setup(t);
-  const size = 512 << 20;
-  writeFileSync(join(e.root, 'sparse'), '');
-  truncateSync(join(e.root, 'sparse'), size);
-  const pull = e.client.pull(e.server.address, { upath: 'sparse', size, digest: zeroDigest(size) }, join(e.out, 'sparse'));
-  pull.catch(() => {});
-  await partWithData(e.out);
+  const { pull } = await sparsePullUnderway(e);
   await e.server.close();
   await t.rejects(pull, { code: 'DYAD_EPEER', errno: errnos.EIO });
   t.same(parts(e.out), []);

@@ -1,14 +1,17 @@
 // The native half of dyad-fs: only what JavaScript cannot do by itself on
-// /dev/fuse (mount, non-blocking reads on the loop, writev replies, ioctls).
+// /dev/fuse (mount, non-blocking reads on the loop, writev replies, ioctls)
+// and the sendfile(2) a file server wants.
 // Nothing here knows about DYAD.
 #include <napi.h>
 
 #include "device.h"
 #include "mount.h"
+#include "sender.h"
 #include "sys.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("FuseDevice", FuseDevice::Init(env));
+  exports.Set("FileSender", FileSender::Init(env));
   exports.Set("openDevice", Napi::Function::New(env, OpenDevice));
   exports.Set("mount", Napi::Function::New(env, Mount));
   exports.Set("umount", Napi::Function::New(env, Umount));

@@ -5,11 +5,13 @@
  * Where DYAD's module reads a whole file into one buffer and serves requests
  * one at a time on its reactor, here every connection is served
  * independently (requests on one connection in order, connections
- * concurrently) and bodies stream from the file in 1 MiB chunks with at most
- * a few chunks per transfer in memory: reads run ahead of the socket by up to
- * chunksInFlight chunks and wait for it when the consumer is slower than the
- * disk. Chunks are read inline while reads are fast (page cache) and on the
- * thread pool otherwise (inline.ts).
+ * concurrently). A large body goes out with sendfile(2) (sendfile.ts): page
+ * cache to socket, no copy through JavaScript, with the socket's own flow
+ * control as backpressure. Where sendfile does not work it streams from the
+ * file in 1 MiB chunks with at most a few chunks per transfer in memory:
+ * reads run ahead of the socket by up to chunksInFlight chunks and wait for
+ * it when the consumer is slower than the disk. Chunks are read inline while
+ * reads are fast (page cache) and on the thread pool otherwise (inline.ts).
  *
  * Small files (<= SMALL_FILE_BYTES) take a synchronous path: open, fstat,
  * one read into a buffer that already holds the reply header, one socket
@@ -24,6 +26,7 @@ import { inlineReads, type IoMode } from '../inline.js';
 import { RemoteStatus } from '../errors.js';
 import type { ServeOptions, TransferServer } from '../types.js';
 import { BufferPool } from '../buffers.js';
+import { sendRange, sendfileAvailable, type RangeSend } from '../sendfile.js';
 import {
   DATA_HEADER_BYTES,
   FrameReader,
@@ -101,6 +104,8 @@ class ServerConnection {
   private readonly queue: { id: number; upath: string }[] = [];
   // Wakes a transfer waiting for a chunk to drain (or for the socket to die).
   private wake: (() => void) | null = null;
+  // A body being sent by sendfile, cancelled if the connection is dropped.
+  private sending: RangeSend | null = null;
 
   constructor(
     private readonly sock: net.Socket,
@@ -118,6 +123,7 @@ class ServerConnection {
   drop(why?: string): void {
     if (why && !this.dead) this.s.log(`transfer server: dropping ${this.sock.remoteAddress}:${this.sock.remotePort}: ${why}`);
     this.dead = true;
+    this.sending?.cancel();
     this.queue.length = 0;
     this.sock.destroy();
     this.wakeUp();
@@ -253,11 +259,44 @@ class ServerConnection {
   }
 
   private async streamBody(fd: number, id: number, size: number): Promise<void> {
-    const { pool, chunkBytes, chunksInFlight } = this.s;
     const head = Buffer.allocUnsafe(DATA_HEADER_BYTES);
     writeDataHeader(head, id, size);
-    this.sock.write(head);
     let pos = 0;
+    if (sendfileAvailable()) {
+      // The socket must be idle before sendfile writes to it behind Node's back.
+      await new Promise<void>((resolve) => this.sock.write(head, () => resolve()));
+      if (this.dead) throw new ConnectionGone();
+      pos = await this.sendfileBody(fd, size);
+    } else {
+      this.sock.write(head);
+    }
+    if (pos < size) await this.readBody(fd, pos, size);
+  }
+
+  /**
+   * Sends the body with sendfile(2); returns how far it got when sendfile
+   * does not work on this file (the rest is streamed through buffers).
+   */
+  private async sendfileBody(fd: number, size: number): Promise<number> {
+    const send = sendRange(this.sock, fd, 0, size, this.s.idleTimeoutMs);
+    if (!send) return 0;
+    this.sending = send;
+    // Node sees no traffic while the addon sends; the stall timer there replaces the idle timeout.
+    this.sock.setTimeout(0);
+    const { errno, sent } = await send.done;
+    this.sending = null;
+    if (this.dead) throw new ConnectionGone();
+    this.sock.setTimeout(this.s.idleTimeoutMs);
+    if (errno === 0 && sent === size) return size;
+    if (errno === errnos.EINVAL || errno === errnos.ENOSYS || errno === errnos.EOPNOTSUPP) return sent;
+    this.drop(errno === 0 ? `file shrank while sending (${sent} of ${size} bytes)` : `sendfile failed after ${sent} of ${size} bytes: ${errnoName(errno)}`);
+    throw new ConnectionGone();
+  }
+
+  /** Streams file[pos, size) through pooled buffers, reading ahead of the socket. */
+  private async readBody(fd: number, start: number, size: number): Promise<void> {
+    const { pool, chunkBytes, chunksInFlight } = this.s;
+    let pos = start;
     let outstanding = 0;
     const released = (): void => {
       outstanding--;
