@@ -21,7 +21,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { crc32Update, digestBuffer, formatDigest, tcpBackend } from '../src/dtl/index.js';
+import { digestBuffer, tcpBackend, Digester } from '../src/dtl/index.js';
 import type { PullRequest, TransferClient } from '../src/dtl/index.js';
 import { createUcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
 import { loadUcx } from '../src/dtl/ucx/native.js';
@@ -129,9 +129,9 @@ async function rawBinding(peer: string, total: number, msg: number, window: numb
 
 function zeroDigest(size: number): string {
   const z = Buffer.alloc(1 << 20);
-  let crc = 0;
-  for (let o = 0; o < size; o += z.length) crc = crc32Update(crc, z.subarray(0, Math.min(z.length, size - o)));
-  return formatDigest(crc);
+  const d = new Digester();
+  for (let o = 0; o < size; o += z.length) d.update(z.subarray(0, Math.min(z.length, size - o)));
+  return d.digest();
 }
 
 async function main(): Promise<void> {

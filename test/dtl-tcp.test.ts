@@ -28,7 +28,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errnos } from '../src/errors.js';
-import { PART_PREFIX, digestBuffer, formatDigest, crc32Update, tcpBackend } from '../src/dtl/index.js';
+import { PART_PREFIX, digestBuffer, tcpBackend, Digester } from '../src/dtl/index.js';
 import { sendfileAvailable, setSendfileEnabled } from '../src/dtl/sendfile.js';
 import type { PullRequest, PullResult, TransferClient, TransferServer } from '../src/dtl/index.js';
 import {
@@ -91,9 +91,9 @@ function parts(dir: string): string[] {
 /** Digest of `size` zero bytes (sparse test files) without a big buffer. */
 function zeroDigest(size: number): string {
   const z = Buffer.alloc(1 << 20);
-  let crc = 0;
-  for (let o = 0; o < size; o += z.length) crc = crc32Update(crc, z.subarray(0, Math.min(z.length, size - o)));
-  return formatDigest(crc);
+  const d = new Digester();
+  for (let o = 0; o < size; o += z.length) d.update(z.subarray(0, Math.min(z.length, size - o)));
+  return d.digest();
 }
 
 /** Resolves once a part file with data shows up in `dir` (the pull is mid-body). */

@@ -20,7 +20,7 @@ import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errnos } from '../src/errors.js';
-import { PART_PREFIX, backendFor, crc32Update, digestBuffer, formatDigest } from '../src/dtl/index.js';
+import { PART_PREFIX, backendFor, digestBuffer, Digester } from '../src/dtl/index.js';
 import type { PullRequest, TransferClient, TransferServer } from '../src/dtl/index.js';
 import { UCX_NOT_BUILT, createUcxBackend, ucxAvailable, ucxBackend, ucxInfo, type UcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
 import {
@@ -76,9 +76,9 @@ function parts(dir: string): string[] {
 
 function zeroDigest(size: number): string {
   const z = Buffer.alloc(1 << 20);
-  let crc = 0;
-  for (let o = 0; o < size; o += z.length) crc = crc32Update(crc, z.subarray(0, Math.min(z.length, size - o)));
-  return formatDigest(crc);
+  const d = new Digester();
+  for (let o = 0; o < size; o += z.length) d.update(z.subarray(0, Math.min(z.length, size - o)));
+  return d.digest();
 }
 
 function sparse(root: string, name: string, size: number): PullRequest {

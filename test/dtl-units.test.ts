@@ -14,7 +14,8 @@ import { ConfigError, errnos } from '../src/errors.js';
 import { backendFor } from '../src/dtl/index.js';
 import { ucxAvailable } from '../src/dtl/index.js';
 import { openBeneath, splitUpath } from '../src/dtl/confine.js';
-import { Digester, crc32IsNative, crc32Js, crc32Update, digestBuffer, digestFile, formatDigest, isDigest, sameDigest } from '../src/dtl/digest.js';
+import { DIGEST_ALGO, Digester, algoOf, crc32IsNative, crc32Js, crc32cIsNative, crc32cJs, digestBuffer, digestFile, formatDigest, isDigest, sameDigest } from '../src/dtl/digest.js';
+import { addon } from '../src/dtl/addon.js';
 import {
   FrameReader,
   FrameType,
@@ -36,23 +37,36 @@ function tmp(t: { teardown: (fn: () => void) => void }): string {
   return d;
 }
 
-t.test('crc32 digest', async (t) => {
+t.test('digests: CRC-32C by default, CRC-32 still verified', async (t) => {
   t.ok(crc32IsNative, 'zlib.crc32 is available on this Node');
-  t.equal(digestBuffer(Buffer.from('123456789')), 'crc32:cbf43926', 'standard check value');
-  t.equal(digestBuffer(Buffer.alloc(0)), 'crc32:00000000');
+  t.ok(crc32cIsNative, 'the addon provides CRC-32C');
+  t.equal(DIGEST_ALGO, 'crc32c', 'new digests use CRC-32C');
+  t.equal(digestBuffer(Buffer.from('123456789')), 'crc32c:e3069283', 'CRC-32C standard check value');
+  t.equal(digestBuffer(Buffer.from('123456789'), 'crc32'), 'crc32:cbf43926', 'CRC-32 standard check value');
+  t.equal(digestBuffer(Buffer.alloc(0)), 'crc32c:00000000');
+  t.equal(digestBuffer(Buffer.alloc(0), 'crc32'), 'crc32:00000000');
+  // Lengths around the addon's 3 x 4 KiB blocks, so the joined streams are checked too.
   const data = randomBytes((5 << 20) + 3);
-  const whole = digestBuffer(data);
-  const d = new Digester();
-  for (let o = 0; o < data.length; o += 77_777) d.update(data.subarray(o, o + 77_777));
-  t.equal(d.digest(), whole, 'chained over chunks equals one pass');
-  t.equal(d.bytes, data.length);
-  for (const n of [0, 1, 7, 8, 9, 1000, 65_537]) {
-    const b = data.subarray(0, n);
-    t.equal(formatDigest(crc32Js(b, 0)), digestBuffer(b), `JS fallback agrees with zlib, ${n} bytes`);
+  for (const algo of ['crc32c', 'crc32'] as const) {
+    const whole = digestBuffer(data, algo);
+    const d = new Digester(algo);
+    for (let o = 0; o < data.length; o += 77_777) d.update(data.subarray(o, o + 77_777));
+    t.equal(d.digest(), whole, `${algo}: chained over chunks equals one pass`);
+    t.equal(d.bytes, data.length);
+    t.equal(algoOf(whole), algo);
+    t.ok(isDigest(whole));
+    const js = algo === 'crc32c' ? crc32cJs : crc32Js;
+    for (const n of [0, 1, 7, 8, 9, 1000, 12_287, 12_288, 12_289, 65_537, 1 << 20]) {
+      const b = data.subarray(0, n);
+      t.equal(formatDigest(js(b, 0), algo), digestBuffer(b, algo), `${algo}: JS fallback agrees with native, ${n} bytes`);
+    }
+    t.equal(formatDigest(js(data.subarray(100), js(data.subarray(0, 100), 0)), algo), whole, `${algo}: JS fallback chains`);
   }
-  t.equal(formatDigest(crc32Js(data.subarray(100), crc32Js(data.subarray(0, 100), 0))), formatDigest(crc32Update(0, data)), 'JS fallback chains');
-  t.ok(isDigest(whole));
+  const c = addon.crc32c!;
+  t.equal(c(data, 0, true), c(data, 0, false), "the addon's table path equals its instruction path");
+  t.equal(c(data.subarray(5000), c(data.subarray(0, 5000), 0, true), true), c(data), 'the table path chains');
   t.notOk(isDigest('sha1:abc'));
+  t.notOk(isDigest('crc32c:abc'));
   t.ok(sameDigest('crc32:CBF43926', 'crc32:cbf43926'));
 });
 

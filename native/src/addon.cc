@@ -1,9 +1,10 @@
 // The native half of dyad-fs: only what JavaScript cannot do by itself on
 // /dev/fuse (mount, non-blocking reads on the loop, writev replies, ioctls)
-// and the sendfile(2) a file server wants.
+// and what a file server wants: sendfile(2) and a fast CRC-32C.
 // Nothing here knows about DYAD.
 #include <napi.h>
 
+#include "crc32c.h"
 #include "device.h"
 #include "mount.h"
 #include "sender.h"
@@ -21,6 +22,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("lseek", Napi::Function::New(env, Lseek));
   exports.Set("utimens", Napi::Function::New(env, Utimens));
   exports.Set("fdsLinkingTo", Napi::Function::New(env, FdsLinkingTo));
+  exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   return exports;
 }
 

@@ -14,33 +14,10 @@
  * a file system without splice support), `sendRange` says so before any
  * byte has gone and the caller streams the file itself.
  */
-import { createRequire } from 'node:module';
-import { fileURLToPath } from 'node:url';
-import path from 'node:path';
 import type net from 'node:net';
+import { addon, type FileSenderHandle } from './addon.js';
 
-interface FileSenderHandle {
-  start(): number;
-  cancel(): void;
-  sent(): number;
-}
-
-interface FileSenderConstructor {
-  new (socketFd: number, fileFd: number, offset: number, length: number, stallMs: number, onDone: (errno: number, sent: number) => void): FileSenderHandle;
-}
-
-function loadSender(): FileSenderConstructor | null {
-  try {
-    // dist/src/dtl -> repository root
-    const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..', '..');
-    const addon = createRequire(import.meta.url)(path.join(root, 'native', 'build', 'Release', 'dyadfuse.node')) as { FileSender?: FileSenderConstructor };
-    return addon.FileSender ?? null;
-  } catch {
-    return null;
-  }
-}
-
-const FileSender = loadSender();
+const FileSender = addon.FileSender ?? null;
 let enabled = FileSender !== null;
 
 /** Turns sendfile off (or back on) for this process, so tests and benches can compare both paths. */

@@ -27,7 +27,7 @@ import {
 import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { DyadError } from '../errors.js';
-import { crc32Update, formatDigest, sameDigest } from './digest.js';
+import { algoOf, crcUpdate, formatDigest, sameDigest, type DigestAlgo } from './digest.js';
 import { digestError, localError } from './errors.js';
 import type { BufferPool } from './buffers.js';
 import { inlineWrites, type IoMode } from './inline.js';
@@ -57,7 +57,7 @@ export function partPathFor(destPath: string): string {
 /** Throws DYAD_EDIGEST unless what was received is what the producer published. */
 export function checkReceived(peer: string, upath: string, expect: { size: number; digest: string }, received: number, crc: number): void {
   if (received !== expect.size) throw digestError(peer, upath, `size mismatch: expected ${expect.size} bytes, received ${received}`);
-  const got = formatDigest(crc);
+  const got = formatDigest(crc, algoOf(expect.digest));
   if (!sameDigest(got, expect.digest)) throw digestError(peer, upath, `digest mismatch: expected ${expect.digest}, received ${got}`);
 }
 
@@ -68,6 +68,7 @@ function fsyncAsync(fd: number): Promise<void> {
 export class FileSink {
   readonly tmpPath: string;
   private fd = -1;
+  private readonly algo: DigestAlgo;
   private crc = 0;
   private received = 0;
   private cur: Buffer | null = null;
@@ -93,6 +94,7 @@ export class FileSink {
     private readonly upath: string,
   ) {
     this.tmpPath = partPathFor(destPath);
+    this.algo = algoOf(expect.digest);
   }
 
   get bytes(): number {
@@ -127,7 +129,7 @@ export class FileSink {
   /** `n` bytes arrived in the region last returned. */
   commit(n: number): void {
     const cur = this.cur!;
-    this.crc = crc32Update(this.crc, cur.subarray(this.curFill, this.curFill + n));
+    this.crc = crcUpdate(this.algo, this.crc, cur.subarray(this.curFill, this.curFill + n));
     this.curFill += n;
     this.received += n;
     if (this.curFill === cur.length) this.flush();
@@ -136,7 +138,7 @@ export class FileSink {
   /** Bytes the transport already holds (copied or written before returning). */
   write(data: Buffer): void {
     if (this.failure) return;
-    this.crc = crc32Update(this.crc, data);
+    this.crc = crcUpdate(this.algo, this.crc, data);
     if (this.received === 0 && this.cur === null && data.length === this.expect.size) {
       // The whole (small) file in hand: one write(2), no buffer copy.
       this.received = data.length;
@@ -329,7 +331,7 @@ export class FileSink {
  * digest first, then written to a temp file and renamed into place.
  */
 export function landWhole(destPath: string, data: Uint8Array, expect: { size: number; digest: string }, mode: number | undefined, from: string, upath: string): void {
-  checkReceived(from, upath, expect, data.byteLength, crc32Update(0, data));
+  checkReceived(from, upath, expect, data.byteLength, crcUpdate(algoOf(expect.digest), 0, data));
   const tmpPath = partPathFor(destPath);
   let fd = -1;
   try {

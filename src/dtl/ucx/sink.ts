@@ -16,7 +16,7 @@
 import { closeSync, constants, fchmodSync, fsync as fsFsync, openSync, renameSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
 import { dirname } from 'node:path';
 import { DyadError } from '../../errors.js';
-import { crc32Update } from '../digest.js';
+import { algoOf, crcUpdate } from '../digest.js';
 import { digestError, localError } from '../errors.js';
 import { inlineWrites, type IoMode } from '../inline.js';
 import { checkReceived, partPathFor } from '../sink.js';
@@ -117,7 +117,7 @@ export class ChunkSink {
       const c = this.waitingDigest.get(this.digestedTo);
       if (!c) return;
       this.waitingDigest.delete(this.digestedTo);
-      this.crc = crc32Update(this.crc, c.buf);
+      this.crc = crcUpdate(algoOf(this.expect.digest), this.crc, c.buf);
       this.digestedTo += c.buf.length;
       c.digested = true;
       this.settle(c);
