@@ -88,22 +88,50 @@ function readHow(tid: number, addr: bigint): number | undefined {
   }
 }
 
-// One LOOKUP of a missing name reads this file: open, one read, close
-// (readFileSync would add an fstat and a second read). The line is at most
-// a syscall number and six arguments, with the stack and program counters.
+// One LOOKUP of a missing name reads this file. Its descriptor is kept per
+// thread (a program creating many files is one thread asking again and
+// again), and a pread at offset 0 makes procfs describe the thread anew:
+// one system call instead of open, read, close. A descriptor outlives its
+// thread harmlessly: reads then fail with ESRCH, and a new thread that got
+// the same id is opened afresh. The line is at most a syscall number and
+// six arguments, with the stack and program counters.
 const syscallBuf = Buffer.alloc(512);
+const syscallFds = new Map<number, number>();
+const MAX_CACHED_FDS = 32;
+
+function syscallFd(tid: number, fresh: boolean): number {
+  let fd = syscallFds.get(tid);
+  if (fd !== undefined && !fresh) return fd;
+  if (fd !== undefined) {
+    syscallFds.delete(tid);
+    fs.closeSync(fd);
+  }
+  fd = fs.openSync(`/proc/${tid}/syscall`, 'r');
+  if (syscallFds.size >= MAX_CACHED_FDS) {
+    // Drop the oldest: the threads asking now are the ones worth keeping.
+    const [oldTid, oldFd] = syscallFds.entries().next().value as [number, number];
+    syscallFds.delete(oldTid);
+    fs.closeSync(oldFd);
+  }
+  syscallFds.set(tid, fd);
+  return fd;
+}
 
 function readSyscall(tid: number): string | undefined {
-  let fd: number | undefined;
-  try {
-    fd = fs.openSync(`/proc/${tid}/syscall`, 'r');
-    const n = fs.readSync(fd, syscallBuf, 0, syscallBuf.length, 0);
-    return syscallBuf.toString('latin1', 0, n);
-  } catch {
-    return undefined;
-  } finally {
-    if (fd !== undefined) fs.closeSync(fd);
+  for (const fresh of [false, true]) {
+    try {
+      const n = fs.readSync(syscallFd(tid, fresh), syscallBuf, 0, syscallBuf.length, 0);
+      return syscallBuf.toString('latin1', 0, n);
+    } catch {
+      /* a descriptor left by a thread that is gone: try a fresh one once */
+    }
   }
+  const fd = syscallFds.get(tid);
+  if (fd !== undefined) {
+    syscallFds.delete(tid);
+    fs.closeSync(fd);
+  }
+  return undefined;
 }
 
 /** Classifies the system call thread `tid` is blocked in. */
