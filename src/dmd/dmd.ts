@@ -24,7 +24,7 @@ import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/
 import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
-import { PART_PREFIX } from '../dtl/sink.js';
+import { PART_PREFIX } from '../dtl/part.js';
 import { DyadError, answerError, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');

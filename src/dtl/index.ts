@@ -17,7 +17,7 @@ import { UCX_NOT_BUILT, ucxAvailable, ucxBackend } from './ucx/index.js';
 
 export type { PullOptions, PullRequest, PullResult, ServeOptions, TransferBackend, TransferClient, TransferServer } from './types.js';
 export { DTL_CODES } from './errors.js';
-export { PART_PREFIX } from './sink.js';
+export { PART_PREFIX } from './part.js';
 export { DIGEST_ALGO, Digester, algoOf, crc32IsNative, crc32cIsNative, crc32Update, crcUpdate, digestBuffer, digestFile, formatDigest, isDigest, sameDigest, type DigestAlgo } from './digest.js';
 export { tcpBackend } from './tcp/index.js';
 export { UCX_NOT_BUILT, createUcxBackend, ucxAvailable, ucxBackend, ucxInfo, type UcxBackend, type UcxInfo } from './ucx/index.js';

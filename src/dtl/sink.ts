@@ -1,9 +1,10 @@
 /**
- * Lands a pulled file atomically: bytes go into ".dyad-part-*" beside the
- * destination, are digested as they arrive, and only a complete file whose
- * size and digest match what the producer published is renamed into place.
- * Anything else removes the temp file, so a reader never sees a torn or
- * stale copy (DYAD leaves the partial file where the next open trusts it).
+ * Lands a pulled file atomically: bytes go into a temp file beside the
+ * destination (part.ts), are digested as they arrive, and only a complete
+ * file whose size and digest match what the producer published is renamed
+ * into place. Anything else removes the temp file, so a reader never sees a
+ * torn or stale copy (DYAD leaves the partial file where the next open
+ * trusts it).
  *
  * Backend-neutral: a transport hands the sink either a region to receive
  * into (zero-copy: the socket reads straight into a write buffer) or bytes
@@ -13,26 +14,13 @@
  * transport's signal to stop reading until onResume fires (backpressure
  * from the disk to the peer).
  */
-import {
-  closeSync,
-  constants,
-  fchmodSync,
-  fsync as fsFsync,
-  openSync,
-  renameSync,
-  unlinkSync,
-  write as fsWrite,
-  writeSync,
-} from 'node:fs';
-import { dirname, join } from 'node:path';
-import { randomBytes } from 'node:crypto';
+import { writeSync, write as fsWrite } from 'node:fs';
 import { DyadError } from '../errors.js';
 import { algoOf, crcUpdate, formatDigest, sameDigest, type DigestAlgo } from './digest.js';
 import { digestError, localError } from './errors.js';
 import type { BufferPool } from './buffers.js';
 import { inlineWrites, type IoMode } from './inline.js';
-
-export const PART_PREFIX = '.dyad-part-';
+import { PartFile } from './part.js';
 
 /** Where full buffers are written: see inline.ts. */
 export type WriteMode = IoMode;
@@ -46,14 +34,6 @@ export interface SinkOptions {
   fsync?: boolean;
 }
 
-let seq = 0;
-const instance = randomBytes(4).toString('hex');
-
-/** A temp name beside the destination, unique across daemons sharing the directory. */
-export function partPathFor(destPath: string): string {
-  return join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-${++seq}`);
-}
-
 /** Throws DYAD_EDIGEST unless what was received is what the producer published. */
 export function checkReceived(peer: string, upath: string, expect: { size: number; digest: string }, received: number, crc: number): void {
   if (received !== expect.size) throw digestError(peer, upath, `size mismatch: expected ${expect.size} bytes, received ${received}`);
@@ -61,13 +41,8 @@ export function checkReceived(peer: string, upath: string, expect: { size: numbe
   if (!sameDigest(got, expect.digest)) throw digestError(peer, upath, `digest mismatch: expected ${expect.digest}, received ${got}`);
 }
 
-function fsyncAsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
 export class FileSink {
-  readonly tmpPath: string;
-  private fd = -1;
+  private readonly part: PartFile;
   private readonly algo: DigestAlgo;
   private crc = 0;
   private received = 0;
@@ -79,8 +54,6 @@ export class FileSink {
   private writePos = 0;
   private failure: DyadError | null = null;
   private drained: (() => void) | null = null;
-  private created = false;
-  private cleaned = false;
   /** Called when a region is available again after region() returned null. */
   onResume: (() => void) | null = null;
   /** Called once if a background write fails, so the transport can stop early. */
@@ -93,7 +66,7 @@ export class FileSink {
     private readonly peer: string,
     private readonly upath: string,
   ) {
-    this.tmpPath = partPathFor(destPath);
+    this.part = new PartFile(destPath, o.mode, peer, upath);
     this.algo = algoOf(expect.digest);
   }
 
@@ -103,15 +76,7 @@ export class FileSink {
 
   /** Creates the temp file; throws DYAD_ENOSPC/DYAD_ELOCAL. */
   open(): void {
-    try {
-      this.fd = openSync(this.tmpPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, this.o.mode ?? 0o644);
-      this.created = true;
-      // open(2) applies the umask; the producer's mode must survive exactly.
-      if (this.o.mode !== undefined) fchmodSync(this.fd, this.o.mode);
-    } catch (err) {
-      this.cleanupSync();
-      throw localError(this.peer, this.upath, this.destPath, err);
-    }
+    this.part.create();
   }
 
   /** Where the transport should receive next (at most `max` bytes), or null to pause. */
@@ -145,7 +110,7 @@ export class FileSink {
       this.writePos = data.length;
       try {
         let o = 0;
-        while (o < data.length) o += writeSync(this.fd, data, o, data.length - o, o);
+        while (o < data.length) o += writeSync(this.part.fd, data, o, data.length - o, o);
       } catch (err) {
         this.fail(err);
       }
@@ -190,7 +155,7 @@ export class FileSink {
     if (t0 >= 0) {
       try {
         let o = 0;
-        while (o < len) o += writeSync(this.fd, buf, o, len - o, pos + o);
+        while (o < len) o += writeSync(this.part.fd, buf, o, len - o, pos + o);
       } catch (err) {
         this.fail(err);
       }
@@ -213,7 +178,7 @@ export class FileSink {
     }
     this.writing = 1;
     const step = (off: number): void => {
-      fsWrite(this.fd, w.buf, off, w.len - off, w.pos + off, (err, n) => {
+      fsWrite(this.part.fd, w.buf, off, w.len - off, w.pos + off, (err, n) => {
         if (!err && !this.failure && off + n < w.len) return step(off + n);
         this.writing = 0;
         if (err) this.fail(err);
@@ -260,34 +225,11 @@ export class FileSink {
       await this.allWritten();
       if (this.failure) throw this.failure;
       checkReceived(this.peer, this.upath, this.expect, this.received, this.crc);
-      try {
-        if (this.o.fsync) await fsyncAsync(this.fd);
-        closeSync(this.fd);
-        this.fd = -1;
-        renameSync(this.tmpPath, this.destPath);
-        this.cleaned = true;
-      } catch (err) {
-        throw localError(this.peer, this.upath, this.destPath, err);
-      }
-      if (this.o.fsync) await this.syncDir();
+      await this.part.land(this.o.fsync === true);
       return { bytes: this.received };
     } catch (err) {
       await this.abort();
       throw err;
-    }
-  }
-
-  // The rename is durable only once the directory is; failure here is not
-  // worth failing a pull that has already landed, as with DYAD_FSYNC_WRITE.
-  private async syncDir(): Promise<void> {
-    let dfd = -1;
-    try {
-      dfd = openSync(dirname(this.destPath), constants.O_RDONLY | constants.O_DIRECTORY);
-      await fsyncAsync(dfd);
-    } catch {
-      /* best effort */
-    } finally {
-      if (dfd >= 0) closeSync(dfd);
     }
   }
 
@@ -302,26 +244,7 @@ export class FileSink {
     }
     this.dropQueue();
     await this.allWritten();
-    this.cleanupSync();
-  }
-
-  private cleanupSync(): void {
-    if (this.cleaned) return;
-    this.cleaned = true;
-    if (this.fd >= 0) {
-      try {
-        closeSync(this.fd);
-      } catch {
-        /* already reported or irrelevant */
-      }
-      this.fd = -1;
-    }
-    if (!this.created) return;
-    try {
-      unlinkSync(this.tmpPath);
-    } catch {
-      /* already gone */
-    }
+    this.part.discard();
   }
 }
 
@@ -332,22 +255,13 @@ export class FileSink {
  */
 export function landWhole(destPath: string, data: Uint8Array, expect: { size: number; digest: string }, mode: number | undefined, from: string, upath: string): void {
   checkReceived(from, upath, expect, data.byteLength, crcUpdate(algoOf(expect.digest), 0, data));
-  const tmpPath = partPathFor(destPath);
-  let fd = -1;
+  const part = new PartFile(destPath, mode, from, upath);
+  part.create();
   try {
-    fd = openSync(tmpPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, mode ?? 0o644);
-    if (mode !== undefined) fchmodSync(fd, mode);
-    for (let off = 0; off < data.byteLength; ) off += writeSync(fd, data, off, data.byteLength - off, off);
-    closeSync(fd);
-    fd = -1;
-    renameSync(tmpPath, destPath);
+    for (let off = 0; off < data.byteLength; ) off += writeSync(part.fd, data, off, data.byteLength - off, off);
+    part.landSync();
   } catch (err) {
-    if (fd >= 0) closeSync(fd);
-    try {
-      unlinkSync(tmpPath);
-    } catch {
-      /* never created, or already gone */
-    }
-    throw localError(from, upath, destPath, err);
+    part.discard();
+    throw err instanceof DyadError ? err : localError(from, upath, destPath, err);
   }
 }

@@ -13,13 +13,13 @@
  * inline while the page cache keeps up and on the thread pool otherwise,
  * one at a time per file (inline.ts has the measurements behind that).
  */
-import { closeSync, constants, fchmodSync, fsync as fsFsync, openSync, renameSync, unlinkSync, write as fsWrite, writeSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { write as fsWrite, writeSync } from 'node:fs';
 import { DyadError } from '../../errors.js';
 import { algoOf, crcUpdate } from '../digest.js';
 import { digestError, localError } from '../errors.js';
 import { inlineWrites, type IoMode } from '../inline.js';
-import { checkReceived, partPathFor } from '../sink.js';
+import { PartFile } from '../part.js';
+import { checkReceived } from '../sink.js';
 
 export interface ChunkSinkOptions {
   writeMode: IoMode;
@@ -36,14 +36,8 @@ interface Chunk {
   released: boolean;
 }
 
-
-function fsyncAsync(fd: number): Promise<void> {
-  return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
-}
-
 export class ChunkSink {
-  readonly tmpPath: string;
-  private fd = -1;
+  private readonly part: PartFile;
   private crc = 0;
   private digestedTo = 0;
   private received = 0;
@@ -53,8 +47,6 @@ export class ChunkSink {
   private holding = 0;
   private failure: DyadError | null = null;
   private idle: (() => void) | null = null;
-  private created = false;
-  private cleaned = false;
   /** Called once if a write fails, so the transport can stop early. */
   onError: ((err: DyadError) => void) | null = null;
 
@@ -65,7 +57,7 @@ export class ChunkSink {
     private readonly peer: string,
     private readonly upath: string,
   ) {
-    this.tmpPath = partPathFor(destPath);
+    this.part = new PartFile(destPath, o.mode, peer, upath);
   }
 
   get bytes(): number {
@@ -83,15 +75,7 @@ export class ChunkSink {
 
   /** Creates the temp file; throws DYAD_ENOSPC/DYAD_ELOCAL. */
   open(): void {
-    try {
-      this.fd = openSync(this.tmpPath, constants.O_WRONLY | constants.O_CREAT | constants.O_EXCL, this.o.mode ?? 0o644);
-      this.created = true;
-      // open(2) applies the umask; the producer's mode must survive exactly.
-      if (this.o.mode !== undefined) fchmodSync(this.fd, this.o.mode);
-    } catch (err) {
-      this.cleanupSync();
-      throw localError(this.peer, this.upath, this.destPath, err);
-    }
+    this.part.create();
   }
 
   /**
@@ -165,7 +149,7 @@ export class ChunkSink {
     if (t0 >= 0) {
       try {
         let o = 0;
-        while (o < c.buf.length) o += writeSync(this.fd, c.buf, o, c.buf.length - o, c.offset + o);
+        while (o < c.buf.length) o += writeSync(this.part.fd, c.buf, o, c.buf.length - o, c.offset + o);
       } catch (err) {
         this.fail(err);
       }
@@ -177,7 +161,7 @@ export class ChunkSink {
     }
     this.writing = true;
     const step = (off: number): void => {
-      fsWrite(this.fd, c.buf, off, c.buf.length - off, c.offset + off, (err, n) => {
+      fsWrite(this.part.fd, c.buf, off, c.buf.length - off, c.offset + off, (err, n) => {
         if (!err && !this.failure && off + n < c.buf.length) return step(off + n);
         this.writing = false;
         if (err) this.fail(err);
@@ -208,34 +192,11 @@ export class ChunkSink {
         throw digestError(this.peer, this.upath, `size mismatch: expected ${this.expect.size} bytes, received ${this.received}`);
       }
       checkReceived(this.peer, this.upath, this.expect, this.received, this.crc);
-      try {
-        if (this.o.fsync) await fsyncAsync(this.fd);
-        closeSync(this.fd);
-        this.fd = -1;
-        renameSync(this.tmpPath, this.destPath);
-        this.cleaned = true;
-      } catch (err) {
-        throw localError(this.peer, this.upath, this.destPath, err);
-      }
-      if (this.o.fsync) await this.syncDir();
+      await this.part.land(this.o.fsync === true);
       return { bytes: this.received };
     } catch (err) {
       await this.abort();
       throw err;
-    }
-  }
-
-  // The rename is durable only once the directory is; failing a pull that
-  // has already landed over it would be worse than DYAD_FSYNC_WRITE's best effort.
-  private async syncDir(): Promise<void> {
-    let dfd = -1;
-    try {
-      dfd = openSync(dirname(this.destPath), constants.O_RDONLY | constants.O_DIRECTORY);
-      await fsyncAsync(dfd);
-    } catch {
-      /* best effort */
-    } finally {
-      if (dfd >= 0) closeSync(dfd);
     }
   }
 
@@ -248,25 +209,6 @@ export class ChunkSink {
     }
     this.waitingDigest.clear();
     await this.allWritten();
-    this.cleanupSync();
-  }
-
-  private cleanupSync(): void {
-    if (this.cleaned) return;
-    this.cleaned = true;
-    if (this.fd >= 0) {
-      try {
-        closeSync(this.fd);
-      } catch {
-        /* irrelevant now */
-      }
-      this.fd = -1;
-    }
-    if (!this.created) return;
-    try {
-      unlinkSync(this.tmpPath);
-    } catch {
-      /* already gone */
-    }
+    this.part.discard();
   }
 }
