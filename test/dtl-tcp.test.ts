@@ -37,10 +37,15 @@ import {
   authMac,
   decodeAuth,
   decodeGet,
+  decodeHello,
+  encodeAuth,
   encodeFrame,
+  encodeGet,
   encodeHello,
+  parseAddress,
   writeDataHeader,
 } from '../src/dtl/tcp/protocol.js';
+import { serveTcp } from '../src/dtl/tcp/server.js';
 
 const SECRET = 'test-secret';
 
@@ -212,6 +217,46 @@ t.test('a file that shrinks while sendfile sends it fails the pull; the server k
   const data = randomBytes(2 << 20);
   await e.client.pull(e.server.address, e.put('after', data), join(e.out, 'after'));
   t.ok(readFileSync(join(e.out, 'after')).equals(data), 'next pull served');
+});
+
+t.test('a consumer that stops reading is dropped after the idle timeout, not held forever', async (t) => {
+  const dir = tmp(t);
+  writeFileSync(join(dir, 'big'), '');
+  truncateSync(join(dir, 'big'), 64 << 20);
+  const logs: string[] = [];
+  const server = await serveTcp({ root: dir, host: '127.0.0.1', port: 0, secret: SECRET, idleTimeoutMs: 300, log: (m) => logs.push(m) });
+  t.teardown(() => server.close());
+  const { host, port } = parseAddress(server.address);
+  const sock = net.connect({ host, port });
+  t.teardown(() => sock.destroy());
+  sock.on('error', () => {});
+  const nonce = randomBytes(32);
+  const reader = new FrameReader();
+  await new Promise<void>((resolve) => {
+    const onData = (chunk: Buffer): void => {
+      for (const f of reader.push(chunk)) {
+        if (f.type === FrameType.hello) {
+          sock.write(encodeAuth(nonce, authMac(Buffer.from(SECRET), 'client', decodeHello(f.payload).nonce, nonce)));
+        } else if (f.type === FrameType.welcome) {
+          // Ask for the body, then never read it.
+          sock.off('data', onData);
+          sock.pause();
+          sock.write(encodeGet(1, 'big'));
+          resolve();
+        }
+      }
+    };
+    sock.on('data', onData);
+  });
+  const deadline = Date.now() + 20_000;
+  while (!logs.some((l) => l.includes('ETIMEDOUT')) && Date.now() < deadline) await sleep(50);
+  t.match(logs.join('\n'), /sendfile failed after \d+ of 67108864 bytes: ETIMEDOUT/, 'the stalled send ends with ETIMEDOUT');
+  const client = tcpBackend.client({ secret: SECRET });
+  t.teardown(() => client.close());
+  const data = randomBytes(100_000);
+  writeFileSync(join(dir, 'small'), data);
+  await client.pull(server.address, { upath: 'small', size: data.length, digest: digestBuffer(data) }, join(dir, 'small-copy'));
+  t.ok(readFileSync(join(dir, 'small-copy')).equals(data), 'the server keeps serving others');
 });
 
 t.test('serving from a /proc/self/fd/N root', async (t) => {
