@@ -34,6 +34,11 @@ export function answerError(code: string, errno: number, message: string): DyadE
   }
 }
 
+/** ENOENT for a name that does not exist (or must not be seen), as an answer. */
+export function noSuchFile(what: string): DyadError {
+  return answerError('DYAD_ENOENT', errnos.ENOENT, `${what}: no such file`);
+}
+
 /** Bad configuration or command-line input: stops a start with one line. */
 export class ConfigError extends DyadError {
   constructor(message: string, errno: number = errnos.EINVAL) {

@@ -25,7 +25,7 @@ import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX } from '../dtl/part.js';
-import { DyadError, answerError, errnoOf, errnos } from '../errors.js';
+import { DyadError, noSuchFile, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
 
@@ -99,7 +99,7 @@ export class DmdFs extends MirrorFs {
 
   override lookup(ctx: RequestContext, parent: number, name: string): Entry | Promise<Entry> {
     // Pulls in progress are not part of the namespace.
-    if (name.startsWith(PART_PREFIX) || (parent === 1 && name === REPLICAS)) throw answerError('DYAD_ENOENT', errnos.ENOENT, `${name}: no such file`);
+    if (name.startsWith(PART_PREFIX) || (parent === 1 && name === REPLICAS)) throw noSuchFile(name);
     return super.lookup(ctx, parent, name);
   }
 
@@ -107,12 +107,12 @@ export class DmdFs extends MirrorFs {
     const upath = this.childRel(dir, name);
     if (caller.kind === 'create') {
       // Creating never waits, whatever is published under that name.
-      throw answerError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
+      throw noSuchFile(upath);
     }
     return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
       // For files owned on this node, local storage is the truth.
       if (rec && !(rec.kind === 'file' && this.fetcher.isLocalOwner(rec.owner) && !this.o.sharedStorage)) return this.localOrRemote(dir, name, rec);
-      if (caller.kind !== 'open') throw answerError('DYAD_ENOENT', errnos.ENOENT, `${upath}: no such file`);
+      if (caller.kind !== 'open') throw noSuchFile(upath);
       // Nothing published yet. The opener gets a placeholder and waits in
       // OPEN (or OPENDIR), where the kernel holds no directory lock: a reader
       // waiting for x/y must not stop a producer on this node from creating x.

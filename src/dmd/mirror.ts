@@ -31,7 +31,7 @@ import type {
   StatFs,
 } from '../fuse/types.js';
 import { callerOf, type Caller } from '../fuse/caller.js';
-import { DyadError, answerError, errnos } from '../errors.js';
+import { DyadError, noSuchFile, errnos } from '../errors.js';
 import { Storage, fstat, lstat, lstatIfExists, toAttr } from './storage.js';
 
 const O_ACCMODE = 3;
@@ -651,7 +651,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   /** A name missing from storage: plain mirrors say ENOENT. */
   protected lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
-    throw answerError('DYAD_ENOENT', errnos.ENOENT, `${this.childRel(dir, name)}: no such file`);
+    throw noSuchFile(this.childRel(dir, name));
   }
 
   /** Entries to list beside those in storage (e.g. published remotely). */

@@ -99,39 +99,37 @@ const syscallBuf = Buffer.alloc(512);
 const syscallFds = new Map<number, number>();
 const MAX_CACHED_FDS = 32;
 
-function syscallFd(tid: number, fresh: boolean): number {
-  let fd = syscallFds.get(tid);
-  if (fd !== undefined && !fresh) return fd;
-  if (fd !== undefined) {
-    syscallFds.delete(tid);
-    fs.closeSync(fd);
-  }
-  fd = fs.openSync(`/proc/${tid}/syscall`, 'r');
-  if (syscallFds.size >= MAX_CACHED_FDS) {
-    // Drop the oldest: the threads asking now are the ones worth keeping.
-    const [oldTid, oldFd] = syscallFds.entries().next().value as [number, number];
-    syscallFds.delete(oldTid);
-    fs.closeSync(oldFd);
-  }
-  syscallFds.set(tid, fd);
-  return fd;
+function forgetSyscallFd(tid: number): void {
+  const fd = syscallFds.get(tid);
+  if (fd === undefined) return;
+  syscallFds.delete(tid);
+  fs.closeSync(fd);
+}
+
+function readSyscallFd(fd: number): string {
+  const n = fs.readSync(fd, syscallBuf, 0, syscallBuf.length, 0);
+  return syscallBuf.toString('latin1', 0, n);
 }
 
 function readSyscall(tid: number): string | undefined {
-  for (const fresh of [false, true]) {
+  const cached = syscallFds.get(tid);
+  if (cached !== undefined) {
     try {
-      const n = fs.readSync(syscallFd(tid, fresh), syscallBuf, 0, syscallBuf.length, 0);
-      return syscallBuf.toString('latin1', 0, n);
+      return readSyscallFd(cached);
     } catch {
-      /* a descriptor left by a thread that is gone: try a fresh one once */
+      forgetSyscallFd(tid); // the thread is gone; its id may have a new owner
     }
   }
-  const fd = syscallFds.get(tid);
-  if (fd !== undefined) {
-    syscallFds.delete(tid);
-    fs.closeSync(fd);
+  try {
+    // Drop the oldest: the threads asking now are the ones worth keeping.
+    if (syscallFds.size >= MAX_CACHED_FDS) forgetSyscallFd(syscallFds.keys().next().value as number);
+    const fd = fs.openSync(`/proc/${tid}/syscall`, 'r');
+    syscallFds.set(tid, fd);
+    return readSyscallFd(fd);
+  } catch {
+    forgetSyscallFd(tid);
+    return undefined;
   }
-  return undefined;
 }
 
 /** Classifies the system call thread `tid` is blocked in. */

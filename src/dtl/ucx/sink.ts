@@ -15,7 +15,7 @@
  */
 import { write as fsWrite, writeSync } from 'node:fs';
 import { DyadError } from '../../errors.js';
-import { algoOf, crcUpdate } from '../digest.js';
+import { algoOf, crcUpdate, type DigestAlgo } from '../digest.js';
 import { digestError, localError } from '../errors.js';
 import { inlineWrites, type IoMode } from '../inline.js';
 import { PartFile } from '../part.js';
@@ -38,6 +38,7 @@ interface Chunk {
 
 export class ChunkSink {
   private readonly part: PartFile;
+  private readonly algo: DigestAlgo;
   private crc = 0;
   private digestedTo = 0;
   private received = 0;
@@ -58,6 +59,7 @@ export class ChunkSink {
     private readonly upath: string,
   ) {
     this.part = new PartFile(destPath, o.mode, peer, upath);
+    this.algo = algoOf(expect.digest);
   }
 
   get bytes(): number {
@@ -101,7 +103,7 @@ export class ChunkSink {
       const c = this.waitingDigest.get(this.digestedTo);
       if (!c) return;
       this.waitingDigest.delete(this.digestedTo);
-      this.crc = crcUpdate(algoOf(this.expect.digest), this.crc, c.buf);
+      this.crc = crcUpdate(this.algo, this.crc, c.buf);
       this.digestedTo += c.buf.length;
       c.digested = true;
       this.settle(c);
