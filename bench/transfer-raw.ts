@@ -1,7 +1,8 @@
 /**
  * Transfer-layer benchmark: TCP pull throughput next to a raw Node TCP
  * stream between the same two processes, in the same run, plus small-file
- * pull latency. The serving side runs in a child process, as it would on
+ * pull latency. Each round also pulls from an owner without sendfile and
+ * with the consumer's receive thread turned off, to show what each gives. The serving side runs in a child process, as it would on
  * another node (server and client in one event loop would serialise them).
  *
  *   node dist/bench/transfer-raw.js [--dir D] [--rounds 3] [--files 16] [--mib 64]
@@ -29,6 +30,7 @@ import { digestBuffer, tcpBackend } from '../src/dtl/index.js';
 import type { PullRequest } from '../src/dtl/index.js';
 import type { WriteMode } from '../src/dtl/sink.js';
 import { setSendfileEnabled } from '../src/dtl/sendfile.js';
+import { setReceiveThreadEnabled } from '../src/dtl/receive.js';
 
 const SECRET = 'bench-secret';
 const RAW_CHUNK = 1 << 20;
@@ -200,11 +202,16 @@ async function main(): Promise<void> {
     };
     const tBuf = await pullAll(readyBuf.pullAddress);
     settle(out, values.prefault ? Math.round(total * 1.5) : 0);
+    setReceiveThreadEnabled(false);
+    const tNoThread = await pullAll(ready.pullAddress);
+    setReceiveThreadEnabled(true);
+    settle(out, values.prefault ? Math.round(total * 1.5) : 0);
     const tPull = await pullAll(ready.pullAddress);
     console.log(
       `round ${r}: raw 'data' ${gb(tData)} GB/s, raw onread ${gb(tOnread)}, raw piped to files ${gb(tFiles)}, ` +
         `pull ${gb(tPull)} GB/s = ${(tData / tPull).toFixed(2)}x raw 'data', ${(tOnread / tPull).toFixed(2)}x raw onread, ` +
-        `${(tFiles / tPull).toFixed(2)}x raw to files; owner without sendfile ${gb(tBuf)} GB/s (sendfile ${(tBuf / tPull).toFixed(2)}x)`,
+        `${(tFiles / tPull).toFixed(2)}x raw to files; owner without sendfile ${gb(tBuf)} GB/s (sendfile ${(tBuf / tPull).toFixed(2)}x), ` +
+        `consumer without the receive thread ${gb(tNoThread)} GB/s (thread ${(tNoThread / tPull).toFixed(2)}x)`,
     );
   }
   for (let r = 0; r < Number(values.rounds); r++) {

@@ -30,6 +30,8 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { errnos } from '../src/errors.js';
 import { PART_PREFIX, digestBuffer, tcpBackend, Digester } from '../src/dtl/index.js';
 import { sendfileAvailable, setSendfileEnabled } from '../src/dtl/sendfile.js';
+import { receiveChannel, receiveThreadAvailable, setReceiveThreadEnabled } from '../src/dtl/receive.js';
+import { crcUpdate, formatDigest } from '../src/dtl/digest.js';
 import type { PullRequest, PullResult, TransferClient, TransferServer } from '../src/dtl/index.js';
 import {
   FrameReader,
@@ -206,6 +208,70 @@ t.test('bodies sent with sendfile and through buffers are the same bytes', async
     await e.client.pull(e.server.address, req, dest);
     t.ok(readFileSync(dest).equals(data), on ? 'sendfile' : 'buffered');
   }
+});
+
+/** Counts the bodies the receive thread takes over while the test runs. */
+function threadTakeovers(t: Teardown): { count: number } {
+  const seen = { count: 0 };
+  const on = (): void => void seen.count++;
+  receiveChannel.subscribe(on);
+  t.teardown(() => void receiveChannel.unsubscribe(on));
+  return seen;
+}
+
+t.test('bodies received on the receive thread and on the event loop are the same bytes', async (t) => {
+  const e = await setup(t);
+  t.ok(receiveThreadAvailable(), 'the addon provides the receive thread on this machine');
+  const seen = threadTakeovers(t);
+  const data = randomBytes((3 << 20) + 12345);
+  const req = e.put('f', data);
+  t.teardown(() => setReceiveThreadEnabled(true));
+  for (const on of [true, false]) {
+    setReceiveThreadEnabled(on);
+    const before = seen.count;
+    const dest = join(e.out, `f-${on}`);
+    await e.client.pull(e.server.address, req, dest);
+    t.ok(readFileSync(dest).equals(data), on ? 'receive thread' : 'event loop');
+    t.equal(seen.count - before, on ? 1 : 0, on ? 'the thread took the body' : 'the loop kept it');
+  }
+  setReceiveThreadEnabled(true);
+  // The thread computes only CRC-32C: a record with a CRC-32 digest is read on the loop.
+  const before = seen.count;
+  const crc32 = formatDigest(crcUpdate('crc32', 0, data), 'crc32');
+  await e.client.pull(e.server.address, { ...req, digest: crc32 }, join(e.out, 'f-crc32'));
+  t.ok(readFileSync(join(e.out, 'f-crc32')).equals(data), 'CRC-32 record');
+  t.equal(seen.count, before, 'no thread for a CRC-32 digest');
+  // And a wrong CRC-32C over the thread's bytes is caught like any other.
+  await t.rejects(e.client.pull(e.server.address, { ...req, digest: 'crc32c:00000000' }, join(e.out, 'bad')), { code: 'DYAD_EDIGEST', errno: errnos.EIO });
+  t.same(parts(e.out), []);
+});
+
+t.test('the receive thread: a peer that dies or stalls mid-body fails the pull, nothing is left', async (t) => {
+  const dir = tmp(t);
+  const seen = threadTakeovers(t);
+  const size = 8 << 20;
+  const req = { upath: 'f', size, digest: 'crc32c:00000000' };
+  const body = (stallAfter: number, thenClose: boolean) =>
+    fakePeer(t, {
+      onGet: (sock, id) => {
+        const head = Buffer.alloc(17);
+        writeDataHeader(head, id, size);
+        sock.write(Buffer.concat([head, randomBytes(stallAfter)]), () => {
+          if (thenClose) sock.destroy();
+        });
+      },
+    });
+  const client = tcpBackend.client({ secret: SECRET });
+  t.teardown(() => client.close());
+  const dies = await body(3 << 20, true);
+  const err = await client.pull(dies, req, join(dir, 'f')).catch((x: unknown) => x);
+  t.match(err, { code: 'DYAD_EPEER', errno: errnos.EIO });
+  t.match((err as Error).message, /closed by peer after \d+ of 8388608 bytes/, `says how far it got: ${(err as Error).message}`);
+  const stalls = await body(3 << 20, false);
+  await t.rejects(client.pull(stalls, req, join(dir, 'f'), { peerTimeoutMs: 200 }), { code: 'DYAD_EPEER', message: /no data for 200 ms \(\d+ of 8388608 bytes/ });
+  t.equal(seen.count, 2, 'both bodies were on the receive thread');
+  t.same(parts(dir), []);
+  t.notOk(existsSync(join(dir, 'f')));
 });
 
 t.test('a file that shrinks while sendfile sends it fails the pull; the server keeps serving', async (t) => {

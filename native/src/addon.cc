@@ -1,18 +1,21 @@
 // The native half of dyad-fs: only what JavaScript cannot do by itself on
 // /dev/fuse (mount, non-blocking reads on the loop, writev replies, ioctls)
-// and what a file server wants: sendfile(2) and a fast CRC-32C.
+// and what a file server and its clients want: sendfile(2), a receive
+// thread, and a fast CRC-32C.
 // Nothing here knows about DYAD.
 #include <napi.h>
 
 #include "crc32c.h"
 #include "device.h"
 #include "mount.h"
+#include "receiver.h"
 #include "sender.h"
 #include "sys.h"
 
 static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("FuseDevice", FuseDevice::Init(env));
   exports.Set("FileSender", FileSender::Init(env));
+  exports.Set("FileReceiver", FileReceiver::Init(env));
   exports.Set("openDevice", Napi::Function::New(env, OpenDevice));
   exports.Set("mount", Napi::Function::New(env, Mount));
   exports.Set("umount", Napi::Function::New(env, Umount));

@@ -15,7 +15,7 @@
  * byte has gone and the caller streams the file itself.
  */
 import type net from 'node:net';
-import { addon, type FileSenderHandle } from './addon.js';
+import { addon, socketFd, type FileSenderHandle } from './addon.js';
 
 const FileSender = addon.FileSender ?? null;
 let enabled = FileSender !== null;
@@ -41,12 +41,6 @@ export interface RangeSend {
   done: Promise<SendOutcome>;
   /** Stops sending and shuts the connection down; `done` then resolves with ECANCELED. */
   cancel(): void;
-}
-
-/** The descriptor under a connected net.Socket, or -1 (Node keeps it in an internal handle). */
-function socketFd(sock: net.Socket): number {
-  const fd = (sock as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === 'number' && fd >= 0 ? fd : -1;
 }
 
 /**

@@ -8,7 +8,8 @@
  *
  * Backend-neutral: a transport hands the sink either a region to receive
  * into (zero-copy: the socket reads straight into a write buffer) or bytes
- * it already holds. Full buffers are written with large positional writes,
+ * it already holds, or takes over the writing itself (handOff/absorb: the
+ * TCP client's receive thread). Full buffers are written with large positional writes,
  * inline or on the thread pool (inline.ts decides); a sink holding its limit
  * of buffers (pool writes behind) returns no region, which is the
  * transport's signal to stop reading until onResume fires (backpressure
@@ -131,6 +132,30 @@ export class FileSink {
       this.received += n;
       if (this.curFill === this.cur.length) this.flush();
     }
+  }
+
+  /**
+   * Hands the rest of the body to a receiver that writes the file itself
+   * (receive.ts): writes out what this sink holds and says where the rest
+   * goes. Null when that receiver cannot continue the digest (it computes
+   * only CRC-32C) or the sink has failed.
+   */
+  handOff(): { fd: number; offset: number; crc: number } | null {
+    if (this.failure || this.algo !== 'crc32c') return null;
+    this.flush();
+    return { fd: this.part.fd, offset: this.writePos, crc: this.crc };
+  }
+
+  /** The receiver wrote `n` bytes after the hand-off; `crc` now covers the whole file so far. */
+  absorb(n: number, crc: number): void {
+    this.received += n;
+    this.writePos += n;
+    this.crc = crc;
+  }
+
+  /** A write by the receiver failed: the pull fails as if this sink's own write had. */
+  failWrite(err: unknown): void {
+    this.fail(err);
   }
 
   private fail(err: unknown): void {
