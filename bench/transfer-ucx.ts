@@ -9,6 +9,9 @@
  *        [--tls tcp] [--devices lo] [--chunk-kib 512] [--window 8] [--buffers 10]
  *        [--paths am,get,tcp] [--huge-mib 1024] [--no-perftest] [--no-prefault]
  *
+ * Each pull figure also gives the consumer main thread's CPU time per GiB:
+ * the thread that drives UCX progress (and in a daemon, FUSE).
+ *
  * --tls/--devices become UCX_TLS/UCX_NET_DEVICES for both processes and for
  * ucx_perftest (default tcp on lo: on one host UCX would otherwise use
  * shared memory). Each round deletes the previous output, syncs and
@@ -27,6 +30,12 @@ import { createUcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
 import { loadUcx } from '../src/dtl/ucx/native.js';
 import type { IoMode } from '../src/dtl/inline.js';
 import { ucxPerftest } from './lib.js';
+
+/** CPU seconds used so far by this process's main thread (not its helpers). */
+function mainThreadCpu(): number {
+  const f = readFileSync(`/proc/self/task/${process.pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
+  return (Number(f[11]) + Number(f[12])) / 100; // utime, stime in clock ticks (USER_HZ 100)
+}
 
 const SECRET = 'bench-secret';
 
@@ -220,11 +229,13 @@ async function main(): Promise<void> {
     }
     for (const [p, c] of clients) {
       settle(out, values.prefault ? Math.round(total * 1.5) : 0);
+      const cpu0 = mainThreadCpu();
       const t0 = process.hrtime.bigint();
       await Promise.all(big.map((req, i) => c.client.pull(c.address, req, join(out, `big${i}`))));
       const g = gbps(Number(process.hrtime.bigint() - t0) / 1e9);
+      const cpuPerGiB = (mainThreadCpu() - cpu0) / (total / 2 ** 30);
       results.set(p, [...(results.get(p) ?? []), g]);
-      line.push(`${p} ${g.toFixed(2)}`);
+      line.push(`${p} ${g.toFixed(2)} (main thread ${cpuPerGiB.toFixed(2)} s/GiB)`);
     }
     // Neighbours on a shared VM move every figure; ratios within a round move less.
     const tcpNow = results.get('tcp')?.[r];

@@ -28,8 +28,7 @@
  */
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
-import { getSystemErrorName } from 'node:util';
-import { ConfigError, DyadError, errnos } from '../../errors.js';
+import { ConfigError, DyadError, errnoName, errnos } from '../../errors.js';
 import { BufferPool } from '../buffers.js';
 import { MAX_UPATH_BYTES, refused } from '../confine.js';
 import { assertDigest } from '../digest.js';
@@ -341,7 +340,7 @@ class Connection {
       this.sock.resume();
       return this.bodyDone();
     }
-    const name = getSystemErrorName(-o.errno);
+    const name = errnoName(o.errno);
     if (o.fileError) return sink.failWrite(Object.assign(new Error(`${name} writing the received bytes`), { code: name }));
     this.bodyLeft -= o.received;
     if (o.errno === errnos.ETIMEDOUT) {
