@@ -72,6 +72,27 @@ t.test('creating never blocks, probes never block', async (t) => {
   t.equal(fs.readFileSync(path.join(q.mnt, 'both'), 'utf8'), 'local', 'a create over a published name makes a local file');
 });
 
+t.test('a producer writes into a directory that only another node has made', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.mkdirSync(path.join(p.mnt, 'shared', 'deep'), { recursive: true });
+  fs.writeFileSync(path.join(p.mnt, 'shared', 'deep', 'from0'), 'zero');
+  // Node 1 has never looked at shared/: the shell's redirect creates straight
+  // into it. The same thread then becomes a reader (exec) waiting for a file
+  // in a directory nobody has made yet.
+  const cons = sh(`echo one > ${path.join(q.mnt, 'shared', 'deep', 'from1')} && exec cat ${path.join(q.mnt, 'later', 'x')}`, { timeoutMs: 30_000 });
+  await sleep(500);
+  fs.mkdirSync(path.join(p.mnt, 'later'));
+  fs.writeFileSync(path.join(p.mnt, 'later', 'x'), 'late');
+  const r = await cons;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'late', 'the exec\'d reader waited and read');
+  t.equal(fs.readFileSync(path.join(q.storage, 'shared', 'deep', 'from1'), 'utf8'), 'one\n', 'created in node 1 storage');
+  t.equal(fs.readFileSync(path.join(p.mnt, 'shared', 'deep', 'from1'), 'utf8'), 'one\n', 'and published for node 0');
+  const miss = await sh(`echo x > ${path.join(q.mnt, 'nowhere', 'f')}`);
+  t.match(miss.stderr, /No such file or directory/, 'a directory no node has: ENOENT, at once');
+});
+
 t.test('many concurrent consumers of one file cause one pull', async (t) => {
   const c = await cluster(t, 2, ['--log-level', 'debug']);
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];

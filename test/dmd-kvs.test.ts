@@ -98,7 +98,7 @@ t.test('configuration errors stop the start with one line', async (t) => {
 });
 
 t.test('dyad config shows values and their sources', async (t) => {
-  const r = await sh(`DYAD_KVS_NAMESPACE=envns DYAD_DTL_MODE=FLUX_RPC DYAD_ASYNC_PUBLISH=0 DYAD_SERVICE_MUX=2 ${process.execPath} ${dyadBin} config --rank 7 /tmp`);
+  const r = await sh(`DYAD_KVS_NAMESPACE=envns DYAD_DTL_MODE=FLUX_RPC DYAD_ASYNC_PUBLISH=0 DYAD_SERVICE_MUX=2 DYAD_PATH_ORIGIN=/data/set ${process.execPath} ${dyadBin} config --rank 7 /tmp`);
   t.equal(r.code, 0, r.stderr);
   t.match(r.stdout, /^namespace\s+envns\s+env \(DYAD_KVS_NAMESPACE\)$/m);
   t.match(r.stdout, /^rank\s+7\s+flag \(--rank\)$/m);
@@ -106,6 +106,7 @@ t.test('dyad config shows values and their sources', async (t) => {
   t.match(r.stdout, /^asyncPublish\s+true\s+env \(DYAD_ASYNC_PUBLISH\)$/m, 'DYAD booleans: set means true, even 0');
   t.match(r.stdout, /^serviceMux\s+2\s+env/m);
   t.match(r.stdout, /^keyBins\s+1024\s+default$/m);
+  t.match(r.stdout, /^origin\s+\/data\/set\s+env \(DYAD_PATH_ORIGIN\)$/m);
   const f = await sh(`DYAD_KVS_NAMESPACE=envns ${process.execPath} ${dyadBin} config --namespace flagns --dtl flux_rpc`);
   t.match(f.stdout, /^namespace\s+flagns\s+flag/m, 'flags win over the environment');
   t.match(f.stdout, /^dtl\s+TCP\s+flag \(--dtl\)$/m, 'the --dtl flag ignores case (DYAD_DTL_MODE does not)');

@@ -22,6 +22,7 @@ export function addDyadOptions(cmd: Command): Command {
     .option('--key-depth <n>', 'KVS key hash levels, for a served KVS (DYAD_KEY_DEPTH; default 3)')
     .option('--key-bins <n>', 'KVS key bins per level, for a served KVS (DYAD_KEY_BINS; default 1024)')
     .option('--wait-timeout <seconds>', 'readers of unpublished files give up with ETIMEDOUT (DYAD_WAIT_TIMEOUT; default: wait forever)')
+    .option('--origin <dir>', 'read-through: a file found nowhere (not local, not published) but present under DIR, e.g. a dataset on the parallel file system, is copied into storage and published for the other nodes (DYAD_PATH_ORIGIN)')
     .option('--push-max <bytes>', 'files up to this size travel with their publication to watching nodes, which then need no transfer; 0 = never (DYAD_PUSH_MAX; default 16384)')
     .option('--peer-timeout <seconds>', 'a silent or unreachable owner fails a pull with EIO after this long (default 10)')
     .addOption(new Option('--passthrough <mode>', 'kernel passthrough for local reads and writes (needs root and Linux 6.9+)').choices(['auto', 'off']).default('auto'));

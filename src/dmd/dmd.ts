@@ -10,6 +10,9 @@
  *   the opener a placeholder node the kernel may not cache.
  * - stat and readdir show files published elsewhere from their records,
  *   without moving a byte; they never wait.
+ * - With an origin (origin.ts), a name found nowhere else but in the origin
+ *   shows from the origin's attributes, and opening it copies it from there
+ *   and publishes it instead of waiting.
  *
  * See docs/SEMANTICS.md for the contract.
  */
@@ -18,6 +21,7 @@ import path from 'node:path';
 import diagnostics from 'node:diagnostics_channel';
 import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
 import { Fetcher, REPLICAS } from './fetch.js';
+import { Origin, type OriginStat } from './origin.js';
 import { Storage, lstat, lstatIfExists } from './storage.js';
 import { callerPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
@@ -34,6 +38,8 @@ const O_DIRECTORY = fs.constants.O_DIRECTORY;
 const S_IFREG = 0o100000;
 /** Files up to this size are digested with one synchronous read. */
 const SMALL_FILE = 256n * 1024n;
+/** Marks listed entries that only the origin has. */
+const FROM_ORIGIN = Symbol('origin');
 /** Inode numbers shown for files not (yet) in local storage. */
 const VIRTUAL_INO_BASE = 2 ** 52;
 
@@ -63,6 +69,8 @@ export interface DmdOptions extends MirrorOptions {
   pushMaxBytes: number;
   /** Reader waits give up with ETIMEDOUT after this long; undefined waits forever. */
   waitTimeoutMs?: number;
+  /** Read-through directory for files no node has (absolute, outside mount and storage). */
+  origin?: string;
   peerTimeoutMs: number;
   log: DmdLog;
 }
@@ -70,6 +78,8 @@ export interface DmdOptions extends MirrorOptions {
 interface Virtual {
   /** The record the node shows; undefined while nothing is published yet. */
   rec?: FileRecord;
+  /** Shown from the origin: `rec` holds its attributes, not a publication. */
+  fromOrigin?: boolean;
   /** A placeholder for a directory a reader's path runs through. */
   isDir: boolean;
 }
@@ -79,10 +89,13 @@ export class DmdFs extends MirrorFs {
   /** What we last published per upath (mtime:size), so FLUSH and RELEASE publish once. */
   private readonly published = new Map<string, string>();
   readonly fetcher: Fetcher;
+  private readonly origin: Origin | undefined;
 
   constructor(storage: Storage, private readonly o: DmdOptions) {
     super(storage, o);
+    this.origin = o.origin !== undefined ? new Origin(o.origin) : undefined;
     this.fetcher = new Fetcher({
+      origin: this.origin,
       kvs: o.kvs,
       ns: o.ns,
       rank: o.rank,
@@ -106,12 +119,22 @@ export class DmdFs extends MirrorFs {
   protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
     const upath = this.childRel(dir, name);
     if (caller.kind === 'create') {
-      // Creating never waits, whatever is published under that name.
-      throw noSuchFile(upath);
+      // Creating never waits, whatever is published under that name: a new
+      // local file shadows it. But a directory on the way to the created
+      // name may be one that holds files published elsewhere (or the
+      // origin's): those exist on every node.
+      if (this.componentOf(caller, upath) !== 'inner') throw noSuchFile(upath);
+      return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
+        if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
+        if (!rec && this.origin?.stat(upath)?.kind === 'dir') return this.originEntry(dir, name, this.origin.stat(upath)!);
+        throw noSuchFile(upath);
+      });
     }
     return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
       // For files owned on this node, local storage is the truth.
       if (rec && !(rec.kind === 'file' && this.fetcher.isLocalOwner(rec.owner) && !this.o.sharedStorage)) return this.localOrRemote(dir, name, rec);
+      const inOrigin = rec ? undefined : this.origin?.stat(upath);
+      if (inOrigin) return this.originEntry(dir, name, inOrigin);
       if (caller.kind !== 'open') throw noSuchFile(upath);
       // Nothing published yet. The opener gets a placeholder and waits in
       // OPEN (or OPENDIR), where the kernel holds no directory lock: a reader
@@ -151,6 +174,23 @@ export class DmdFs extends MirrorFs {
       st = undefined; // not usable locally: show the record
     }
     return st ? this.entryFor(dir, name, st) : this.remoteEntry(dir, name, rec);
+  }
+
+  /**
+   * A name only the origin has: a directory is made locally (it holds
+   * nothing until files are read); a file shows the origin's attributes
+   * until an open copies it.
+   */
+  private originEntry(dir: Node, name: string, st: OriginStat): Entry {
+    if (st.kind === 'dir') {
+      const p = this.storage.abs(this.childRel(dir, name));
+      fs.mkdirSync(p, { recursive: true, mode: 0o755 });
+      return this.entryFor(dir, name, lstat(p));
+    }
+    const attrs: FileRecord = { owner: -1, size: st.size, mode: st.mode, mtimeMs: st.mtimeMs, digest: '', version: 0, kind: 'file' };
+    const entry = this.remoteEntry(dir, name, attrs);
+    this.virtual.set(entry.nodeid, { rec: attrs, isDir: false, fromOrigin: true });
+    return entry;
   }
 
   private remoteEntry(dir: Node, name: string, rec: FileRecord | undefined, isDir = false): Entry {
@@ -207,7 +247,7 @@ export class DmdFs extends MirrorFs {
     const upath = this.rel(node);
     const v = this.virtual.get(nodeid);
     if (v) {
-      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: v.rec }).then(() => {
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: v.fromOrigin ? undefined : v.rec }).then(() => {
         this.materialize(node);
         this.virtual.delete(nodeid);
         return super.open(ctx, nodeid, flags);
@@ -241,25 +281,46 @@ export class DmdFs extends MirrorFs {
   // ---- listings -----------------------------------------------------------
 
   protected override extraEntries(dir: Node): Promise<ListedEntry[]> {
-    return this.o.kvs.list(this.o.ns, this.rel(dir)).then(
-      (list) =>
-        list.filter((e) => dir.parent || e.name !== REPLICAS).map((e) => ({
+    const upath = this.rel(dir);
+    return this.o.kvs.list(this.o.ns, upath).then(
+      (list) => {
+        const out: ListedEntry[] = list.filter((e) => dir.parent || e.name !== REPLICAS).map((e) => ({
           name: e.name,
           mode: e.record.kind === 'dir' ? S_IFDIR : e.record.mode,
           ino: 0,
           extra: e.record,
-        })),
+        }));
+        if (!this.origin) return out;
+        const seen = new Set(out.map((e) => e.name));
+        for (const o of this.origin.list(upath)) {
+          if (seen.has(o.name) || this.hidden(o.name) || (!dir.parent && o.name === REPLICAS)) continue;
+          out.push({ name: o.name, mode: o.isDir ? S_IFDIR : S_IFREG, ino: 0, extra: FROM_ORIGIN });
+        }
+        return out;
+      },
       (err: unknown) => {
         const code = (err as { code?: string }).code;
-        if (code === 'DYAD_ENOENT' || code === 'DYAD_ENOTDIR') return []; // nothing published here
+        if (code === 'DYAD_ENOENT' || code === 'DYAD_ENOTDIR') return this.originListing(dir); // nothing published here
         throw err;
       },
     );
   }
 
+  private originListing(dir: Node): ListedEntry[] {
+    if (!this.origin) return [];
+    return this.origin
+      .list(this.rel(dir))
+      .filter((o) => !this.hidden(o.name) && (dir.parent || o.name !== REPLICAS))
+      .map((o) => ({ name: o.name, mode: o.isDir ? S_IFDIR : S_IFREG, ino: 0, extra: FROM_ORIGIN }));
+  }
+
   protected override readdirEntry(dir: Node, e: ListedEntry): Entry {
     const entry = super.readdirEntry(dir, e);
     if (entry.nodeid !== 0 || !e.extra) return entry;
+    if (e.extra === FROM_ORIGIN) {
+      const st = this.origin?.stat(this.childRel(dir, e.name));
+      return st ? this.originEntry(dir, e.name, st) : entry; // gone since opendir: skipped
+    }
     return this.localOrRemote(dir, e.name, e.extra as FileRecord);
   }
 

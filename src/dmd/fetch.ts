@@ -13,6 +13,7 @@ import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 import type { Storage } from './storage.js';
+import type { Origin } from './origin.js';
 import { landWhole } from '../dtl/sink.js';
 
 export const pullChannel = diagnostics.channel('dyad-fs:dmd:pull');
@@ -45,6 +46,8 @@ export interface FetcherOptions {
   transfer?: TransferClient;
   storage: Storage;
   peerTimeoutMs: number;
+  /** Where a file no node has is copied from (then published as ours). */
+  origin?: Origin;
   log: FetchLog;
 }
 
@@ -126,7 +129,12 @@ export class Fetcher {
 
   /** `known`: the record the caller already has (saves a round trip). */
   private async fetch(upath: string, signal: AbortSignal, known?: FileRecord): Promise<FileRecord> {
-    const rec = known ?? (await this.o.kvs.lookup(this.o.ns, upath)) ?? (await this.o.kvs.wait(this.o.ns, upath, { signal }));
+    let rec = known ?? (await this.o.kvs.lookup(this.o.ns, upath));
+    if (!rec && this.o.origin) {
+      const copied = await this.fromOrigin(upath, signal);
+      if (copied) return copied;
+    }
+    rec ??= await this.o.kvs.wait(this.o.ns, upath, { signal });
     const dest = this.o.storage.abs(upath);
     if (rec.kind === 'dir') {
       fs.mkdirSync(dest, { recursive: true, mode: 0o755 });
@@ -145,9 +153,42 @@ export class Fetcher {
       const errno = errnoOf(err);
       if (errno === errnos.EINTR || errno === errnos.ENOSPC) throw err;
       // The owner is gone or lost the file: a node that pulled it earlier may still have it.
-      if (!(await this.pullFromReplica(upath, rec, dest, signal))) throw err;
+      if (await this.pullFromReplica(upath, rec, dest, signal)) {
+        /* landed */
+      } else {
+        // Or the origin has it: this node then takes over as its owner.
+        const copied = this.o.origin ? await this.fromOrigin(upath, signal) : undefined;
+        if (copied) return copied;
+        throw err;
+      }
     }
     this.recordCopy(upath, rec);
+    return rec;
+  }
+
+  /**
+   * Copies upath from the origin into storage and publishes it as ours, so
+   * the next reader anywhere pulls it from here; undefined when the origin
+   * has no such file. Another node may copy the same file at the same time:
+   * both copies are whole and equal, and the later publication wins.
+   */
+  private async fromOrigin(upath: string, signal: AbortSignal): Promise<FileRecord | undefined> {
+    const origin = this.o.origin!;
+    const dest = this.o.storage.abs(upath);
+    const st = origin.stat(upath);
+    if (!st) return undefined;
+    if (st.kind === 'dir') {
+      fs.mkdirSync(dest, { recursive: true, mode: 0o755 });
+      return { owner: -1, size: 0, mode: st.mode, mtimeMs: st.mtimeMs, digest: '', version: 0, kind: 'dir' };
+    }
+    this.ensureDir(path.dirname(dest));
+    const started = process.hrtime.bigint();
+    const c = await origin.copy(upath, dest, signal);
+    if (!c) return undefined;
+    const rec = await this.o.kvs.publish(this.o.ns, upath, { owner: this.o.rank, size: c.size, mode: c.mode, mtimeMs: c.mtimeMs, digest: c.digest });
+    const ms = Number(process.hrtime.bigint() - started) / 1e6;
+    if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: -1, bytes: c.size, ms, origin: true });
+    this.o.log.debug(`copied ${upath} (${c.size} B) from the origin in ${ms.toFixed(2)} ms and published it`);
     return rec;
   }
 

@@ -75,17 +75,9 @@ const AARCH64: Record<number, Rule> = {
 const TABLE = process.arch === 'arm64' ? AARCH64 : process.arch === 'x64' ? X86_64 : undefined;
 
 function readHow(tid: number, addr: bigint): number | undefined {
-  let fd: number | undefined;
-  try {
-    fd = fs.openSync(`/proc/${tid}/mem`, 'r');
-    const buf = Buffer.alloc(8);
-    if (fs.readSync(fd, buf, 0, 8, addr) !== 8) return undefined;
-    return Number(buf.readBigUInt64LE(0) & 0xffff_ffffn);
-  } catch {
-    return undefined;
-  } finally {
-    if (fd !== undefined) fs.closeSync(fd);
-  }
+  const buf = Buffer.alloc(8);
+  if (readMem(tid, addr, buf) !== 8) return undefined;
+  return Number(buf.readBigUInt64LE(0) & 0xffff_ffffn);
 }
 
 // One LOOKUP of a missing name reads this file. Its descriptor is kept per
@@ -99,11 +91,44 @@ const syscallBuf = Buffer.alloc(512);
 const syscallFds = new Map<number, number>();
 const MAX_CACHED_FDS = 32;
 
-function forgetSyscallFd(tid: number): void {
-  const fd = syscallFds.get(tid);
+function forgetFd(cache: Map<number, number>, tid: number): void {
+  const fd = cache.get(tid);
   if (fd === undefined) return;
-  syscallFds.delete(tid);
+  cache.delete(tid);
   fs.closeSync(fd);
+}
+
+function forgetSyscallFd(tid: number): void {
+  forgetFd(syscallFds, tid);
+}
+
+/** Opens /proc/<tid>/<file> into `cache`, dropping the oldest entry when full. */
+function openCached(cache: Map<number, number>, tid: number, file: string): number {
+  // Drop the oldest: the threads asking now are the ones worth keeping.
+  if (cache.size >= MAX_CACHED_FDS) forgetFd(cache, cache.keys().next().value as number);
+  const fd = fs.openSync(`/proc/${tid}/${file}`, 'r');
+  cache.set(tid, fd);
+  return fd;
+}
+
+// The caller's memory, for the path of an open (callerPath) and openat2's
+// flags: kept per thread like the syscall file. A descriptor stays bound to
+// the address space it was opened on; after an exec, or once its thread is
+// gone, reads of it fail or return nothing, and it is opened afresh once.
+const memFds = new Map<number, number>();
+
+function readMem(tid: number, addr: bigint, buf: Buffer): number | undefined {
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      const fd = memFds.get(tid) ?? openCached(memFds, tid, 'mem');
+      const n = fs.readSync(fd, buf, 0, buf.length, addr);
+      if (n > 0) return n;
+    } catch {
+      /* stale descriptor, or no such thread */
+    }
+    forgetFd(memFds, tid);
+  }
+  return undefined;
 }
 
 function readSyscallFd(fd: number): string {
@@ -121,11 +146,7 @@ function readSyscall(tid: number): string | undefined {
     }
   }
   try {
-    // Drop the oldest: the threads asking now are the ones worth keeping.
-    if (syscallFds.size >= MAX_CACHED_FDS) forgetSyscallFd(syscallFds.keys().next().value as number);
-    const fd = fs.openSync(`/proc/${tid}/syscall`, 'r');
-    syscallFds.set(tid, fd);
-    return readSyscallFd(fd);
+    return readSyscallFd(openCached(syscallFds, tid, 'syscall'));
   } catch {
     forgetSyscallFd(tid);
     return undefined;
@@ -161,27 +182,21 @@ export function callerOf(tid: number): Caller {
 
 const AT_FDCWD = -100;
 
+const pathBuf = Buffer.alloc(4096);
+
 /**
  * The absolute path the caller passed to its open, as far as /proc can tell
  * (its cwd or dirfd joined with the string in its memory), or undefined.
- * Read only when needed: it costs a few /proc reads.
+ * Read only when needed: a read of the caller's memory, and of its cwd or
+ * dirfd link for a relative path.
  */
 export function callerPath(c: Caller): string | undefined {
   if (c.tid === undefined || c.pathPtr === undefined || c.pathPtr === 0n) return undefined;
-  let fd: number | undefined;
-  let raw: string;
-  try {
-    fd = fs.openSync(`/proc/${c.tid}/mem`, 'r');
-    const buf = Buffer.alloc(4096);
-    const n = fs.readSync(fd, buf, 0, buf.length, c.pathPtr);
-    const end = buf.indexOf(0);
-    if (end < 0 || end > n) return undefined;
-    raw = buf.toString('utf8', 0, end);
-  } catch {
-    return undefined;
-  } finally {
-    if (fd !== undefined) fs.closeSync(fd);
-  }
+  const n = readMem(c.tid, c.pathPtr, pathBuf);
+  if (n === undefined) return undefined;
+  const end = pathBuf.indexOf(0);
+  if (end < 0 || end >= n) return undefined;
+  const raw = pathBuf.toString('utf8', 0, end);
   if (raw.startsWith('/')) return raw;
   try {
     const base =

@@ -37,6 +37,7 @@ export interface Flags {
   waitTimeout?: string;
   peerTimeout?: string;
   pushMax?: string;
+  origin?: string;
 }
 
 export interface DyadConfig {
@@ -58,6 +59,7 @@ export interface DyadConfig {
   waitTimeoutMs: Setting<number | undefined>;
   peerTimeoutMs: Setting<number>;
   pushMaxBytes: Setting<number>;
+  origin: Setting<string | undefined>;
 }
 
 type Env = NodeJS.ProcessEnv;
@@ -156,6 +158,8 @@ export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env
     peerTimeoutMs: pick(f.peerTimeout, '--peer-timeout', env, ['DYAD_PEER_TIMEOUT'], seconds, 10_000),
     // One small file costs far less on the wire than the round trip it saves.
     pushMaxBytes: pick(f.pushMax, '--push-max', env, ['DYAD_PUSH_MAX'], int(0, MAX_PUSHED_BYTES), 16 << 10),
+    // Checked at start (it must be a directory outside the mount): see Daemon.
+    origin: pick(f.origin, '--origin', env, ['DYAD_PATH_ORIGIN'], (v) => path.resolve(v), undefined as string | undefined),
   };
   if (cfg.kvs.value && cfg.kvsServe.value) {
     throw new ConfigError('--kvs and --kvs-serve exclude each other: a daemon either serves the embedded KVS or uses one');

@@ -93,6 +93,15 @@ export class Daemon {
       throw new ConfigError(`--storage ${storageDir}: not a directory`, errnos.ENOTDIR);
     }
     const ns = cfg.namespace.value;
+    const origin = cfg.origin.value;
+    if (origin !== undefined) {
+      if (!fs.statSync(origin, { throwIfNoEntry: false })?.isDirectory()) throw new ConfigError(`${cfg.origin.from} ${origin}: not a directory`, errnos.ENOTDIR);
+      const inside = (dir: string) => origin === dir || origin.startsWith(`${dir}/`) || dir.startsWith(`${origin}/`);
+      // Reading the origin through the mount (or the storage through the origin) would wait on itself.
+      if (inside(path.resolve(this.mountpoint)) || inside(storageDir)) {
+        throw new ConfigError(`${cfg.origin.from} ${origin}: must be outside the mountpoint and the storage`, errnos.EINVAL);
+      }
+    }
 
     // Metadata: serve the embedded KVS here, or reach the configured one.
     let secret: string | undefined;
@@ -192,6 +201,7 @@ export class Daemon {
       waitTimeoutMs: cfg.waitTimeoutMs.value,
       peerTimeoutMs: cfg.peerTimeoutMs.value,
       pushMaxBytes: cfg.pushMaxBytes.value,
+      origin,
       log,
     });
     this.fs = fsys;
@@ -221,7 +231,7 @@ export class Daemon {
       (err: Error) => log.warn(`storage scan failed: ${err.message}`),
     );
     log.info(
-      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''})`,
+      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''})`,
     );
   }
 
