@@ -136,21 +136,23 @@ export interface Programs {
 }
 
 /** Builds examples/c/{prod,cons}.c with the system compiler, as the tutorial's `make` does. */
-export async function buildPrograms(outDir: string): Promise<Programs> {
+/** Compiles examples/c/NAME.c into outDir; resolves to the binary's path. */
+export async function buildProgram(outDir: string, name: string): Promise<string> {
   fs.mkdirSync(outDir, { recursive: true });
   const cc = process.env.CC ?? 'cc';
-  const build = async (name: 'prod' | 'cons') => {
-    const out = path.join(outDir, name);
-    const src = path.join(repoRoot, 'examples', 'c', `${name}.c`);
-    try {
-      await execFileP(cc, ['-std=c11', '-O2', '-Wall', '-Wextra', '-o', out, src]);
-    } catch (err) {
-      const e = err as { stderr?: string; message: string };
-      throw new Error(`${cc} ${src} failed: ${e.stderr?.trim() || e.message}`);
-    }
-    return out;
-  };
-  const [prod, cons] = await Promise.all([build('prod'), build('cons')]);
+  const out = path.join(outDir, name);
+  const src = path.join(repoRoot, 'examples', 'c', `${name}.c`);
+  try {
+    await execFileP(cc, ['-std=c11', '-O2', '-Wall', '-Wextra', '-o', out, src]);
+  } catch (err) {
+    const e = err as { stderr?: string; message: string };
+    throw new Error(`${cc} ${src} failed: ${e.stderr?.trim() || e.message}`);
+  }
+  return out;
+}
+
+export async function buildPrograms(outDir: string): Promise<Programs> {
+  const [prod, cons] = await Promise.all([buildProgram(outDir, 'prod'), buildProgram(outDir, 'cons')]);
   return { prod, cons };
 }
 
@@ -246,9 +248,9 @@ function unmountNode(node: DyadNode): void {
  * Node 0 serves the embedded KVS (it creates the namespace, as `flux kvs
  * namespace create` would, and exports its secret); node 1 is its client.
  */
-export async function startCluster(td: Teardown, root: string, namespace = 'dyad'): Promise<Cluster> {
+export async function startCluster(td: Teardown, root: string, namespace = 'dyad', extra: string[] = []): Promise<Cluster> {
   const kvsData = path.join(root, 'kvs');
-  const ns = ['--namespace', namespace];
+  const ns = ['--namespace', namespace, ...extra];
   const n0 = await mountNode(td, root, 0, ['--kvs-serve', '127.0.0.1:0', '--kvs-data', kvsData, ...ns]);
   const url = (await waitForLogLine(n0.log, /serving the embedded KVS at (dyad:\/\/\S+)/, 5000))[1]!;
   const secretFile = path.join(kvsData, 'secrets', `${namespace}.secret`);
