@@ -8,7 +8,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { cluster, dyadMountBin, isMountedAt, sh, tmpdir } from './helpers/mount.js';
+import { execFileSync } from 'node:child_process';
+import { cluster, dyadMountBin, isMountedAt, mountCli, sh, tmpdir } from './helpers/mount.js';
 
 const logLines = (log: string, re: RegExp) => fs.readFileSync(log, 'utf8').split('\n').filter((l) => re.test(l));
 
@@ -114,6 +115,29 @@ t.test('an owner that is gone: the reader copies from the origin and takes over'
   t.ok(fs.readFileSync(path.join(q.storage, 'train', 'a.bin')).equals(sample), 'node 2 has the bytes');
   t.match(fs.readFileSync(q.log, 'utf8'), /pull of train\/a\.bin from rank 1 .*failed/, 'the pull from the dead owner failed');
   t.equal(logLines(q.log, /copied train\/a\.bin .* from the origin/).length, 1, 'then it came from the origin');
+});
+
+t.test('a copy that does not fit fails the open with ENOSPC and leaves nothing behind', async (t) => {
+  const base = tmpdir(t);
+  const { origin } = dataset(base);
+  const storage = path.join(base, 'small');
+  fs.mkdirSync(storage);
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'dyad-test', storage], { stdio: 'ignore' });
+  } catch {
+    t.comment('cannot mount a tmpfs here (not root?): skipped');
+    return;
+  }
+  t.teardown(() => execFileSync('umount', ['-l', storage]));
+  const mnt = path.join(base, 'mnt');
+  fs.mkdirSync(mnt);
+  const m = await mountCli(t, mnt, ['--storage', storage, '--origin', origin]);
+  const r = await sh(`cat ${path.join(mnt, 'train', 'a.bin')} > /dev/null`);
+  t.not(r.code, 0);
+  t.match(r.stderr, /No space left on device/, 'ENOSPC');
+  t.same(fs.readdirSync(path.join(storage, 'train')).filter((n) => n !== 'sub'), [], 'no partial or temporary file');
+  t.match(fs.readFileSync(m.log, 'utf8'), /train\/a\.bin: copy from the origin: no space left/, 'the log names the file');
+  t.equal(fs.readFileSync(path.join(mnt, 'train', 'b.txt'), 'utf8'), 'bee\n', 'a file that fits still comes through');
 });
 
 t.test('a bad origin stops the start with one line', async (t) => {

@@ -126,7 +126,8 @@ export class DmdFs extends MirrorFs {
       if (this.componentOf(caller, upath) !== 'inner') throw noSuchFile(upath);
       return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
         if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
-        if (!rec && this.origin?.stat(upath)?.kind === 'dir') return this.originEntry(dir, name, this.origin.stat(upath)!);
+        const inOrigin = rec ? undefined : this.origin?.stat(upath);
+        if (inOrigin?.kind === 'dir') return this.originEntry(dir, name, inOrigin);
         throw noSuchFile(upath);
       });
     }

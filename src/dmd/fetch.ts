@@ -13,7 +13,7 @@ import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 import type { Storage } from './storage.js';
-import type { Origin } from './origin.js';
+import type { Origin, OriginCopy } from './origin.js';
 import { landWhole } from '../dtl/sink.js';
 
 export const pullChannel = diagnostics.channel('dyad-fs:dmd:pull');
@@ -183,7 +183,13 @@ export class Fetcher {
     }
     this.ensureDir(path.dirname(dest));
     const started = process.hrtime.bigint();
-    const c = await origin.copy(upath, dest, signal);
+    let c: OriginCopy | undefined;
+    try {
+      c = await origin.copy(upath, dest, signal);
+    } catch (err) {
+      if (errnoOf(err) !== errnos.EINTR) this.o.log.error((err as Error).message);
+      throw err;
+    }
     if (!c) return undefined;
     const rec = await this.o.kvs.publish(this.o.ns, upath, { owner: this.o.rank, size: c.size, mode: c.mode, mtimeMs: c.mtimeMs, digest: c.digest });
     const ms = Number(process.hrtime.bigint() - started) / 1e6;
