@@ -32,6 +32,7 @@ t.test('names in the origin show before any byte moves; the first reader copies 
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
 
   t.same(fs.readdirSync(path.join(p.mnt, 'train')).sort(), ['a.bin', 'b.txt', 'sub'], 'readdir lists the origin');
+  t.notOk(fs.existsSync(path.join(p.storage, 'train', 'sub')), 'a listing looks nothing up (the origin directory was not made locally)');
   const st = fs.statSync(path.join(q.mnt, 'train', 'b.txt'));
   t.equal(st.size, 4);
   t.equal(st.mode & 0o7777, 0o640, 'mode from the origin');

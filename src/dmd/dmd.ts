@@ -318,10 +318,10 @@ export class DmdFs extends MirrorFs {
   protected override readdirEntry(dir: Node, e: ListedEntry): Entry {
     const entry = super.readdirEntry(dir, e);
     if (entry.nodeid !== 0 || !e.extra) return entry;
-    if (e.extra === FROM_ORIGIN) {
-      const st = this.origin?.stat(this.childRel(dir, e.name));
-      return st ? this.originEntry(dir, e.name, st) : entry; // gone since opendir: skipped
-    }
+    // The origin's names go out without attributes (a zero node id): listing
+    // a dataset of a million samples must not stat each one on the shared
+    // file system. A program that wants them (ls -l) looks each one up.
+    if (e.extra === FROM_ORIGIN) return entry;
     return this.localOrRemote(dir, e.name, e.extra as FileRecord);
   }
 
