@@ -8,6 +8,7 @@ const benches: Record<string, () => Promise<{ main(args: string[]): Promise<void
   transfer: () => import('./transfer.js'),
   kvs: () => import('./kvs.js'),
   scale: () => import('./scale.js'),
+  dl: () => import('./dl.js'),
 };
 if (!name || !benches[name]) {
   process.stderr.write(`usage: npm run bench -- <${Object.keys(benches).join('|')}> [options]\n`);

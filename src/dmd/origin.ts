@@ -37,6 +37,8 @@ export interface OriginCopy {
 }
 
 const CHUNK = 1 << 20;
+/** Files up to this size are copied with synchronous calls: one thread-pool round trip per read and write would cost more than the copy. */
+const SMALL = 1 << 20;
 
 function readAt(fd: number, buf: Buffer, pos: number): Promise<number> {
   return new Promise((resolve, reject) => fs.read(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n))));
@@ -121,12 +123,17 @@ export class Origin {
       const buf = Buffer.allocUnsafe(Math.min(CHUNK, Math.max(st.size, 1)));
       let crc = 0;
       let pos = 0;
+      const sync = st.size <= SMALL;
       for (;;) {
         if (signal?.aborted) throw new DyadError('DYAD_EINTR', errnos.EINTR, `${upath}: copy from the origin interrupted`);
-        const n = await readAt(fd, buf, pos);
+        const n = sync ? fs.readSync(fd, buf, 0, buf.length, pos) : await readAt(fd, buf, pos);
         if (n === 0) break;
         crc = crcUpdate(DIGEST_ALGO, crc, buf.subarray(0, n));
-        await writeAll(part.fd, buf, n, pos);
+        if (sync) {
+          for (let w = 0; w < n; ) w += fs.writeSync(part.fd, buf, w, n - w, pos + w);
+        } else {
+          await writeAll(part.fd, buf, n, pos);
+        }
         pos += n;
       }
       // The copy keeps the origin's mtime, so every node shows the same one.
