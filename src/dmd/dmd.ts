@@ -38,6 +38,8 @@ const O_DIRECTORY = fs.constants.O_DIRECTORY;
 const S_IFREG = 0o100000;
 /** Files up to this size are digested with one synchronous read. */
 const SMALL_FILE = 256n * 1024n;
+/** An open this soon after its LOOKUP saw no record does not ask the KVS again. */
+const ORIGIN_FRESH_MS = 1000;
 /** Marks listed entries that only the origin has. */
 const FROM_ORIGIN = Symbol('origin');
 /** Inode numbers shown for files not (yet) in local storage. */
@@ -80,6 +82,8 @@ interface Virtual {
   rec?: FileRecord;
   /** Shown from the origin: `rec` holds its attributes, not a publication. */
   fromOrigin?: boolean;
+  /** When the KVS was last seen to have no record of it (ms, monotonic). */
+  unpublishedAt?: number;
   /** A placeholder for a directory a reader's path runs through. */
   isDir: boolean;
 }
@@ -190,7 +194,7 @@ export class DmdFs extends MirrorFs {
     }
     const attrs: FileRecord = { owner: -1, size: st.size, mode: st.mode, mtimeMs: st.mtimeMs, digest: '', version: 0, kind: 'file' };
     const entry = this.remoteEntry(dir, name, attrs);
-    this.virtual.set(entry.nodeid, { rec: attrs, isDir: false, fromOrigin: true });
+    this.virtual.set(entry.nodeid, { rec: attrs, isDir: false, fromOrigin: true, unpublishedAt: performance.now() });
     return entry;
   }
 
@@ -248,7 +252,10 @@ export class DmdFs extends MirrorFs {
     const upath = this.rel(node);
     const v = this.virtual.get(nodeid);
     if (v) {
-      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: v.fromOrigin ? undefined : v.rec }).then(() => {
+      // An open right after the LOOKUP that found the name only in the origin
+      // (the usual case) goes straight to the origin.
+      const originFirst = v.unpublishedAt !== undefined && performance.now() - v.unpublishedAt < ORIGIN_FRESH_MS;
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: v.fromOrigin ? undefined : v.rec, originFirst }).then(() => {
         this.materialize(node);
         this.virtual.delete(nodeid);
         return super.open(ctx, nodeid, flags);

@@ -80,11 +80,11 @@ export class Fetcher {
    * Resolves once upath is published and its content is in local storage
    * (for a directory: once it exists locally).
    */
-  ensureLocal(upath: string, opts: { signal?: AbortSignal; timeoutMs?: number; known?: FileRecord } = {}): Promise<FileRecord> {
+  ensureLocal(upath: string, opts: { signal?: AbortSignal; timeoutMs?: number; known?: FileRecord; originFirst?: boolean } = {}): Promise<FileRecord> {
     let flight = this.flights.get(upath);
     if (!flight) {
       const controller = new AbortController();
-      const promise = this.fetch(upath, controller.signal, opts.known).finally(() => this.flights.delete(upath));
+      const promise = this.fetch(upath, controller.signal, opts.known, opts.originFirst).finally(() => this.flights.delete(upath));
       flight = { promise, waiters: 0, controller };
       this.flights.set(upath, flight);
     }
@@ -127,9 +127,13 @@ export class Fetcher {
     });
   }
 
-  /** `known`: the record the caller already has (saves a round trip). */
-  private async fetch(upath: string, signal: AbortSignal, known?: FileRecord): Promise<FileRecord> {
-    let rec = known ?? (await this.o.kvs.lookup(this.o.ns, upath));
+  /**
+   * `known`: the record the caller already has (saves a round trip).
+   * `originFirst`: the caller has just seen no record (saves the round trip
+   * asking again; a publication in between only costs an equal copy).
+   */
+  private async fetch(upath: string, signal: AbortSignal, known?: FileRecord, originFirst = false): Promise<FileRecord> {
+    let rec = known ?? (originFirst && this.o.origin ? undefined : await this.o.kvs.lookup(this.o.ns, upath));
     if (!rec && this.o.origin) {
       const copied = await this.fromOrigin(upath, signal);
       if (copied) return copied;
