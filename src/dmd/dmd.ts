@@ -80,10 +80,11 @@ export interface DmdOptions extends MirrorOptions {
 interface Virtual {
   /** The record the node shows; undefined while nothing is published yet. */
   rec?: FileRecord;
-  /** Shown from the origin: `rec` holds its attributes, not a publication. */
-  fromOrigin?: boolean;
-  /** When the KVS was last seen to have no record of it (ms, monotonic). */
-  unpublishedAt?: number;
+  /**
+   * Shown from the origin (`rec` then holds its attributes, not a
+   * publication): when the KVS was seen to have no record (ms, monotonic).
+   */
+  fromOriginAt?: number;
   /** A placeholder for a directory a reader's path runs through. */
   isDir: boolean;
 }
@@ -194,7 +195,7 @@ export class DmdFs extends MirrorFs {
     }
     const attrs: FileRecord = { owner: -1, size: st.size, mode: st.mode, mtimeMs: st.mtimeMs, digest: '', version: 0, kind: 'file' };
     const entry = this.remoteEntry(dir, name, attrs);
-    this.virtual.set(entry.nodeid, { rec: attrs, isDir: false, fromOrigin: true, unpublishedAt: performance.now() });
+    this.virtual.set(entry.nodeid, { rec: attrs, isDir: false, fromOriginAt: performance.now() });
     return entry;
   }
 
@@ -254,8 +255,9 @@ export class DmdFs extends MirrorFs {
     if (v) {
       // An open right after the LOOKUP that found the name only in the origin
       // (the usual case) goes straight to the origin.
-      const originFirst = v.unpublishedAt !== undefined && performance.now() - v.unpublishedAt < ORIGIN_FRESH_MS;
-      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: v.fromOrigin ? undefined : v.rec, originFirst }).then(() => {
+      const at = v.fromOriginAt;
+      const originFirst = at !== undefined && performance.now() - at < ORIGIN_FRESH_MS;
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: at === undefined ? v.rec : undefined, originFirst }).then(() => {
         this.materialize(node);
         this.virtual.delete(nodeid);
         return super.open(ctx, nodeid, flags);
@@ -289,8 +291,7 @@ export class DmdFs extends MirrorFs {
   // ---- listings -----------------------------------------------------------
 
   protected override extraEntries(dir: Node): Promise<ListedEntry[]> {
-    const upath = this.rel(dir);
-    return this.o.kvs.list(this.o.ns, upath).then(
+    return this.o.kvs.list(this.o.ns, this.rel(dir)).then(
       (list) => {
         const out: ListedEntry[] = list.filter((e) => dir.parent || e.name !== REPLICAS).map((e) => ({
           name: e.name,
@@ -298,27 +299,22 @@ export class DmdFs extends MirrorFs {
           ino: 0,
           extra: e.record,
         }));
-        if (!this.origin) return out;
-        const seen = new Set(out.map((e) => e.name));
-        for (const o of this.origin.list(upath)) {
-          if (seen.has(o.name) || this.hidden(o.name) || (!dir.parent && o.name === REPLICAS)) continue;
-          out.push({ name: o.name, mode: o.isDir ? S_IFDIR : S_IFREG, ino: 0, extra: FROM_ORIGIN });
-        }
-        return out;
+        return [...out, ...this.originListing(dir, new Set(out.map((e) => e.name)))];
       },
       (err: unknown) => {
         const code = (err as { code?: string }).code;
-        if (code === 'DYAD_ENOENT' || code === 'DYAD_ENOTDIR') return this.originListing(dir); // nothing published here
+        if (code === 'DYAD_ENOENT' || code === 'DYAD_ENOTDIR') return this.originListing(dir, new Set()); // nothing published here
         throw err;
       },
     );
   }
 
-  private originListing(dir: Node): ListedEntry[] {
+  /** The origin's entries of `dir` not named in `published`. */
+  private originListing(dir: Node, published: Set<string>): ListedEntry[] {
     if (!this.origin) return [];
     return this.origin
       .list(this.rel(dir))
-      .filter((o) => !this.hidden(o.name) && (dir.parent || o.name !== REPLICAS))
+      .filter((o) => !published.has(o.name) && !this.hidden(o.name) && (dir.parent || o.name !== REPLICAS))
       .map((o) => ({ name: o.name, mode: o.isDir ? S_IFDIR : S_IFREG, ino: 0, extra: FROM_ORIGIN }));
   }
 

@@ -157,9 +157,7 @@ export class Fetcher {
       const errno = errnoOf(err);
       if (errno === errnos.EINTR || errno === errnos.ENOSPC) throw err;
       // The owner is gone or lost the file: a node that pulled it earlier may still have it.
-      if (await this.pullFromReplica(upath, rec, dest, signal)) {
-        /* landed */
-      } else {
+      if (!(await this.pullFromReplica(upath, rec, dest, signal))) {
         // Or the origin has it: this node then takes over as its owner.
         const copied = this.o.origin ? await this.fromOrigin(upath, signal) : undefined;
         if (copied) return copied;

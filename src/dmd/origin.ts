@@ -19,6 +19,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 import { DIGEST_ALGO, crcUpdate, formatDigest } from '../dtl/digest.js';
+import { readAt, writeAt } from '../dtl/io.js';
 import { PartFile } from '../dtl/part.js';
 
 export interface OriginStat {
@@ -39,23 +40,6 @@ export interface OriginCopy {
 const CHUNK = 1 << 20;
 /** Files up to this size are copied with synchronous calls: one thread-pool round trip per read and write would cost more than the copy. */
 const SMALL = 1 << 20;
-
-function readAt(fd: number, buf: Buffer, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fs.read(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n))));
-}
-
-function writeAll(fd: number, buf: Buffer, len: number, pos: number): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const step = (off: number): void => {
-      fs.write(fd, buf, off, len - off, pos + off, (err, n) => {
-        if (err) return reject(err);
-        if (off + n < len) return step(off + n);
-        resolve();
-      });
-    };
-    step(0);
-  });
-}
 
 export class Origin {
   /** `root`: an absolute directory outside the mount and its storage (the daemon checks). */
@@ -126,13 +110,13 @@ export class Origin {
       const sync = st.size <= SMALL;
       for (;;) {
         if (signal?.aborted) throw new DyadError('DYAD_EINTR', errnos.EINTR, `${upath}: copy from the origin interrupted`);
-        const n = sync ? fs.readSync(fd, buf, 0, buf.length, pos) : await readAt(fd, buf, pos);
+        const n = sync ? fs.readSync(fd, buf, 0, buf.length, pos) : await readAt(fd, buf, buf.length, pos);
         if (n === 0) break;
         crc = crcUpdate(DIGEST_ALGO, crc, buf.subarray(0, n));
         if (sync) {
           for (let w = 0; w < n; ) w += fs.writeSync(part.fd, buf, w, n - w, pos + w);
         } else {
-          await writeAll(part.fd, buf, n, pos);
+          await writeAt(part.fd, buf, n, pos);
         }
         pos += n;
       }

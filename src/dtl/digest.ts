@@ -19,7 +19,7 @@
  * nodes whatever each can run.
  */
 import { open } from 'node:fs/promises';
-import { read as fsRead } from 'node:fs';
+import { readAt } from './io.js';
 import zlib from 'node:zlib';
 import { DyadError, errnos } from '../errors.js';
 import { addon } from './addon.js';
@@ -151,12 +151,6 @@ export class Digester {
 
 const FILE_CHUNK = 1 << 20;
 
-function readAt(fd: number, buf: Buffer, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    fsRead(fd, buf, 0, buf.length, pos, (err, n) => (err ? reject(err) : resolve(n)));
-  });
-}
-
 /**
  * Digests a whole file, reading 1 MiB at a time (memory stays bounded
  * whatever the size). Given an fd, reads positionally from offset 0 and
@@ -167,7 +161,7 @@ export async function digestFile(file: string | number, algo: DigestAlgo = DIGES
   const d = new Digester(algo);
   if (typeof file === 'number') {
     for (;;) {
-      const n = await readAt(file, buf, d.bytes);
+      const n = await readAt(file, buf, buf.length, d.bytes);
       if (n === 0) break;
       d.update(buf.subarray(0, n));
     }

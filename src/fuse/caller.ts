@@ -98,10 +98,6 @@ function forgetFd(cache: Map<number, number>, tid: number): void {
   fs.closeSync(fd);
 }
 
-function forgetSyscallFd(tid: number): void {
-  forgetFd(syscallFds, tid);
-}
-
 /** Opens /proc/<tid>/<file> into `cache`, dropping the oldest entry when full. */
 function openCached(cache: Map<number, number>, tid: number, file: string): number {
   // Drop the oldest: the threads asking now are the ones worth keeping.
@@ -111,46 +107,38 @@ function openCached(cache: Map<number, number>, tid: number, file: string): numb
   return fd;
 }
 
-// The caller's memory, for the path of an open (callerPath) and openat2's
-// flags: kept per thread like the syscall file. A descriptor stays bound to
-// the address space it was opened on; after an exec, or once its thread is
-// gone, reads of it fail or return nothing, and it is opened afresh once.
-const memFds = new Map<number, number>();
-
-function readMem(tid: number, addr: bigint, buf: Buffer): number | undefined {
-  for (let attempt = 0; attempt < 2; attempt++) {
+/**
+ * Reads /proc/<tid>/<file> at `pos` through the thread's cached descriptor.
+ * One that has gone stale (its thread is gone, or exec'd: the read fails or
+ * returns nothing) is opened afresh once. Undefined when that fails too.
+ */
+function readProc(cache: Map<number, number>, tid: number, file: string, buf: Buffer, pos: number | bigint): number | undefined {
+  const cached = cache.get(tid);
+  for (const fd0 of cached === undefined ? [undefined] : [cached, undefined]) {
     try {
-      const fd = memFds.get(tid) ?? openCached(memFds, tid, 'mem');
-      const n = fs.readSync(fd, buf, 0, buf.length, addr);
+      const fd = fd0 ?? openCached(cache, tid, file);
+      const n = fs.readSync(fd, buf, 0, buf.length, pos);
       if (n > 0) return n;
     } catch {
       /* stale descriptor, or no such thread */
     }
-    forgetFd(memFds, tid);
+    forgetFd(cache, tid);
   }
   return undefined;
 }
 
-function readSyscallFd(fd: number): string {
-  const n = fs.readSync(fd, syscallBuf, 0, syscallBuf.length, 0);
-  return syscallBuf.toString('latin1', 0, n);
+// The caller's memory, for the path of an open (callerPath) and openat2's
+// flags: kept per thread like the syscall file. A descriptor stays bound to
+// the address space it was opened on.
+const memFds = new Map<number, number>();
+
+function readMem(tid: number, addr: bigint, buf: Buffer): number | undefined {
+  return readProc(memFds, tid, 'mem', buf, addr);
 }
 
 function readSyscall(tid: number): string | undefined {
-  const cached = syscallFds.get(tid);
-  if (cached !== undefined) {
-    try {
-      return readSyscallFd(cached);
-    } catch {
-      forgetSyscallFd(tid); // the thread is gone; its id may have a new owner
-    }
-  }
-  try {
-    return readSyscallFd(openCached(syscallFds, tid, 'syscall'));
-  } catch {
-    forgetSyscallFd(tid);
-    return undefined;
-  }
+  const n = readProc(syscallFds, tid, 'syscall', syscallBuf, 0);
+  return n === undefined ? undefined : syscallBuf.toString('latin1', 0, n);
 }
 
 /** Classifies the system call thread `tid` is blocked in. */

@@ -17,7 +17,8 @@
  * one read into a buffer that already holds the reply header, one socket
  * write. On this VM a thread-pool hop costs more than those syscalls.
  */
-import { closeSync, fstatSync, read as fsRead, readSync } from 'node:fs';
+import { closeSync, fstatSync, readSync } from 'node:fs';
+import { readAt } from '../io.js';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { ConfigError, DyadError, errnoName, errnoOf, errnos } from '../../errors.js';
@@ -75,12 +76,6 @@ interface Settings {
   maxQueued: number;
   pool: BufferPool;
   log: (msg: string) => void;
-}
-
-function readAt(fd: number, buf: Buffer, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => {
-    fsRead(fd, buf, 0, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
-  });
 }
 
 function statusOf(err: unknown): { status: number; detail: string } {

@@ -27,7 +27,8 @@
  * completing sends for `peerTimeoutMs` stops the transfer; in the last case
  * its endpoint is force-closed, which cancels the sends still pending.
  */
-import { closeSync, fstatSync, read as fsRead, readSync } from 'node:fs';
+import { closeSync, fstatSync, readSync } from 'node:fs';
+import { readAt } from '../io.js';
 import net from 'node:net';
 import { randomBytes } from 'node:crypto';
 import { ConfigError, DyadError, errnoName, errnoOf, errnos } from '../../errors.js';
@@ -101,10 +102,6 @@ function statusOf(err: unknown): { status: number; detail: string } {
   const errno = errnoOf(err);
   if (errno === errnos.ENOENT || errno === errnos.ENOTDIR) return { status: RemoteStatus.notFound, detail: 'no such file' };
   return { status: RemoteStatus.io, detail: `${errnoName(errno)}: ${err instanceof Error ? err.message : String(err)}` };
-}
-
-function readAt(fd: number, buf: Buffer, len: number, pos: number): Promise<number> {
-  return new Promise((resolve, reject) => fsRead(fd, buf, 0, len, pos, (err, n) => (err ? reject(err) : resolve(n))));
 }
 
 /** Counts large transfers in progress; waiters are served in order. */
