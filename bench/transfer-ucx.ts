@@ -8,9 +8,12 @@
  *   node dist/bench/transfer-ucx.js [--rounds 3] [--files 16] [--mib 64] [--small 1000]
  *        [--tls tcp] [--devices lo] [--chunk-kib 512] [--window 8] [--buffers 10]
  *        [--paths am,get,tcp] [--huge-mib 1024] [--no-perftest] [--no-prefault]
+ *        [--bulk 2] [--no-receive-thread]
  *
- * Each pull figure also gives the consumer main thread's CPU time per GiB:
- * the thread that drives UCX progress (and in a daemon, FUSE).
+ * Each pull figure also gives the consumer's CPU time per GiB: its main
+ * thread's (which in a daemon also serves FUSE) and the whole process's
+ * (with the native receive threads). --bulk sets the client's
+ * maxBulkPerPeer; --no-receive-thread keeps UCX chunks on the main thread.
  *
  * --tls/--devices become UCX_TLS/UCX_NET_DEVICES for both processes and for
  * ucx_perftest (default tcp on lo: on one host UCX would otherwise use
@@ -162,6 +165,8 @@ async function main(): Promise<void> {
       'huge-mib': { type: 'string', default: '1024' },
       perftest: { type: 'boolean', default: true },
       prefault: { type: 'boolean', default: true },
+      bulk: { type: 'string', default: '2' },
+      'receive-thread': { type: 'boolean', default: true },
     },
     allowNegative: true,
   });
@@ -206,11 +211,21 @@ async function main(): Promise<void> {
   const clients = new Map<string, { client: TransferClient; address: string }>();
   for (const p of paths) {
     if (p === 'tcp') clients.set(p, { client: tcpBackend.client({ secret: SECRET }), address: ready.tcp });
-    else clients.set(p, { client: ucx.client({ secret: SECRET, dataPath: p as UcxDataPath, buffersPerPull: Number(values.buffers), writeMode: values['write-mode'] as IoMode }), address: ready.ucx });
+    else {
+      const client = ucx.client({
+        secret: SECRET,
+        dataPath: p as UcxDataPath,
+        buffersPerPull: Number(values.buffers),
+        writeMode: values['write-mode'] as IoMode,
+        maxBulkPerPeer: Number(values.bulk),
+        receiveThread: values['receive-thread'],
+      });
+      clients.set(p, { client, address: ready.ucx });
+    }
   }
   const total = nBig * bigBytes;
   console.log(
-    `# ${nBig} x ${values.mib} MiB; UCX_TLS=${values.tls} UCX_NET_DEVICES=${values.devices}; chunk ${values['chunk-kib']} KiB, window ${values.window}, ${values.buffers} buffers per pull; ${values.prefault ? 'prefaulted' : 'cold memory'}`,
+    `# ${nBig} x ${values.mib} MiB; UCX_TLS=${values.tls} UCX_NET_DEVICES=${values.devices}; chunk ${values['chunk-kib']} KiB, window ${values.window}, ${values.buffers} buffers per pull; UCX pulls per owner ${values.bulk === '0' ? 'unlimited' : values.bulk}; receive thread ${values['receive-thread'] ? 'on' : 'off'}; ${values.prefault ? 'prefaulted' : 'cold memory'}`,
   );
   const gbps = (secs: number, bytes = total): number => bytes / secs / 1e9;
   const results = new Map<string, number[]>();
@@ -230,12 +245,15 @@ async function main(): Promise<void> {
     for (const [p, c] of clients) {
       settle(out, values.prefault ? Math.round(total * 1.5) : 0);
       const cpu0 = mainThreadCpu();
+      const all0 = process.cpuUsage();
       const t0 = process.hrtime.bigint();
       await Promise.all(big.map((req, i) => c.client.pull(c.address, req, join(out, `big${i}`))));
       const g = gbps(Number(process.hrtime.bigint() - t0) / 1e9);
       const cpuPerGiB = (mainThreadCpu() - cpu0) / (total / 2 ** 30);
+      const all = process.cpuUsage(all0);
+      const allPerGiB = (all.user + all.system) / 1e6 / (total / 2 ** 30);
       results.set(p, [...(results.get(p) ?? []), g]);
-      line.push(`${p} ${g.toFixed(2)} (main thread ${cpuPerGiB.toFixed(2)} s/GiB)`);
+      line.push(`${p} ${g.toFixed(2)} (CPU s/GiB: main thread ${cpuPerGiB.toFixed(2)}, process ${allPerGiB.toFixed(2)})`);
     }
     // Neighbours on a shared VM move every figure; ratios within a round move less.
     const tcpNow = results.get('tcp')?.[r];

@@ -21,8 +21,9 @@ import { fileURLToPath } from 'node:url';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { errnos } from '../src/errors.js';
 import { PART_PREFIX, backendFor, digestBuffer, Digester } from '../src/dtl/index.js';
+import { receiveChannel } from '../src/dtl/receive.js';
 import type { PullRequest, TransferClient, TransferServer } from '../src/dtl/index.js';
-import { UCX_NOT_BUILT, createUcxBackend, ucxAvailable, ucxBackend, ucxInfo, type UcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
+import { UCX_NOT_BUILT, createUcxBackend, ucxAvailable, ucxBackend, ucxInfo, type UcxBackend, type UcxClientOptions, type UcxDataPath } from '../src/dtl/ucx/index.js';
 import {
   FrameReader,
   FrameType,
@@ -37,6 +38,8 @@ import {
 
 const SECRET = 'test-secret';
 const TCP = { TLS: 'tcp', NET_DEVICES: 'lo' };
+
+type ClientOpts = Omit<UcxClientOptions, 'secret'>;
 const SHM = { TLS: 'sm' };
 
 if (!ucxAvailable()) {
@@ -100,7 +103,7 @@ async function partWithData(dir: string): Promise<void> {
   }
 }
 
-async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxDataPath): Promise<Env> {
+async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxDataPath, clientOpts: ClientOpts = {}): Promise<Env> {
   const dir = tmp(t);
   const root = join(dir, 'root');
   const out = join(dir, 'out');
@@ -110,7 +113,7 @@ async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxD
   const owner = createUcxBackend({ config });
   const consumer = createUcxBackend({ config, dataPath });
   const server = await owner.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes: 1 << 20 });
-  const client = consumer.client({ secret: SECRET });
+  const client = consumer.client({ secret: SECRET, ...clientOpts });
   t.teardown(async () => {
     await client.close();
     await server.close();
@@ -187,9 +190,9 @@ async function fakeOwner(t: Teardown, opts: { silent?: boolean; onGet?: (sock: n
   return `127.0.0.1:${(srv.address() as net.AddressInfo).port}`;
 }
 
-function roundTrips(name: string, config: Record<string, string>, dataPath: UcxDataPath, lanes: RegExp): void {
+function roundTrips(name: string, config: Record<string, string>, dataPath: UcxDataPath, lanes: RegExp, clientOpts: ClientOpts = {}): void {
   t.test(`${name}: round trips of 0 B, 1 B, 4 KiB, 5 MiB, with mode`, async (t) => {
-    const e = await setup(t, config, dataPath);
+    const e = await setup(t, config, dataPath, clientOpts);
     for (const [file, size] of [['zero', 0], ['one', 1], ['page', 4096], ['sub/dir/big', 5 << 20], ['odd', (3 << 20) + 12345]] as const) {
       const data = randomBytes(size);
       const req = e.put(file, data);
@@ -212,7 +215,7 @@ function roundTrips(name: string, config: Record<string, string>, dataPath: UcxD
   });
 
   t.test(`${name}: 20 concurrent pulls`, async (t) => {
-    const e = await setup(t, config, dataPath);
+    const e = await setup(t, config, dataPath, clientOpts);
     const files = Array.from({ length: 20 }, (_, i) => ({ name: `f${i}`, data: randomBytes(1000 + i * 350_000) }));
     const reqs = files.map((f) => e.put(f.name, f.data));
     const results = await Promise.all(reqs.map((r, i) => e.client.pull(e.server.address, r, join(e.out, files[i]!.name))));
@@ -222,7 +225,7 @@ function roundTrips(name: string, config: Record<string, string>, dataPath: UcxD
   });
 }
 
-function failures(name: string, config: Record<string, string>, dataPath: UcxDataPath): void {
+function failures(name: string, config: Record<string, string>, dataPath: UcxDataPath, clientOpts: ClientOpts = {}): void {
   t.test(`${name}: the owner is killed mid-transfer`, async (t) => {
     const dir = tmp(t);
     const root = join(dir, 'root');
@@ -232,7 +235,7 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
     const req = sparse(root, 'big', 1 << 30);
     const owner = await childOwner(t, root, config);
     const consumer = createUcxBackend({ config, dataPath });
-    const client = consumer.client({ secret: SECRET });
+    const client = consumer.client({ secret: SECRET, ...clientOpts });
     t.teardown(() => client.close());
     const pull = client.pull(owner.address, req, join(out, 'big'));
     pull.catch(() => {});
@@ -245,7 +248,7 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
   });
 
   t.test(`${name}: the real server is closed during a large pull`, async (t) => {
-    const e = await setup(t, config, dataPath);
+    const e = await setup(t, config, dataPath, clientOpts);
     const req = sparse(e.root, 'big', 1 << 30);
     const pull = e.client.pull(e.server.address, req, join(e.out, 'big'));
     pull.catch(() => {});
@@ -257,7 +260,7 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
   });
 
   t.test(`${name}: abort through the signal`, async (t) => {
-    const e = await setup(t, config, dataPath);
+    const e = await setup(t, config, dataPath, clientOpts);
     const req = sparse(e.root, 'big', 1 << 30);
     const ac = new AbortController();
     const pull = e.client.pull(e.server.address, req, join(e.out, 'big'), { signal: ac.signal });
@@ -276,10 +279,13 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
 }
 
 function suites(): void {
+  // 'am' receives on the native receive thread where the addon has it; 'am loop' on the event loop.
   roundTrips('tcp', TCP, 'am', /tcp\/lo/);
+  roundTrips('tcp am loop', TCP, 'am', /tcp\/lo/, { receiveThread: false });
   roundTrips('tcp get', TCP, 'get', /tcp\/lo/);
   roundTrips('shm', SHM, 'am', /sysv|posix|cma/);
   failures('tcp', TCP, 'am');
+  failures('tcp am loop', TCP, 'am', { receiveThread: false });
   failures('tcp get', TCP, 'get');
 
   t.test('backendFor selects UCX; ucxInfo reports the transports', async (t) => {
@@ -410,6 +416,70 @@ function suites(): void {
     const [ra, rb] = await Promise.all([client.pull(server.address, a, join(out, 'a')), client.pull(server.address, b, join(out, 'b'))]);
     t.equal(ra.bytes + rb.bytes, 1536 << 20, `both landed in ${Date.now() - t0} ms with a 1200 ms peer timeout`);
     t.same(parts(out), []);
+  });
+
+  t.test('chunks go to the native receive thread (CRC-32C and CRC-32 records); receiveThread: false keeps them on the loop', async (t) => {
+    const started: string[] = [];
+    const on = (m: unknown): void => void started.push((m as { upath: string }).upath);
+    receiveChannel.subscribe(on);
+    t.teardown(() => void receiveChannel.unsubscribe(on));
+    const threaded = await setup(t, TCP, 'am');
+    const loop = await setup(t, TCP, 'am', { receiveThread: false });
+    const data = randomBytes((4 << 20) + 333);
+    await threaded.client.pull(threaded.server.address, threaded.put('t', data), join(threaded.out, 't'));
+    await loop.client.pull(loop.server.address, loop.put('l', data), join(loop.out, 'l'));
+    const crc32 = { ...threaded.put('c', data), digest: digestBuffer(data, 'crc32') };
+    await threaded.client.pull(threaded.server.address, crc32, join(threaded.out, 'c'));
+    for (const [dir, f] of [[threaded.out, 't'], [loop.out, 'l'], [threaded.out, 'c']] as const) t.ok(readFileSync(join(dir, f)).equals(data), `${f} arrived intact`);
+    t.same(started, ['t', 'c'], 'the thread took the threaded pulls, not the loop one');
+    await t.rejects(threaded.client.pull(threaded.server.address, { ...crc32, digest: 'crc32c:00000000' }, join(threaded.out, 'x')), { code: 'DYAD_EDIGEST' });
+    t.same(parts(threaded.out), [], 'a digest mismatch found by the thread leaves no temp file');
+  });
+
+  t.test('a full disk under the receive thread: ENOSPC, nothing left, the next pull works', async (t) => {
+    const e = await setup(t, TCP, 'am');
+    const req = e.put('f', randomBytes(5 << 20));
+    const small = join(e.dir, 'small');
+    mkdirSync(small);
+    try {
+      execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'dyad-test', small], { stdio: 'ignore' });
+    } catch {
+      t.comment('cannot mount a tmpfs here (not root?): skipped');
+      return;
+    }
+    try {
+      await t.rejects(e.client.pull(e.server.address, req, join(small, 'f')), { code: 'DYAD_ENOSPC', errno: errnos.ENOSPC });
+      t.same(parts(small), [], 'temp file removed, space given back');
+      const fits = randomBytes(600 << 10);
+      await e.client.pull(e.server.address, e.put('fits', fits), join(small, 'fits'));
+      t.ok(readFileSync(join(small, 'fits')).equals(fits), 'a chunked pull after the failure');
+    } finally {
+      execFileSync('umount', [small]);
+    }
+  });
+
+  t.test('maxBulkPerPeer: chunked pulls from one owner take turns, small ones do not wait, a queued one can be aborted', async (t) => {
+    const e = await setup(t, TCP, 'am', { maxBulkPerPeer: 1 });
+    const events: string[] = [];
+    const on = (m: unknown): void => void events.push(`start ${(m as { upath: string }).upath}`);
+    receiveChannel.subscribe(on);
+    t.teardown(() => void receiveChannel.unsubscribe(on));
+    const a = sparse(e.root, 'a', 1 << 30);
+    const pa = e.client.pull(e.server.address, a, join(e.out, 'a')).then(() => events.push('end a'));
+    await partWithData(e.out);
+    const ac = new AbortController();
+    const pb = e.client.pull(e.server.address, e.put('b', randomBytes(1 << 20)), join(e.out, 'b'), { signal: ac.signal });
+    const tiny = randomBytes(1000);
+    await e.client.pull(e.server.address, e.put('s', tiny), join(e.out, 's'));
+    events.push('small done');
+    ac.abort();
+    await t.rejects(pb, { code: 'DYAD_EINTR' }, 'the queued pull is aborted');
+    events.push('b aborted');
+    await pa;
+    const c = randomBytes(2 << 20);
+    await e.client.pull(e.server.address, e.put('c', c), join(e.out, 'c'));
+    t.ok(readFileSync(join(e.out, 's')).equals(tiny) && readFileSync(join(e.out, 'c')).equals(c));
+    t.same(events, ['start a', 'small done', 'b aborted', 'end a', 'start c'], 'one chunked pull at a time; b never started');
   });
 
   t.test('memory stays bounded: a 1 GiB pull with 1 MiB chunks', async (t) => {

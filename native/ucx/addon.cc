@@ -1,9 +1,11 @@
 // The optional UCX half of dyad-fs's native code: a generic libucp binding
-// (contexts, workers, endpoints, active messages, RMA get, registration).
+// (contexts, workers, endpoints, active messages, RMA get, registration),
+// and a worker on a thread of its own that receives chunked messages into files.
 // Built only where libucx-dev is installed; see binding.gyp.
 #include <napi.h>
 #include <ucp/api/ucp.h>
 
+#include "receiver.h"
 #include "ucx.h"
 
 namespace {
@@ -17,6 +19,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   ctors->rkey = Napi::Persistent(dyaducx::RemoteKey::Init(env));
   env.SetInstanceData<dyaducx::Ctors>(ctors);
   exports.Set("Worker", dyaducx::Worker::Init(env));
+  exports.Set("ChunkReceiver", dyaducx::ChunkReceiver::Init(env));
   exports.Set("version", Napi::Function::New(env, Version));
   Napi::Object flags = Napi::Object::New(env);
   flags.Set("reply", Napi::Number::New(env, UCP_AM_SEND_FLAG_REPLY));

@@ -12,6 +12,9 @@
 // hang JS forever: the caller owns timeouts and may close the endpoint with
 // force, which completes its requests with UCS_ERR_CANCELED.
 //
+// The consumer side of chunked transfers can instead run on a worker and a
+// thread of their own: see receiver.h.
+//
 // Nothing here knows what is being transferred or why.
 #pragma once
 
@@ -42,6 +45,11 @@ struct Ctors {
 // A UCX status as a JS Error with a stable code ("UCS_ERR_CANCELED") and
 // the numeric status in `ucsStatus`.
 Napi::Error StatusError(Napi::Env env, ucs_status_t status, const std::string& what);
+
+// A UCP context with `features` and one single-threaded worker, configured
+// by a JS object of UCX options (context.cc). False: a JS exception is pending.
+bool OpenWorker(Napi::Env env, Napi::Value config, const std::string& name, uint64_t features, ucp_context_h* ctx,
+                ucp_worker_h* worker);
 const char* StatusName(ucs_status_t status);
 
 // An operation in flight: the promise to settle and the JS objects (buffers,

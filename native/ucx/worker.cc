@@ -123,49 +123,11 @@ Napi::Function Worker::Init(Napi::Env env) {
 Worker::Worker(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Worker>(info) {
   Napi::Env env = info.Env();
   ctors_ = env.GetInstanceData<Ctors>();
-  ucp_config_t* config = nullptr;
-  ucs_status_t st = ucp_config_read(nullptr, nullptr, &config);
-  if (st != UCS_OK) {
-    StatusError(env, st, "ucp_config_read").ThrowAsJavaScriptException();
-    return;
-  }
-  if (info.Length() > 0 && info[0].IsObject()) {
-    Napi::Object cfg = info[0].As<Napi::Object>();
-    Napi::Array keys = cfg.GetPropertyNames();
-    for (uint32_t i = 0; i < keys.Length(); i++) {
-      std::string k = keys.Get(i).ToString().Utf8Value();
-      std::string v = cfg.Get(k).ToString().Utf8Value();
-      st = ucp_config_modify(config, k.c_str(), v.c_str());
-      if (st != UCS_OK) {
-        ucp_config_release(config);
-        StatusError(env, st, "UCX option " + k + "=" + v).ThrowAsJavaScriptException();
-        return;
-      }
-    }
-  }
   std::string name = info.Length() > 1 && info[1].IsString() ? info[1].As<Napi::String>().Utf8Value() : "node";
-
-  ucp_params_t params;
-  memset(&params, 0, sizeof(params));
-  params.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED | UCP_PARAM_FIELD_NAME;
-  params.features = UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
-  params.mt_workers_shared = 0;
-  params.name = name.c_str();
-  st = ucp_init(&params, config, &ctx_);
-  ucp_config_release(config);
-  if (st != UCS_OK) {
-    ctx_ = nullptr;
-    StatusError(env, st, "ucp_init").ThrowAsJavaScriptException();
+  if (!OpenWorker(env, info.Length() > 0 ? info[0] : env.Undefined(), name, UCP_FEATURE_AM | UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP,
+                  &ctx_, &worker_))
     return;
-  }
-
-  ucp_worker_params_t wp;
-  memset(&wp, 0, sizeof(wp));
-  wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE | UCP_WORKER_PARAM_FIELD_NAME;
-  wp.thread_mode = UCS_THREAD_MODE_SINGLE;
-  wp.name = name.c_str();
-  st = ucp_worker_create(ctx_, &wp, &worker_);
-  if (st == UCS_OK) st = ucp_worker_get_efd(worker_, &efd_);
+  ucs_status_t st = ucp_worker_get_efd(worker_, &efd_);
   if (st == UCS_OK) st = ucp_worker_get_address(worker_, &addr_, &addr_len_);
   if (st != UCS_OK) {
     Shutdown(false);

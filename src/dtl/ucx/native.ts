@@ -63,9 +63,30 @@ export interface UcxWorker {
   close(): void;
 }
 
+/**
+ * A UCX worker on a native thread that receives a sender's chunk messages
+ * (16-byte header: 8-byte token, u64 BE offset) straight into files, with
+ * their CRC (native/ucx/receiver.h). One job per token.
+ */
+export interface UcxChunkReceiver {
+  address(): Buffer;
+  /** Receives `size` bytes in `chunkBytes` chunks into fd (a dup is used), at most `buffers` chunks held, digested with `algo`. */
+  start(token: Buffer, fd: number, size: number, chunkBytes: number, buffers: number, algo: 'crc32c' | 'crc32'): void;
+  /** Ends the job if it still runs (no callback) and forgets it. */
+  cancel(token: Buffer): void;
+  /** Bytes written so far, or -1 for a job it does not know. */
+  received(token: Buffer): number;
+  stats(): { wakeups: number; chunks: number; dropped: number; buffers: number; jobs: number };
+  close(): void;
+}
+
+/** How a job ended: `errno` 0 means all bytes written and `crc` (of the job's algorithm) covers them in file order. */
+export type UcxChunkDone = (token: Buffer, errno: number, crc: number, bytes: number, detail: string, fileError: boolean) => void;
+
 export interface UcxAddon {
   /** `config` keys are UCX options without the "UCX_" prefix (TLS, NET_DEVICES...); they override the environment. */
   Worker: new (config: Record<string, string>, name: string) => UcxWorker;
+  ChunkReceiver?: new (config: Record<string, string>, name: string, onDone: UcxChunkDone, amId: number) => UcxChunkReceiver;
   version(): string;
   amFlags: { reply: number; eager: number; rndv: number };
 }

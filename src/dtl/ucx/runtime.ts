@@ -12,7 +12,8 @@
  * request on it, so nothing waits forever).
  */
 import { errnos, ConfigError } from '../../errors.js';
-import type { UcxAddon, UcxAmHandler, UcxEndpoint, UcxRegion, UcxWorker } from './native.js';
+import type { DigestAlgo } from '../digest.js';
+import type { UcxAddon, UcxAmHandler, UcxChunkDone, UcxChunkReceiver, UcxEndpoint, UcxRegion, UcxWorker } from './native.js';
 import { AM_CHUNK } from './protocol.js';
 
 const SHM_TRANSPORT = /^(self|sysv|posix|cma|knem|xpmem)\//;
@@ -93,6 +94,9 @@ export class UcxRuntime {
   readonly peerErrors: boolean;
   private users = 0;
   private closed = false;
+  private rx: UcxChunkReceiver | null | undefined = undefined;
+  private readonly rxJobs = new Map<string, UcxChunkDone>();
+  private readonly config: Record<string, string>;
 
   constructor(
     readonly addon: UcxAddon,
@@ -104,6 +108,7 @@ export class UcxRuntime {
     } catch (err) {
       throw new ConfigError(`UCX: cannot create a worker: ${err instanceof Error ? err.message : String(err)} (check UCX_TLS / UCX_NET_DEVICES)`, errnos.ENODEV);
     }
+    this.config = opts.config ?? {};
     this.address = this.worker.address();
     this.worker.setSpin(opts.spinUs ?? 0);
     // UCX 1.13's shared-memory transports cannot report a dead peer, so
@@ -133,6 +138,8 @@ export class UcxRuntime {
     // The worker goes first: it releases every registration itself, after
     // the requests that may still reference them (see Worker::Close).
     this.worker.close();
+    this.rx?.close();
+    this.rxJobs.clear();
     this.pools.clear();
     this.eps.clear();
     this.routes.clear();
@@ -150,6 +157,36 @@ export class UcxRuntime {
       this.pools.set(size, p);
     }
     return p;
+  }
+
+  /**
+   * The native chunk receiver (a worker of its own on a thread of its own,
+   * native/ucx/receiver.h), created on first use; null where the addon
+   * lacks it or it cannot start (the caller then receives on this worker).
+   */
+  receiver(): UcxChunkReceiver | null {
+    if (this.rx !== undefined || this.closed) return this.rx ?? null;
+    this.rx = null;
+    const Ctor = this.addon.ChunkReceiver;
+    if (!Ctor) return null;
+    try {
+      this.rx = new Ctor(this.config, `dyad-rx-${process.pid}`, (token, ...rest) => this.rxJobs.get(token.toString('hex'))?.(token, ...rest), AM_CHUNK);
+    } catch {
+      this.rx = null;
+    }
+    return this.rx;
+  }
+
+  /** Starts a receiver job; `done` is called once, unless `forgetJob` comes first. */
+  startJob(token: Buffer, fd: number, size: number, chunkBytes: number, buffers: number, algo: DigestAlgo, done: UcxChunkDone): void {
+    const rx = this.rx!;
+    this.rxJobs.set(token.toString('hex'), done);
+    rx.start(token, fd, size, chunkBytes, buffers, algo);
+  }
+
+  forgetJob(token: Buffer): void {
+    this.rxJobs.delete(token.toString('hex'));
+    this.rx?.cancel(token);
   }
 
   routeChunks(token: string, fn: ChunkRoute): () => void {

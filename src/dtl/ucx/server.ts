@@ -35,6 +35,7 @@ import { ConfigError, DyadError, errnoName, errnoOf, errnos } from '../../errors
 import { openBeneath } from '../confine.js';
 import { RemoteStatus } from '../errors.js';
 import { inlineReads, type IoMode } from '../inline.js';
+import { Slots } from '../slots.js';
 import type { ServeOptions, TransferServer } from '../types.js';
 import type { UcxRegion } from './native.js';
 import {
@@ -102,25 +103,6 @@ function statusOf(err: unknown): { status: number; detail: string } {
   const errno = errnoOf(err);
   if (errno === errnos.ENOENT || errno === errnos.ENOTDIR) return { status: RemoteStatus.notFound, detail: 'no such file' };
   return { status: RemoteStatus.io, detail: `${errnoName(errno)}: ${err instanceof Error ? err.message : String(err)}` };
-}
-
-/** Counts large transfers in progress; waiters are served in order. */
-class Slots {
-  private used = 0;
-  private readonly waiters: (() => void)[] = [];
-  constructor(private readonly max: number) {}
-  acquire(): Promise<void> {
-    if (this.used < this.max) {
-      this.used++;
-      return Promise.resolve();
-    }
-    return new Promise((resolve) => this.waiters.push(resolve));
-  }
-  release(): void {
-    const w = this.waiters.shift();
-    if (w) w();
-    else this.used--;
-  }
 }
 
 interface Request {

@@ -12,6 +12,9 @@
  * been; its buffer goes back to the transport only after both. Writes run
  * inline while the page cache keeps up and on the thread pool otherwise,
  * one at a time per file (inline.ts has the measurements behind that).
+ *
+ * Or the native chunk receiver does all of that on its own thread
+ * (handOff/absorb): the sink then only owns the temp file and the checks.
  */
 import { write as fsWrite, writeSync } from 'node:fs';
 import { DyadError } from '../../errors.js';
@@ -73,6 +76,28 @@ export class ChunkSink {
 
   get failed(): DyadError | null {
     return this.failure;
+  }
+
+  /**
+   * Hands the writing over to the native chunk receiver: the fd of the temp
+   * file and the digest algorithm to compute, or null when the sink has
+   * failed or already holds chunks.
+   */
+  handOff(): { fd: number; algo: DigestAlgo } | null {
+    if (this.failure || this.received > 0) return null;
+    return { fd: this.part.fd, algo: this.algo };
+  }
+
+  /** The receiver wrote `n` bytes; `crc` is their digest in file order. */
+  absorb(n: number, crc: number): void {
+    this.received = n;
+    this.digestedTo = n;
+    this.crc = crc >>> 0;
+  }
+
+  /** A write by the receiver failed: the pull fails as if this sink's own write had. */
+  failWrite(err: unknown): void {
+    this.fail(err);
   }
 
   /** Creates the temp file; throws DYAD_ENOSPC/DYAD_ELOCAL. */

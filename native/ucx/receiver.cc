@@ -1,0 +1,733 @@
+// ChunkReceiver: see receiver.h for what and why.
+//
+// Flow control: a job holds at most `buffers` chunk buffers (being received,
+// or written and waiting for the CRC to reach them), and receives only
+// chunks inside the window [crc_to, crc_to + buffers * chunk). The chunk at
+// crc_to therefore always finds a buffer, so out-of-order arrivals cannot
+// starve the CRC. Rendezvous messages outside the window stay with UCX (the
+// sender's request stays pending): that is the backpressure to the sender.
+//
+// Every UCX callback only records what happened; the work (buffers, nbx
+// calls, pwrite, CRC) runs after ucp_worker_progress returns, so nothing
+// re-enters UCX from inside it.
+#include "receiver.h"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <unordered_set>
+
+#include "../src/crc32c.h"
+#include "ucx.h"
+
+namespace dyaducx {
+
+namespace {
+
+constexpr size_t kHeaderBytes = 16;       // 8-byte token | u64 BE offset
+constexpr size_t kMaxOrphans = 4096;      // chunks waiting for their job
+constexpr uint64_t kOrphanMs = 10000;     // ... for at most this long
+constexpr size_t kIdleBufBytes = 64u << 20;  // free chunk buffers kept for reuse
+constexpr size_t kRecentTokens = 1024;    // ended jobs whose late chunks are dropped at once
+constexpr int kPollMs = 200;
+constexpr uint64_t kDrainMs = 1000;
+
+uint64_t NowMs() {
+  return uint64_t(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
+}
+
+// CRC-32 (zlib's), for records digested by a producer without CRC-32C.
+// A byte at a time is slow (~0.5 GB/s), but such records are rare.
+uint32_t Crc32(uint32_t crc, const uint8_t* p, size_t n) {
+  static const auto table = [] {
+    std::vector<uint32_t> t(256);
+    for (uint32_t i = 0; i < 256; i++) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; k++) c = c & 1 ? 0xedb88320u ^ (c >> 1) : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  crc = ~crc;
+  for (size_t i = 0; i < n; i++) crc = table[(crc ^ p[i]) & 0xff] ^ (crc >> 8);
+  return ~crc;
+}
+
+uint64_t ReadBe64(const uint8_t* p) {
+  uint64_t v = 0;
+  for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
+  return v;
+}
+
+}  // namespace
+
+struct ChunkReceiver::Buf {
+  uint8_t* data = nullptr;
+  size_t size = 0;
+  ucp_mem_h memh = nullptr;
+};
+
+struct ChunkReceiver::Job {
+  uint64_t token = 0;
+  int fd = -1;
+  uint64_t size = 0;
+  size_t chunk = 0;
+  unsigned max_bufs = 0;
+  int algo = 1;           // 1: CRC-32C, 2: CRC-32
+  uint32_t crc = 0;
+  uint64_t crc_to = 0;   // every byte before this is checksummed
+  uint64_t written = 0;
+  std::map<uint64_t, std::pair<void*, size_t>> pending;  // offset -> rendezvous descriptor, length
+  std::map<uint64_t, std::pair<Buf*, size_t>> held;      // written, waiting for the CRC
+  std::vector<bool> seen;
+  unsigned in_use = 0;    // buffers: receiving + held
+  std::unordered_set<Recv*> recvs;
+  bool finished = false;  // no more bytes will be written (result posted, or cancelled)
+  bool cancelled = false; // JS forgot the job
+  std::atomic<uint64_t> received{0};
+};
+
+struct ChunkReceiver::Recv {
+  std::shared_ptr<Job> job;
+  uint64_t offset = 0;
+  size_t length = 0;
+  size_t got = 0;
+  Buf* buf = nullptr;
+  void* request = nullptr;
+  ucs_status_t status = UCS_OK;
+};
+
+// Per-thread event lists, filled by callbacks inside ucp_worker_progress.
+struct AmArrival {
+  uint64_t token;
+  uint64_t offset;
+  size_t length;
+  void* desc;                 // rendezvous
+  std::vector<uint8_t> data;  // eager, copied
+};
+static thread_local std::vector<AmArrival>* t_arrivals = nullptr;
+static thread_local std::vector<ChunkReceiver::Recv*>* t_completions = nullptr;
+
+Napi::Function ChunkReceiver::Init(Napi::Env env) {
+  return DefineClass(env, "ChunkReceiver",
+                     {
+                         InstanceMethod("address", &ChunkReceiver::Address),
+                         InstanceMethod("start", &ChunkReceiver::Start),
+                         InstanceMethod("cancel", &ChunkReceiver::Cancel),
+                         InstanceMethod("received", &ChunkReceiver::Received),
+                         InstanceMethod("stats", &ChunkReceiver::Stats),
+                         InstanceMethod("close", &ChunkReceiver::Close),
+                     });
+}
+
+// new ChunkReceiver(config: {[UCX option without "UCX_"]: string}, name, onDone(token, errno, crc, bytes, detail, fileError), amId)
+ChunkReceiver::ChunkReceiver(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ChunkReceiver>(info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 3 || !info[0].IsObject() || !info[1].IsString() || !info[2].IsFunction()) {
+    Napi::TypeError::New(env, "new ChunkReceiver(config, name, onDone)").ThrowAsJavaScriptException();
+    return;
+  }
+  std::string name = info[1].As<Napi::String>().Utf8Value();
+  if (!OpenWorker(env, info[0], name, UCP_FEATURE_AM | UCP_FEATURE_WAKEUP, &ctx_, &worker_)) return;
+  ucp_address_t* addr = nullptr;
+  size_t addr_len = 0;
+  ucs_status_t st = ucp_worker_get_efd(worker_, &efd_);
+  if (st == UCS_OK) st = ucp_worker_get_address(worker_, &addr, &addr_len);
+  if (st == UCS_OK) {
+    address_.assign(reinterpret_cast<const char*>(addr), addr_len);
+    ucp_worker_release_address(worker_, addr);
+    ucp_am_handler_param_t hp;
+    memset(&hp, 0, sizeof(hp));
+    hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    // The message id JS passes after the callback; default 1.
+    hp.id = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().Uint32Value() : 1;
+    hp.cb = OnAm;
+    hp.arg = this;
+    st = ucp_worker_set_am_recv_handler(worker_, &hp);
+  }
+  if (st != UCS_OK) {
+    Shutdown();
+    StatusError(env, st, "ChunkReceiver worker").ThrowAsJavaScriptException();
+    return;
+  }
+  on_done_ = Napi::Persistent(info[2].As<Napi::Function>());
+  async_ctx_ = new Napi::AsyncContext(env, "dyad-ucx-chunk-receiver");
+  async_ = new uv_async_t;
+  uv_loop_t* loop = nullptr;
+  napi_get_uv_event_loop(env, &loop);
+  uv_async_init(loop, async_, OnAsync);
+  async_->data = this;
+  // The thread does not keep the process alive by itself: pulls (sockets, timers) do.
+  uv_unref(reinterpret_cast<uv_handle_t*>(async_));
+  running_ = true;
+  thread_ = std::thread([this] { Run(); });
+}
+
+ChunkReceiver::~ChunkReceiver() { Shutdown(); }
+
+// --- JS side -----------------------------------------------------------------
+
+Napi::Value ChunkReceiver::Address(const Napi::CallbackInfo& info) {
+  return Napi::Buffer<uint8_t>::Copy(info.Env(), reinterpret_cast<const uint8_t*>(address_.data()), address_.size());
+}
+
+// start(token: Buffer(8), fd, size, chunkBytes, buffers, algo: 'crc32c' | 'crc32'):
+// the receiver writes on a dup of fd, so the caller may close its own.
+Napi::Value ChunkReceiver::Start(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 6 || !info[0].IsBuffer() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsNumber() ||
+      !info[4].IsNumber()) {
+    Napi::TypeError::New(env, "start(token, fd, size, chunkBytes, buffers, algo)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::Buffer<uint8_t> tok = info[0].As<Napi::Buffer<uint8_t>>();
+  double size = info[2].As<Napi::Number>().DoubleValue();
+  double chunk = info[3].As<Napi::Number>().DoubleValue();
+  uint32_t bufs = info[4].As<Napi::Number>().Uint32Value();
+  std::string algo = info[5].IsString() ? info[5].As<Napi::String>().Utf8Value() : "";
+  if (tok.Length() != 8 || size <= 0 || chunk <= 0 || chunk > double(1u << 30) || bufs == 0 || bufs > 1024 ||
+      (algo != "crc32c" && algo != "crc32")) {
+    Napi::RangeError::New(env, "start: bad token, size, chunk size, buffer count or digest algorithm").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  if (!running_) {
+    Napi::Error::New(env, "ChunkReceiver closed").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = dup(info[1].As<Napi::Number>().Int32Value());
+  if (fd < 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("start: dup: ") + strerror(errno));
+    e.Set("errno", Napi::Number::New(env, errno));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto job = std::make_shared<Job>();
+  memcpy(&job->token, tok.Data(), 8);
+  job->fd = fd;
+  job->size = uint64_t(size);
+  job->chunk = size_t(chunk);
+  job->max_bufs = bufs;
+  job->algo = algo == "crc32c" ? 1 : 2;
+  job->seen.assign(size_t((job->size + job->chunk - 1) / job->chunk), false);
+  {
+    std::lock_guard<std::mutex> g(jobs_mu_);
+    js_jobs_[job->token] = job;
+  }
+  {
+    std::lock_guard<std::mutex> g(cmd_mu_);
+    commands_.push_back(Command{Command::kStart, job, job->token});
+  }
+  ucp_worker_signal(worker_);
+  return env.Undefined();
+}
+
+// cancel(token): ends the job if it is still running (no callback) and forgets it.
+Napi::Value ChunkReceiver::Cancel(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return env.Undefined();
+  uint64_t token;
+  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  {
+    std::lock_guard<std::mutex> g(jobs_mu_);
+    js_jobs_.erase(token);
+  }
+  if (!running_) return env.Undefined();
+  {
+    std::lock_guard<std::mutex> g(cmd_mu_);
+    commands_.push_back(Command{Command::kCancel, nullptr, token});
+  }
+  ucp_worker_signal(worker_);
+  return env.Undefined();
+}
+
+// received(token) -> bytes received and written so far (-1: unknown job)
+Napi::Value ChunkReceiver::Received(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return Napi::Number::New(env, -1);
+  uint64_t token;
+  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  std::lock_guard<std::mutex> g(jobs_mu_);
+  auto it = js_jobs_.find(token);
+  return Napi::Number::New(env, it == js_jobs_.end() ? -1.0 : double(it->second->received.load()));
+}
+
+Napi::Value ChunkReceiver::Stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  o.Set("wakeups", Napi::Number::New(env, double(wakeups_.load())));
+  o.Set("chunks", Napi::Number::New(env, double(chunks_.load())));
+  o.Set("dropped", Napi::Number::New(env, double(dropped_.load())));
+  o.Set("buffers", Napi::Number::New(env, double(buffers_.load())));
+  std::lock_guard<std::mutex> g(jobs_mu_);
+  o.Set("jobs", Napi::Number::New(env, double(js_jobs_.size())));
+  return o;
+}
+
+Napi::Value ChunkReceiver::Close(const Napi::CallbackInfo& info) {
+  Shutdown();
+  return info.Env().Undefined();
+}
+
+void ChunkReceiver::Post(Result r) {
+  {
+    std::lock_guard<std::mutex> g(res_mu_);
+    results_.push_back(std::move(r));
+  }
+  uv_async_send(async_);
+}
+
+void ChunkReceiver::OnAsync(uv_async_t* h) { static_cast<ChunkReceiver*>(h->data)->Deliver(); }
+
+void ChunkReceiver::Deliver() {
+  std::vector<Result> rs;
+  {
+    std::lock_guard<std::mutex> g(res_mu_);
+    rs.swap(results_);
+  }
+  if (rs.empty() || on_done_.IsEmpty()) return;
+  Napi::Env env = on_done_.Env();
+  Napi::HandleScope scope(env);
+  for (Result& r : rs) {
+    {
+      // A job JS cancelled meanwhile wants no callback.
+      std::lock_guard<std::mutex> g(jobs_mu_);
+      if (js_jobs_.find(r.token) == js_jobs_.end()) continue;
+    }
+    Napi::Buffer<uint8_t> tok = Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(&r.token), 8);
+    on_done_.MakeCallback(Value(),
+                          {tok, Napi::Number::New(env, r.err), Napi::Number::New(env, r.crc), Napi::Number::New(env, double(r.bytes)),
+                           Napi::String::New(env, r.detail), Napi::Boolean::New(env, r.file_error)},
+                          *async_ctx_);
+  }
+}
+
+void ChunkReceiver::Shutdown() {
+  if (running_) {
+    running_ = false;
+    stop_ = true;
+    ucp_worker_signal(worker_);
+    thread_.join();
+  }
+  // The thread has drained (Drain): its state is ours now.
+  if (stuck_ > 0) {
+    // Receives UCX still holds: the worker, their buffers and the context are left to process exit.
+    jobs_.clear();
+    worker_ = nullptr;
+    ctx_ = nullptr;
+  }
+  jobs_.clear();
+  if (worker_) ucp_worker_destroy(worker_);
+  worker_ = nullptr;
+  for (auto& kv : free_bufs_)
+    for (Buf* b : kv.second) {
+      if (b->memh && ctx_) ucp_mem_unmap(ctx_, b->memh);
+      free(b->data);
+      delete b;
+    }
+  free_bufs_.clear();
+  if (ctx_) ucp_cleanup(ctx_);
+  ctx_ = nullptr;
+  if (async_) {
+    uv_close(reinterpret_cast<uv_handle_t*>(async_), [](uv_handle_t* h) { delete reinterpret_cast<uv_async_t*>(h); });
+    async_ = nullptr;
+  }
+  if (!on_done_.IsEmpty()) on_done_.Reset();
+  delete async_ctx_;
+  async_ctx_ = nullptr;
+  {
+    std::lock_guard<std::mutex> g(jobs_mu_);
+    js_jobs_.clear();
+  }
+}
+
+// --- the thread ----------------------------------------------------------------
+
+ucs_status_t ChunkReceiver::OnAm(void* arg, const void* header, size_t header_length, void* data, size_t length,
+                                 const ucp_am_recv_param_t* param) {
+  bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
+  AmArrival a;
+  a.token = 0;
+  a.offset = 0;
+  a.length = length;
+  a.desc = nullptr;
+  if (header_length == kHeaderBytes) {
+    memcpy(&a.token, header, 8);
+    a.offset = ReadBe64(static_cast<const uint8_t*>(header) + 8);
+  } else {
+    a.token = 0;  // no job has token 0 in practice; it is dropped below
+    a.offset = UINT64_MAX;
+  }
+  if (rndv) {
+    a.desc = data;
+  } else if (length) {
+    a.data.assign(static_cast<uint8_t*>(data), static_cast<uint8_t*>(data) + length);
+  }
+  (void)arg;
+  t_arrivals->push_back(std::move(a));
+  return rndv ? UCS_INPROGRESS : UCS_OK;
+}
+
+void ChunkReceiver::OnRecv(void* request, ucs_status_t status, size_t length, void* user_data) {
+  auto* r = static_cast<Recv*>(user_data);
+  r->status = status;
+  r->got = length;
+  r->request = nullptr;
+  ucp_request_free(request);
+  t_completions->push_back(r);
+}
+
+void ChunkReceiver::Run() {
+  std::vector<AmArrival> arrivals;
+  std::vector<Recv*> completions;
+  t_arrivals = &arrivals;
+  t_completions = &completions;
+  std::unordered_set<uint64_t> recent_set;
+  std::deque<uint64_t> recent;
+  uint64_t last_expire = NowMs();
+  while (!stop_) {
+    unsigned progressed = ucp_worker_progress(worker_);
+    TakeCommands();
+    // Arrivals first: a completion may free the window a queued arrival waits for.
+    for (AmArrival& a : arrivals) {
+      auto it = jobs_.find(a.token);
+      if (it != jobs_.end()) {
+        Accept(*it->second, a.offset, a.length, a.desc, a.desc ? nullptr : a.data.data());
+        continue;
+      }
+      if (recent_set.count(a.token) || a.offset == UINT64_MAX) {
+        dropped_++;
+        if (a.desc) ReleaseLater(a.desc);
+        continue;
+      }
+      if (orphans_.size() >= kMaxOrphans) {
+        dropped_++;
+        if (orphans_.front().desc) ReleaseLater(orphans_.front().desc);
+        orphans_.pop_front();
+      }
+      orphans_.push_back(Orphan{a.token, a.offset, a.length, a.desc, std::move(a.data), NowMs()});
+    }
+    bool had = !arrivals.empty() || !completions.empty();
+    arrivals.clear();
+    for (size_t i = 0; i < completions.size(); i++) {
+      Recv* r = completions[i];
+      Completed(r, r->status, r->got);
+    }
+    completions.clear();
+    // Jobs JS forgot and whose receives have all ended go now; late chunks of theirs are dropped.
+    for (auto it = jobs_.begin(); it != jobs_.end();) {
+      Job& j = *it->second;
+      if (j.cancelled && j.recvs.empty()) {
+        recent.push_back(j.token);
+        recent_set.insert(j.token);
+        if (recent.size() > kRecentTokens) {
+          recent_set.erase(recent.front());
+          recent.pop_front();
+        }
+        it = jobs_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    for (void* d : to_release_) ucp_am_data_release(worker_, d);
+    to_release_.clear();
+    uint64_t now = NowMs();
+    if (now - last_expire > 1000) {
+      ExpireOrphans(now);
+      last_expire = now;
+    }
+    if (progressed || had) continue;
+    ucs_status_t st = ucp_worker_arm(worker_);
+    if (st == UCS_ERR_BUSY) continue;
+    {
+      std::lock_guard<std::mutex> g(cmd_mu_);
+      if (!commands_.empty()) continue;
+    }
+    if (stop_) break;
+    struct pollfd p = {efd_, POLLIN, 0};
+    poll(&p, 1, kPollMs);
+    wakeups_++;
+  }
+  Drain(arrivals, completions);
+  t_arrivals = nullptr;
+  t_completions = nullptr;
+}
+
+// Stopping: drops every job and message, then gives receives in flight up
+// to kDrainMs to end (UCX 1.13 aborts in ucp_worker_destroy while an
+// endpoint still has a rendezvous receive). What is left then is counted,
+// and Shutdown leaves the worker to process exit.
+void ChunkReceiver::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& completions) {
+  for (auto& kv : jobs_) {
+    Job& j = *kv.second;
+    j.cancelled = true;
+    Forget(j);
+    for (Recv* r : j.recvs)
+      if (r->request) ucp_request_cancel(worker_, r->request);
+  }
+  for (Orphan& o : orphans_)
+    if (o.desc) ReleaseLater(o.desc);
+  orphans_.clear();
+  auto in_flight = [this] {
+    size_t n = 0;
+    for (auto& kv : jobs_) n += kv.second->recvs.size();
+    return n;
+  };
+  uint64_t deadline = NowMs() + kDrainMs;
+  for (;;) {
+    for (AmArrival& a : arrivals)
+      if (a.desc) ReleaseLater(a.desc);
+    arrivals.clear();
+    for (Recv* r : completions) Completed(r, r->status, r->got);
+    completions.clear();
+    for (void* d : to_release_) ucp_am_data_release(worker_, d);
+    to_release_.clear();
+    if (in_flight() == 0 || NowMs() > deadline) break;
+    if (!ucp_worker_progress(worker_)) usleep(1000);
+  }
+  stuck_ = in_flight();
+}
+
+void ChunkReceiver::TakeCommands() {
+  std::vector<Command> cmds;
+  {
+    std::lock_guard<std::mutex> g(cmd_mu_);
+    if (commands_.empty()) return;
+    cmds.swap(commands_);
+  }
+  for (Command& c : cmds) {
+    if (c.kind == Command::kStart) StartJob(c.job);
+    else CancelJob(c.token);
+  }
+}
+
+void ChunkReceiver::StartJob(const std::shared_ptr<Job>& job) {
+  if (jobs_.count(job->token)) {
+    close(job->fd);
+    job->fd = -1;
+    job->finished = true;
+    Post(Result{job->token, EEXIST, 0, 0, false, "a job with this token is already running"});
+    return;
+  }
+  jobs_[job->token] = job;
+  // Chunks that overtook the job (they travel apart from the control messages).
+  std::deque<Orphan> keep;
+  std::vector<Orphan> mine;
+  for (Orphan& o : orphans_) {
+    if (o.token == job->token) mine.push_back(std::move(o));
+    else keep.push_back(std::move(o));
+  }
+  orphans_.swap(keep);
+  for (Orphan& o : mine) Accept(*job, o.offset, o.length, o.desc, o.desc ? nullptr : o.data.data());
+}
+
+void ChunkReceiver::CancelJob(uint64_t token) {
+  for (auto it = orphans_.begin(); it != orphans_.end();) {
+    if (it->token == token) {
+      if (it->desc) ReleaseLater(it->desc);
+      it = orphans_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  auto it = jobs_.find(token);
+  if (it == jobs_.end()) return;
+  Job& j = *it->second;
+  j.cancelled = true;
+  if (!j.finished) Forget(j);
+  // Receives in flight end (cancelled or not) before the job goes: their buffers are UCX's until then.
+  for (Recv* r : j.recvs)
+    if (r->request) ucp_request_cancel(worker_, r->request);
+}
+
+// Stops writing: closes the file, releases queued messages and held buffers.
+void ChunkReceiver::Forget(Job& j) {
+  j.finished = true;
+  if (j.fd >= 0) close(j.fd);
+  j.fd = -1;
+  for (auto& p : j.pending) ReleaseLater(p.second.first);
+  j.pending.clear();
+  for (auto& h : j.held) {
+    GiveBuf(h.second.first);
+    j.in_use--;
+  }
+  j.held.clear();
+}
+
+void ChunkReceiver::Finish(Job& j, int err, const std::string& detail, bool file_error) {
+  if (j.finished) return;
+  uint32_t crc = j.crc;
+  uint64_t bytes = j.written;
+  Forget(j);
+  Post(Result{j.token, err, crc, bytes, file_error, detail});
+}
+
+void ChunkReceiver::Accept(Job& j, uint64_t offset, size_t length, void* desc, const uint8_t* eager) {
+  if (j.finished) {
+    dropped_++;
+    if (desc) ReleaseLater(desc);
+    return;
+  }
+  uint64_t idx = offset / j.chunk;
+  size_t want = offset < j.size ? size_t(std::min<uint64_t>(j.chunk, j.size - offset)) : 0;
+  if (offset % j.chunk != 0 || offset >= j.size || length != want || j.seen[idx]) {
+    if (desc) ReleaseLater(desc);
+    Finish(j, EPROTO, "protocol error: bad chunk at offset " + std::to_string(offset) + " of " + std::to_string(length) + " bytes");
+    return;
+  }
+  j.seen[idx] = true;
+  chunks_++;
+  if (!desc) {
+    // Eager data (small chunks): already here, so it needs no window.
+    Buf* b = TakeBuf(j.chunk);
+    if (!b) return Finish(j, ENOMEM, "no memory for a chunk buffer", true);
+    memcpy(b->data, eager, length);
+    j.in_use++;
+    Landed(j, offset, b, length);
+    return;
+  }
+  j.pending[offset] = {desc, length};
+  Pump(j);
+}
+
+void ChunkReceiver::Pump(Job& j) {
+  while (!j.finished && !j.pending.empty() && j.in_use < j.max_bufs) {
+    auto first = j.pending.begin();
+    uint64_t offset = first->first;
+    if (offset >= j.crc_to + uint64_t(j.max_bufs) * j.chunk) break;
+    Buf* b = TakeBuf(j.chunk);
+    if (!b) return Finish(j, ENOMEM, "no memory for a chunk buffer", true);
+    void* desc = first->second.first;
+    size_t length = first->second.second;
+    j.pending.erase(first);
+    j.in_use++;
+    auto* r = new Recv();
+    r->job = jobs_[j.token];
+    r->offset = offset;
+    r->length = length;
+    r->buf = b;
+    ucp_request_param_t p;
+    memset(&p, 0, sizeof(p));
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_RECV_INFO;
+    p.cb.recv_am = OnRecv;
+    p.user_data = r;
+    p.recv_info.length = &r->got;
+    if (b->memh) {
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+      p.memh = b->memh;
+    }
+    j.recvs.insert(r);
+    // UCX owns the descriptor from here on, even if the call fails.
+    ucs_status_ptr_t sp = ucp_am_recv_data_nbx(worker_, desc, b->data, length, &p);
+    if (UCS_PTR_IS_ERR(sp)) {
+      Completed(r, UCS_PTR_STATUS(sp), 0);
+    } else if (sp == nullptr) {
+      Completed(r, UCS_OK, r->got);
+    } else {
+      r->request = sp;
+    }
+  }
+}
+
+void ChunkReceiver::Completed(Recv* r, ucs_status_t status, size_t length) {
+  std::shared_ptr<Job> job = r->job;
+  Job& j = *job;
+  j.recvs.erase(r);
+  Buf* b = r->buf;
+  uint64_t offset = r->offset;
+  size_t want = r->length;
+  delete r;
+  if (j.finished) {
+    GiveBuf(b);
+    j.in_use--;
+    return;
+  }
+  if (status != UCS_OK || length != want) {
+    GiveBuf(b);
+    j.in_use--;
+    std::string why = status != UCS_OK ? std::string("UCX receive failed: ") + StatusName(status)
+                                       : "chunk at " + std::to_string(offset) + ": " + std::to_string(length) + " of " + std::to_string(want) + " bytes arrived";
+    return Finish(j, status == UCS_ERR_CANCELED ? ECANCELED : EIO, why);
+  }
+  Landed(j, offset, b, length);
+  if (!j.finished) Pump(j);
+}
+
+void ChunkReceiver::Landed(Job& j, uint64_t offset, Buf* b, size_t length) {
+  size_t done = 0;
+  while (done < length) {
+    ssize_t n = pwrite(j.fd, b->data + done, length - done, off_t(offset + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      int e = n < 0 ? errno : EIO;
+      GiveBuf(b);
+      j.in_use--;
+      return Finish(j, e, strerror(e), true);
+    }
+    done += size_t(n);
+  }
+  j.written += length;
+  j.received.fetch_add(length);
+  j.held[offset] = {b, length};
+  while (!j.held.empty() && j.held.begin()->first == j.crc_to) {
+    auto h = j.held.begin();
+    const uint8_t* d = h->second.first->data;
+    size_t n = h->second.second;
+    j.crc = j.algo == 1 ? Crc32c(j.crc, d, n) : Crc32(j.crc, d, n);
+    j.crc_to += n;
+    GiveBuf(h->second.first);
+    j.in_use--;
+    j.held.erase(h);
+  }
+  if (j.written == j.size) Finish(j, 0, "");
+}
+
+void ChunkReceiver::ExpireOrphans(uint64_t now_ms) {
+  while (!orphans_.empty() && now_ms - orphans_.front().since_ms > kOrphanMs) {
+    dropped_++;
+    if (orphans_.front().desc) ReleaseLater(orphans_.front().desc);
+    orphans_.pop_front();
+  }
+}
+
+ChunkReceiver::Buf* ChunkReceiver::TakeBuf(size_t size) {
+  auto& fl = free_bufs_[size];
+  if (!fl.empty()) {
+    Buf* b = fl.back();
+    fl.pop_back();
+    idle_buf_bytes_ -= size;
+    return b;
+  }
+  size_t rounded = (size + 4095) & ~size_t(4095);
+  void* mem = aligned_alloc(4096, rounded);
+  if (!mem) return nullptr;
+  auto* b = new Buf();
+  b->data = static_cast<uint8_t*>(mem);
+  b->size = size;
+  // Registration lets RDMA transports receive in place; on tcp it is cheap.
+  ucp_mem_map_params_t mp;
+  memset(&mp, 0, sizeof(mp));
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH;
+  mp.address = mem;
+  mp.length = rounded;
+  if (ucp_mem_map(ctx_, &mp, &b->memh) != UCS_OK) b->memh = nullptr;
+  buffers_++;
+  return b;
+}
+
+void ChunkReceiver::GiveBuf(Buf* b) {
+  if (idle_buf_bytes_ + b->size <= kIdleBufBytes && ctx_) {
+    free_bufs_[b->size].push_back(b);
+    idle_buf_bytes_ += b->size;
+    return;
+  }
+  if (b->memh && ctx_) ucp_mem_unmap(ctx_, b->memh);
+  free(b->data);
+  delete b;
+  buffers_--;
+}
+
+}  // namespace dyaducx

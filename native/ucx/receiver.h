@@ -1,0 +1,149 @@
+// A UCX worker of its own, driven by a thread of its own, that receives
+// chunked active messages straight into files: UCX progress, the copy out
+// of UCX's buffers, pwrite and CRC-32C all happen off the JS thread.
+//
+// Why: with the JS-driven Worker (worker.cc) a consumer's event loop ran
+// UCX progress, a completion Promise, a write and a CRC for every 512 KiB
+// chunk, about 0.5 CPU-s per GiB (1 s with 16 pulls in flight), and the
+// same thread serves FUSE. A pull then ran at 0.6-1.3 GB/s where UCX alone
+// moves 4-5 GB/s between the same processes. TCP pulls had the same limit
+// until native/src/receiver.cc; this is the UCX counterpart.
+//
+// The sender addresses this worker (its address is what the consumer hands
+// out) and sends each chunk as an active message whose 16-byte header is an
+// 8-byte job token and a big-endian u64 file offset. JS registers a job per
+// token (file descriptor, size, chunk size, buffer budget) and gets one
+// callback when the job ends: every byte written and checksummed, or the
+// first error. Chunks that arrive before their job is registered wait (a
+// bounded number, for a bounded time); chunks of a job that ended are dropped,
+// which completes their sends.
+//
+// Threading: the UCX worker (UCS_THREAD_MODE_SINGLE) is touched only by the
+// thread after construction. JS talks to the thread through a mutex-guarded
+// command queue and ucp_worker_signal; the thread reports through a second
+// queue and a uv_async handle. Nothing here knows what a file is for.
+#pragma once
+
+#include <napi.h>
+#include <ucp/api/ucp.h>
+#include <uv.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace dyaducx {
+
+struct AmArrival;  // a chunk message seen inside ucp_worker_progress (receiver.cc)
+
+class ChunkReceiver : public Napi::ObjectWrap<ChunkReceiver> {
+ public:
+  static Napi::Function Init(Napi::Env env);
+  explicit ChunkReceiver(const Napi::CallbackInfo& info);
+  ~ChunkReceiver() override;
+
+  struct Buf;
+  struct Job;
+  struct Recv;
+
+ private:
+  struct Orphan {
+    uint64_t token;
+    uint64_t offset;
+    size_t length;
+    void* desc;      // rendezvous descriptor, or null for eager data
+    std::vector<uint8_t> data;
+    uint64_t since_ms;
+  };
+  struct Result {
+    uint64_t token;
+    int err;
+    uint32_t crc;
+    uint64_t bytes;
+    bool file_error;  // errno came from writing the file, not from the peer
+    std::string detail;
+  };
+  struct Command {
+    enum Kind { kStart, kCancel } kind;
+    std::shared_ptr<Job> job;  // kStart
+    uint64_t token;
+  };
+
+  // JS API
+  Napi::Value Address(const Napi::CallbackInfo& info);
+  Napi::Value Start(const Napi::CallbackInfo& info);
+  Napi::Value Cancel(const Napi::CallbackInfo& info);
+  Napi::Value Received(const Napi::CallbackInfo& info);
+  Napi::Value Stats(const Napi::CallbackInfo& info);
+  Napi::Value Close(const Napi::CallbackInfo& info);
+
+  // The thread
+  void Run();
+  void Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& completions);
+  void TakeCommands();
+  void StartJob(const std::shared_ptr<Job>& job);
+  void CancelJob(uint64_t token);
+  void Accept(Job& job, uint64_t offset, size_t length, void* desc, const uint8_t* eager);
+  void Pump(Job& job);
+  void Completed(Recv* r, ucs_status_t status, size_t length);
+  void Landed(Job& job, uint64_t offset, Buf* buf, size_t length);
+  void Finish(Job& job, int err, const std::string& detail, bool file_error = false);
+  void Forget(Job& job);
+  void ExpireOrphans(uint64_t now_ms);
+  void ReleaseLater(void* desc) { to_release_.push_back(desc); }
+  Buf* TakeBuf(size_t size);
+  void GiveBuf(Buf* b);
+  void Post(Result r);
+
+  static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data, size_t length,
+                           const ucp_am_recv_param_t* param);
+  static void OnRecv(void* request, ucs_status_t status, size_t length, void* user_data);
+  static void OnAsync(uv_async_t* h);
+  void Deliver();
+  void Shutdown();
+
+  ucp_context_h ctx_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  std::string address_;
+  int efd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  size_t stuck_ = 0;  // receives still in flight after Drain
+  bool running_ = false;
+
+  // JS -> thread
+  std::mutex cmd_mu_;
+  std::vector<Command> commands_;
+  // thread -> JS
+  std::mutex res_mu_;
+  std::vector<Result> results_;
+  uv_async_t* async_ = nullptr;
+  Napi::FunctionReference on_done_;
+  Napi::AsyncContext* async_ctx_ = nullptr;
+
+  // Shared: the jobs JS knows about, for Received(); the Job's counters are atomic.
+  std::mutex jobs_mu_;
+  std::unordered_map<uint64_t, std::shared_ptr<Job>> js_jobs_;
+
+  // Thread-only state
+  std::unordered_map<uint64_t, std::shared_ptr<Job>> jobs_;
+  std::deque<Orphan> orphans_;
+  std::vector<void*> to_release_;
+  std::map<size_t, std::vector<Buf*>> free_bufs_;
+  size_t idle_buf_bytes_ = 0;
+
+  // Statistics (written by the thread, read by JS)
+  std::atomic<uint64_t> wakeups_{0};
+  std::atomic<uint64_t> chunks_{0};
+  std::atomic<uint64_t> dropped_{0};
+  std::atomic<uint64_t> buffers_{0};
+};
+
+}  // namespace dyaducx
