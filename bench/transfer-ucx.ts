@@ -57,6 +57,8 @@ interface Mem {
   anon: number;
   file: number;
   stats?: unknown;
+  /** The owner's CPU seconds so far, all threads. */
+  cpuS: number;
 }
 
 /** Anonymous and file-backed resident memory: mapped files count in RSS but are page cache. */
@@ -72,7 +74,8 @@ async function child(root: string, chunkBytes: number, window: number, readMode:
   const ucx = await backend.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes, window, readMode });
   const tcp = await tcpBackend.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET });
   process.on('message', () => {
-    const m: Mem = { rss: process.memoryUsage().rss, maxRss: process.resourceUsage().maxRSS * 1024, ...anon(), stats: backend.stats() };
+    const u = process.cpuUsage();
+    const m: Mem = { rss: process.memoryUsage().rss, maxRss: process.resourceUsage().maxRSS * 1024, ...anon(), stats: backend.stats(), cpuS: (u.user + u.system) / 1e6 };
     process.send!(m);
   });
   // Binding-only ceiling: receive rendezvous messages into one registered buffer, no file, no digest.
@@ -246,14 +249,16 @@ async function main(): Promise<void> {
       settle(out, values.prefault ? Math.round(total * 1.5) : 0);
       const cpu0 = mainThreadCpu();
       const all0 = process.cpuUsage();
+      const owner0 = (await ownerMem()).cpuS;
       const t0 = process.hrtime.bigint();
       await Promise.all(big.map((req, i) => c.client.pull(c.address, req, join(out, `big${i}`))));
       const g = gbps(Number(process.hrtime.bigint() - t0) / 1e9);
       const cpuPerGiB = (mainThreadCpu() - cpu0) / (total / 2 ** 30);
       const all = process.cpuUsage(all0);
       const allPerGiB = (all.user + all.system) / 1e6 / (total / 2 ** 30);
+      const ownerPerGiB = ((await ownerMem()).cpuS - owner0) / (total / 2 ** 30);
       results.set(p, [...(results.get(p) ?? []), g]);
-      line.push(`${p} ${g.toFixed(2)} (CPU s/GiB: main thread ${cpuPerGiB.toFixed(2)}, process ${allPerGiB.toFixed(2)})`);
+      line.push(`${p} ${g.toFixed(2)} (CPU s/GiB: consumer main thread ${cpuPerGiB.toFixed(2)}, consumer ${allPerGiB.toFixed(2)}, owner ${ownerPerGiB.toFixed(2)})`);
     }
     // Neighbours on a shared VM move every figure; ratios within a round move less.
     const tcpNow = results.get('tcp')?.[r];

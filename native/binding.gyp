@@ -16,7 +16,7 @@
       "targets": [
         {
           "target_name": "dyaducx",
-          "sources": ["ucx/addon.cc", "ucx/worker.cc", "ucx/endpoint.cc", "ucx/region.cc", "ucx/receiver.cc", "ucx/context.cc", "src/crc32c.cc"],
+          "sources": ["ucx/addon.cc", "ucx/worker.cc", "ucx/endpoint.cc", "ucx/region.cc", "ucx/mover.cc", "ucx/context.cc", "src/crc32c.cc"],
           "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
           "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
           "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

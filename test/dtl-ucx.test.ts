@@ -103,7 +103,7 @@ async function partWithData(dir: string): Promise<void> {
   }
 }
 
-async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxDataPath, clientOpts: ClientOpts = {}): Promise<Env> {
+async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxDataPath, clientOpts: ClientOpts = {}, serveOpts: { sendThread?: boolean } = {}): Promise<Env> {
   const dir = tmp(t);
   const root = join(dir, 'root');
   const out = join(dir, 'out');
@@ -112,7 +112,9 @@ async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxD
   // Two backends, two UCX workers: as two nodes would be.
   const owner = createUcxBackend({ config });
   const consumer = createUcxBackend({ config, dataPath });
-  const server = await owner.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes: 1 << 20 });
+  // The 'loop' variants keep both sides on the event loop.
+  const sendThread = serveOpts.sendThread ?? clientOpts.receiveThread !== false;
+  const server = await owner.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, chunkBytes: 1 << 20, sendThread });
   const client = consumer.client({ secret: SECRET, ...clientOpts });
   t.teardown(async () => {
     await client.close();
@@ -152,6 +154,20 @@ async function childOwner(t: Teardown, root: string, config: Record<string, stri
     child.once('exit', (code) => reject(new Error(`owner child exited with ${code}`)));
   });
   return { address, kill: () => child.kill('SIGKILL') };
+}
+
+/** A consumer in a child process pulling `req` from `address` (so it can be SIGSTOPped). */
+function childConsumer(t: Teardown, address: string, req: PullRequest, dest: string, config: Record<string, string>): { pid: number; kill: () => void } {
+  const script = `
+    import { createUcxBackend } from ${JSON.stringify(ucxModule)};
+    const c = createUcxBackend({ config: ${JSON.stringify(config)} }).client({ secret: ${JSON.stringify(SECRET)}, peerTimeoutMs: 60000 });
+    await c.pull(${JSON.stringify(address)}, ${JSON.stringify(req)}, ${JSON.stringify(dest)}).catch(() => {});
+  `;
+  const child = spawn(process.execPath, ['--input-type=module', '-e', script], { stdio: ['ignore', 'ignore', 'inherit'] });
+  t.teardown(() => {
+    child.kill('SIGKILL');
+  });
+  return { pid: child.pid!, kill: () => child.kill('SIGKILL') };
 }
 
 /**
@@ -279,7 +295,7 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
 }
 
 function suites(): void {
-  // 'am' receives on the native receive thread where the addon has it; 'am loop' on the event loop.
+  // 'am' sends and receives on the native chunk movers where the addon has them; 'am loop' on the event loops.
   roundTrips('tcp', TCP, 'am', /tcp\/lo/);
   roundTrips('tcp am loop', TCP, 'am', /tcp\/lo/, { receiveThread: false });
   roundTrips('tcp get', TCP, 'get', /tcp\/lo/);
@@ -480,6 +496,40 @@ function suites(): void {
     await e.client.pull(e.server.address, e.put('c', c), join(e.out, 'c'));
     t.ok(readFileSync(join(e.out, 's')).equals(tiny) && readFileSync(join(e.out, 'c')).equals(c));
     t.same(events, ['start a', 'small done', 'b aborted', 'end a', 'start c'], 'one chunked pull at a time; b never started');
+  });
+
+  t.test('an owner sending on its thread gives up on a consumer that stops taking chunks, and keeps serving', async (t) => {
+    const dir = tmp(t);
+    const root = join(dir, 'root');
+    const out = join(dir, 'out');
+    mkdirSync(root);
+    mkdirSync(out);
+    const logs: string[] = [];
+    const owner = createUcxBackend({ config: TCP });
+    const server = await owner.serve({ root, host: '127.0.0.1', port: 0, secret: SECRET, peerTimeoutMs: 500, log: (m) => logs.push(m) });
+    t.teardown(() => server.close());
+    const stuck = childConsumer(t, server.address, sparse(root, 'big', 1 << 30), join(out, 'big'), TCP);
+    await partWithData(out);
+    process.kill(stuck.pid, 'SIGSTOP');
+    while (!logs.some((m) => /consumer took no chunk/.test(m))) await sleep(50);
+    t.pass('the stalled transfer was given up');
+    stuck.kill();
+    const client = createUcxBackend({ config: TCP }).client({ secret: SECRET });
+    t.teardown(() => client.close());
+    const data = randomBytes(3 << 20);
+    writeFileSync(join(root, 'next'), data);
+    await client.pull(server.address, { upath: 'next', size: data.length, digest: digestBuffer(data) }, join(out, 'next'));
+    t.ok(readFileSync(join(out, 'next')).equals(data), 'another consumer is served');
+    t.equal(owner.info().endpoints?.length, 1, 'only the live consumer keeps an endpoint');
+  });
+
+  t.test('mixed: an owner sending on its thread, a consumer receiving on its loop', async (t) => {
+    const e = await setup(t, TCP, 'am', { receiveThread: false }, { sendThread: true });
+    for (const size of [(1 << 20) + 7, 6 << 20]) {
+      const data = randomBytes(size);
+      await e.client.pull(e.server.address, e.put(`m${size}`, data), join(e.out, `m${size}`));
+      t.ok(readFileSync(join(e.out, `m${size}`)).equals(data), `${size} bytes`);
+    }
   });
 
   t.test('memory stays bounded: a 1 GiB pull with 1 MiB chunks', async (t) => {

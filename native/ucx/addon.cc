@@ -5,7 +5,7 @@
 #include <napi.h>
 #include <ucp/api/ucp.h>
 
-#include "receiver.h"
+#include "mover.h"
 #include "ucx.h"
 
 namespace {
@@ -19,7 +19,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   ctors->rkey = Napi::Persistent(dyaducx::RemoteKey::Init(env));
   env.SetInstanceData<dyaducx::Ctors>(ctors);
   exports.Set("Worker", dyaducx::Worker::Init(env));
-  exports.Set("ChunkReceiver", dyaducx::ChunkReceiver::Init(env));
+  exports.Set("ChunkMover", dyaducx::ChunkMover::Init(env));
   exports.Set("version", Napi::Function::New(env, Version));
   Napi::Object flags = Napi::Object::New(env);
   flags.Set("reply", Napi::Number::New(env, UCP_AM_SEND_FLAG_REPLY));

@@ -1,5 +1,5 @@
 // Opening a UCP context and one single-threaded worker from a JS options
-// object: shared by Worker (driven from the JS thread) and ChunkReceiver
+// object: shared by Worker (driven from the JS thread) and ChunkMover
 // (driven by a thread of its own), which differ only in features.
 #include <cstring>
 

@@ -13,7 +13,7 @@
 // force, which completes its requests with UCS_ERR_CANCELED.
 //
 // The consumer side of chunked transfers can instead run on a worker and a
-// thread of their own: see receiver.h.
+// thread of their own: see mover.h.
 //
 // Nothing here knows what is being transferred or why.
 #pragma once

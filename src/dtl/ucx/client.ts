@@ -31,7 +31,7 @@ import { receiveChannel, receiveThreadAvailable } from '../receive.js';
 import { Slots } from '../slots.js';
 import type { IoMode } from '../inline.js';
 import type { PullOptions, PullRequest, PullResult, TransferClient } from '../types.js';
-import { isUcxError, type UcxChunkReceiver, type UcxRemoteKey } from './native.js';
+import { isUcxError, type UcxChunkMover, type UcxRemoteKey } from './native.js';
 import {
   FRAME_HEADER_BYTES,
   FrameType,
@@ -80,7 +80,7 @@ export interface UcxClientOptions {
   /** Where received chunks are written; see inline.ts. Default 'adaptive'. */
   writeMode?: IoMode;
   /**
-   * Mode am: receive chunks on the native receiver's own worker and thread
+   * Mode am: receive chunks on the native chunk mover's own worker and thread
    * (UCX progress, copy, write and CRC off the event loop). Default: on
    * where the addon has it and setReceiveThreadEnabled has not turned it off.
    */
@@ -90,7 +90,7 @@ export interface UcxClientOptions {
    * more wait their turn (small files never wait). One UCX endpoint
    * carries them all, so more in parallel add no bandwidth, only buffers
    * and cache misses on both sides: 16 at once ran at 0.75-1.06 GB/s here,
-   * 2 at once at 1.3-1.4. Default 2; 0 means no limit.
+   * 2 at once at 1.5-1.7 (1: 1.4-1.5, 4: 1.1-1.5). Default 2; 0: no limit.
    */
   maxBulkPerPeer?: number;
 }
@@ -152,7 +152,7 @@ class Pull {
   private nextOffset = 0;
   private ep: EpEntry | null = null;
   private rkey: UcxRemoteKey | null = null;
-  /** The native receiver has this pull's chunks (conn.receiver); bytes it had at the last look. */
+  /** The native chunk mover has this pull's chunks (conn.mover); bytes it had at the last look. */
   private onThread = false;
   private threadSeen = 0;
   private lastActivity = Date.now();
@@ -178,8 +178,8 @@ class Pull {
       this.resolve = resolve;
       this.reject = reject;
     });
-    // With the native receiver, chunks never reach this worker.
-    this.unroute = conn.receiver ? () => {} : rt.routeChunks(this.token.toString('hex'), (h, len, desc, data) => this.onChunk(h, len, desc, data));
+    // With the native chunk mover, chunks never reach this worker.
+    this.unroute = conn.mover ? () => {} : rt.routeChunks(this.token.toString('hex'), (h, len, desc, data) => this.onChunk(h, len, desc, data));
     const signal = opts.signal;
     if (signal) {
       this.onAbort = () => this.fail(abortError(this.peer, req.upath, signal.reason));
@@ -207,7 +207,7 @@ class Pull {
     this.timer = null;
     if (this.done) return;
     if (this.onThread) {
-      const n = this.rt.receiver()?.received(this.token) ?? -1;
+      const n = this.rt.mover()?.received(this.token) ?? -1;
       if (n > this.threadSeen) {
         this.threadSeen = n;
         this.touch();
@@ -291,7 +291,7 @@ class Pull {
       }
       return this.issueGets();
     }
-    if (this.conn.receiver) return this.startThread(st, this.conn.receiver);
+    if (this.conn.mover) return this.startThread(st);
     // Chunks that overtook START are validated now.
     for (const q of this.queued.splice(0)) {
       this.accept(q);
@@ -299,9 +299,9 @@ class Pull {
     }
   }
 
-  // --- mode am on the native receiver ------------------------------------------
+  // --- mode am on the native chunk mover ------------------------------------------
 
-  private startThread(st: Start, rx: UcxChunkReceiver): void {
+  private startThread(st: Start): void {
     const at = this.sink!.handOff();
     if (!at) return this.fail(this.sink!.failed ?? peerError(this.peer, this.req.upath, 'sink unusable'));
     if (st.size === 0) return this.complete(false);
@@ -310,7 +310,7 @@ class Pull {
         this.threadDone(errno, crc, bytes, detail, fileError),
       );
     } catch (err) {
-      return this.fail(peerError(this.peer, this.req.upath, `UCX receiver: ${describe(err)}`, err));
+      return this.fail(peerError(this.peer, this.req.upath, `UCX chunk mover: ${describe(err)}`, err));
     }
     this.onThread = true;
     if (receiveChannel.hasSubscribers) receiveChannel.publish({ peer: this.peer, upath: this.req.upath, offset: 0, length: st.size });
@@ -475,7 +475,7 @@ class Pull {
     this.timer = null;
     this.unroute();
     // Also for a pull that never started a job: chunks of it may be waiting there.
-    if (this.conn.receiver && (this.onThread || failed)) this.rt.forgetJob(this.token);
+    if (this.conn.mover && (this.onThread || failed)) this.rt.forgetJob(this.token);
     if (this.onAbort) this.opts.signal?.removeEventListener('abort', this.onAbort);
     this.conn.forget(this);
     for (const q of this.queued.splice(0)) if (q.desc) this.rt.worker.amRelease(q.desc);
@@ -523,8 +523,8 @@ class ControlConn {
   readonly ready: Promise<void>;
   state: 'hello' | 'welcome' | 'ready' | 'dead' = 'hello';
   serverWorker: Buffer | null = null;
-  /** Mode am with the native receiver: the owner sends this connection's chunks to it. */
-  readonly receiver: UcxChunkReceiver | null;
+  /** Mode am with the native chunk mover: the owner sends this connection's chunks to it. */
+  readonly mover: UcxChunkMover | null;
   uses = 0;
   // Frames are read straight into this buffer (no stream machinery per
   // reply) and handed out as views of it: handlers copy what they keep.
@@ -546,7 +546,7 @@ class ControlConn {
     connectTimeoutMs: number,
     private readonly onDead: (c: ControlConn) => void,
   ) {
-    this.receiver = s.mode === Mode.am && s.receiveThread ? rt.receiver() : null;
+    this.mover = s.mode === Mode.am && s.receiveThread ? rt.mover() : null;
     this.ready = new Promise<void>((resolve, reject) => (this.handshake = { resolve, reject }));
     this.ready.catch(() => {});
     this.sock = net.connect({
@@ -626,7 +626,7 @@ class ControlConn {
       const h = decodeHello(f.payload);
       if (h.version !== PROTOCOL_VERSION) throw new ProtocolError(`peer speaks protocol ${h.version}, we speak ${PROTOCOL_VERSION}`);
       this.serverNonce = Buffer.from(h.nonce);
-      const data = this.receiver?.address() ?? this.rt.address;
+      const data = this.mover?.address() ?? this.rt.address;
       this.sock.write(encodeAuth(this.nonce, authMac(this.s.secret, 'client', this.serverNonce, this.nonce, data), data));
       this.state = 'welcome';
       return;

@@ -21,6 +21,13 @@
  * InfiniBand, and needs an extra END message; (b) reads into bounded
  * staging buffers and fails cleanly.
  *
+ * (Those figures predate the chunk mover: a native thread with a UCP
+ * worker of its own (native/ucx/mover.h) now reads and sends on the owner
+ * and receives, writes and checksums on the consumer, and a consumer pulls
+ * at most maxBulkPerPeer (2) chunked files from one owner at once. Same
+ * bench, 512 KiB chunks: 1.4-1.7 GB/s against 0.6-0.7 before, consumer
+ * main thread 0.01-0.04 CPU-s per GiB against 1.0-1.4.)
+ *
  * Unlike DYAD's UCX DTL (a single ucp_put into a 4 GiB window preallocated
  * in every process, a busy-polled sentinel, no timeout), transfers are
  * chunked with bounded buffers on both sides, every wait has a deadline,

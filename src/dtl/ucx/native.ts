@@ -64,11 +64,12 @@ export interface UcxWorker {
 }
 
 /**
- * A UCX worker on a native thread that receives a sender's chunk messages
- * (16-byte header: 8-byte token, u64 BE offset) straight into files, with
- * their CRC (native/ucx/receiver.h). One job per token.
+ * A UCX worker on a native thread that sends files as chunk messages
+ * (16-byte header: 8-byte token, u64 BE offset) and receives them straight
+ * into files, with their CRC (native/ucx/mover.h). One job per token and
+ * direction.
  */
-export interface UcxChunkReceiver {
+export interface UcxChunkMover {
   address(): Buffer;
   /** Receives `size` bytes in `chunkBytes` chunks into fd (a dup is used), at most `buffers` chunks held, digested with `algo`. */
   start(token: Buffer, fd: number, size: number, chunkBytes: number, buffers: number, algo: 'crc32c' | 'crc32'): void;
@@ -76,17 +77,29 @@ export interface UcxChunkReceiver {
   cancel(token: Buffer): void;
   /** Bytes written so far, or -1 for a job it does not know. */
   received(token: Buffer): number;
-  stats(): { wakeups: number; chunks: number; dropped: number; buffers: number; jobs: number };
+  /** Sends the file's chunks (read from a dup of fd) to the worker at `peer`, `window` in flight. */
+  send(token: Buffer, peer: Uint8Array, fd: number, size: number, chunkBytes: number, window: number): void;
+  /** Stops a send job (no callback) and forgets it; `force` also closes the endpoint to its peer. */
+  cancelSend(token: Buffer, force: boolean): void;
+  /** Bytes whose sends completed, or -1 for a job it does not know. */
+  sent(token: Buffer): number;
+  /** ucp_ep_print_info of each peer it has sent to. */
+  endpoints(): string[];
+  stats(): { wakeups: number; chunks: number; dropped: number; buffers: number; jobs: number; sends: number };
   close(): void;
 }
 
-/** How a job ended: `errno` 0 means all bytes written and `crc` (of the job's algorithm) covers them in file order. */
-export type UcxChunkDone = (token: Buffer, errno: number, crc: number, bytes: number, detail: string, fileError: boolean) => void;
+/**
+ * How a job ended: `errno` 0 means all bytes written and `crc` (of the
+ * job's algorithm) covers them in file order, or for a send job (`send`)
+ * all bytes sent. `fileError`: the errno came from the file, not the peer.
+ */
+export type UcxChunkDone = (token: Buffer, errno: number, crc: number, bytes: number, detail: string, fileError: boolean, send: boolean) => void;
 
 export interface UcxAddon {
   /** `config` keys are UCX options without the "UCX_" prefix (TLS, NET_DEVICES...); they override the environment. */
   Worker: new (config: Record<string, string>, name: string) => UcxWorker;
-  ChunkReceiver?: new (config: Record<string, string>, name: string, onDone: UcxChunkDone, amId: number) => UcxChunkReceiver;
+  ChunkMover?: new (config: Record<string, string>, name: string, onDone: UcxChunkDone, amId: number, peerErrors: boolean) => UcxChunkMover;
   version(): string;
   amFlags: { reply: number; eager: number; rndv: number };
 }

@@ -13,7 +13,7 @@
  */
 import { errnos, ConfigError } from '../../errors.js';
 import type { DigestAlgo } from '../digest.js';
-import type { UcxAddon, UcxAmHandler, UcxChunkDone, UcxChunkReceiver, UcxEndpoint, UcxRegion, UcxWorker } from './native.js';
+import type { UcxAddon, UcxAmHandler, UcxChunkDone, UcxChunkMover, UcxEndpoint, UcxRegion, UcxWorker } from './native.js';
 import { AM_CHUNK } from './protocol.js';
 
 const SHM_TRANSPORT = /^(self|sysv|posix|cma|knem|xpmem)\//;
@@ -94,8 +94,9 @@ export class UcxRuntime {
   readonly peerErrors: boolean;
   private users = 0;
   private closed = false;
-  private rx: UcxChunkReceiver | null | undefined = undefined;
+  private rx: UcxChunkMover | null | undefined = undefined;
   private readonly rxJobs = new Map<string, UcxChunkDone>();
+  private readonly txJobs = new Map<string, UcxChunkDone>();
   private readonly config: Record<string, string>;
 
   constructor(
@@ -140,6 +141,7 @@ export class UcxRuntime {
     this.worker.close();
     this.rx?.close();
     this.rxJobs.clear();
+    this.txJobs.clear();
     this.pools.clear();
     this.eps.clear();
     this.routes.clear();
@@ -160,24 +162,30 @@ export class UcxRuntime {
   }
 
   /**
-   * The native chunk receiver (a worker of its own on a thread of its own,
-   * native/ucx/receiver.h), created on first use; null where the addon
+   * The native chunk mover (a worker of its own on a thread of its own,
+   * native/ucx/mover.h), created on first use; null where the addon
    * lacks it or it cannot start (the caller then receives on this worker).
    */
-  receiver(): UcxChunkReceiver | null {
+  mover(): UcxChunkMover | null {
     if (this.rx !== undefined || this.closed) return this.rx ?? null;
     this.rx = null;
-    const Ctor = this.addon.ChunkReceiver;
+    const Ctor = this.addon.ChunkMover;
     if (!Ctor) return null;
     try {
-      this.rx = new Ctor(this.config, `dyad-rx-${process.pid}`, (token, ...rest) => this.rxJobs.get(token.toString('hex'))?.(token, ...rest), AM_CHUNK);
+      this.rx = new Ctor(
+        this.config,
+        `dyad-mover-${process.pid}`,
+        (token, ...rest) => (rest[5] ? this.txJobs : this.rxJobs).get(token.toString('hex'))?.(token, ...rest),
+        AM_CHUNK,
+        this.peerErrors,
+      );
     } catch {
       this.rx = null;
     }
     return this.rx;
   }
 
-  /** Starts a receiver job; `done` is called once, unless `forgetJob` comes first. */
+  /** Starts a receive job; `done` is called once, unless `forgetJob` comes first. */
   startJob(token: Buffer, fd: number, size: number, chunkBytes: number, buffers: number, algo: DigestAlgo, done: UcxChunkDone): void {
     const rx = this.rx!;
     this.rxJobs.set(token.toString('hex'), done);
@@ -187,6 +195,18 @@ export class UcxRuntime {
   forgetJob(token: Buffer): void {
     this.rxJobs.delete(token.toString('hex'));
     this.rx?.cancel(token);
+  }
+
+  /** Starts a send job on the mover; `done` is called once, unless `forgetSend` comes first. */
+  startSend(token: Buffer, peer: Uint8Array, fd: number, size: number, chunkBytes: number, window: number, done: UcxChunkDone): void {
+    const rx = this.rx!;
+    this.txJobs.set(token.toString('hex'), done);
+    rx.send(token, peer, fd, size, chunkBytes, window);
+  }
+
+  forgetSend(token: Buffer, force = false): void {
+    this.txJobs.delete(token.toString('hex'));
+    this.rx?.cancelSend(token, force);
   }
 
   routeChunks(token: string, fn: ChunkRoute): () => void {
@@ -234,8 +254,9 @@ export class UcxRuntime {
     if (lru) this.drop(lru, false);
   }
 
-  /** Transports in use: the context's configuration and, per cached endpoint, its lanes. */
+  /** Transports in use: the context's configuration and, per endpoint (this worker's and the chunk mover's), its lanes. */
   describe(): { context: string; endpoints: string[] } {
-    return { context: this.worker.info(), endpoints: [...this.eps.values()].map((e) => e.ep.info()) };
+    const mine = [...this.eps.values()].map((e) => e.ep.info());
+    return { context: this.worker.info(), endpoints: [...mine, ...(this.rx?.endpoints() ?? [])] };
   }
 }

@@ -74,6 +74,12 @@ export interface UcxServeOptions extends ServeOptions {
   maxActive?: number;
   /** Where chunks are read; see inline.ts. Default 'adaptive'. */
   readMode?: IoMode;
+  /**
+   * Read and send chunks on the native chunk mover's thread and worker
+   * (native/ucx/mover.h) instead of the event loop. Default: on where the
+   * addon has it.
+   */
+  sendThread?: boolean;
   maxConnections?: number;
   authTimeoutMs?: number;
   /** An authenticated connection with nothing in progress is dropped after this long. */
@@ -91,6 +97,7 @@ interface Settings {
   chunkBytes: number;
   window: number;
   readMode: IoMode;
+  sendThread: boolean;
   authTimeoutMs: number;
   idleTimeoutMs: number;
   peerTimeoutMs: number;
@@ -341,8 +348,60 @@ class ServerConnection {
     while (!req.ended && !this.dead) await new Promise<void>((resolve) => (req.wake = resolve));
   }
 
+  /**
+   * The chunk mover's thread reads and sends (native/ucx/mover.h); this
+   * only waits for the end: all sent, END from the consumer, the
+   * connection gone, a failure, or no chunk taken for peerTimeoutMs (then
+   * the consumer's endpoint is closed, which ends the sends it holds).
+   */
+  private async serveOnThread(req: Request, token: Buffer, size: number): Promise<void> {
+    const { chunkBytes, window, peerTimeoutMs } = this.s;
+    const wake = (): void => {
+      const w = req.wake;
+      req.wake = null;
+      w?.();
+    };
+    let outcome: { errno: number; detail: string } | null = null;
+    this.send(encodeStart({ id: req.id, size, chunkBytes, window }));
+    try {
+      this.rt.startSend(token, this.clientWorker!, req.fd, size, chunkBytes, window, (_t, errno, _crc, _bytes, detail) => {
+        outcome = { errno, detail };
+        wake();
+      });
+    } catch (err) {
+      this.send(encodeError(req.id, RemoteStatus.io, `cannot send over UCX: ${err instanceof Error ? err.message : String(err)}`));
+      return;
+    }
+    let stalled = false;
+    let lastSent = 0;
+    let lastProgress = Date.now();
+    const watchdog = setInterval(() => {
+      const n = this.rt.mover()?.sent(token) ?? -1;
+      if (n > lastSent) {
+        lastSent = n;
+        lastProgress = Date.now();
+      } else if (Date.now() - lastProgress > peerTimeoutMs) {
+        stalled = true;
+        wake();
+      }
+    }, Math.min(1000, peerTimeoutMs)).unref();
+    try {
+      while (outcome === null && !req.ended && !this.dead && !stalled) await new Promise<void>((resolve) => (req.wake = resolve));
+    } finally {
+      clearInterval(watchdog);
+      this.rt.forgetSend(token, stalled);
+    }
+    const o = outcome as { errno: number; detail: string } | null;
+    const failure = stalled ? `consumer took no chunk for ${peerTimeoutMs} ms` : o && o.errno !== 0 ? o.detail : null;
+    if (failure !== null && !req.ended) {
+      this.s.log(`ucx transfer server: ${this.peer}: ${failure}`);
+      this.send(encodeError(req.id, RemoteStatus.io, failure));
+    }
+  }
+
   private async serveChunks(req: Request, token: Buffer, size: number): Promise<void> {
     if (req.ended || this.dead) return;
+    if (this.s.sendThread && this.rt.mover()) return this.serveOnThread(req, token, size);
     let ep: EpEntry;
     try {
       ep = this.rt.endpoint(this.clientWorker!);
@@ -454,6 +513,7 @@ export class UcxTransferServer implements TransferServer {
       chunkBytes,
       window: Math.max(1, Math.min(opts.window ?? DEFAULT_WINDOW, 64)),
       readMode: opts.readMode ?? 'adaptive',
+      sendThread: opts.sendThread ?? true,
       authTimeoutMs: opts.authTimeoutMs ?? 10_000,
       idleTimeoutMs: opts.idleTimeoutMs ?? 300_000,
       peerTimeoutMs: opts.peerTimeoutMs ?? 30_000,

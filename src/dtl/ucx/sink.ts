@@ -13,7 +13,7 @@
  * inline while the page cache keeps up and on the thread pool otherwise,
  * one at a time per file (inline.ts has the measurements behind that).
  *
- * Or the native chunk receiver does all of that on its own thread
+ * Or the native chunk mover does all of that on its own thread
  * (handOff/absorb): the sink then only owns the temp file and the checks.
  */
 import { write as fsWrite, writeSync } from 'node:fs';
@@ -79,7 +79,7 @@ export class ChunkSink {
   }
 
   /**
-   * Hands the writing over to the native chunk receiver: the fd of the temp
+   * Hands the writing over to the native chunk mover: the fd of the temp
    * file and the digest algorithm to compute, or null when the sink has
    * failed or already holds chunks.
    */
@@ -88,14 +88,14 @@ export class ChunkSink {
     return { fd: this.part.fd, algo: this.algo };
   }
 
-  /** The receiver wrote `n` bytes; `crc` is their digest in file order. */
+  /** The mover wrote `n` bytes; `crc` is their digest in file order. */
   absorb(n: number, crc: number): void {
     this.received = n;
     this.digestedTo = n;
     this.crc = crc >>> 0;
   }
 
-  /** A write by the receiver failed: the pull fails as if this sink's own write had. */
+  /** A write by the mover failed: the pull fails as if this sink's own write had. */
   failWrite(err: unknown): void {
     this.fail(err);
   }

@@ -1,22 +1,24 @@
-// A UCX worker of its own, driven by a thread of its own, that receives
-// chunked active messages straight into files: UCX progress, the copy out
-// of UCX's buffers, pwrite and CRC-32C all happen off the JS thread.
+// A UCX worker of its own, driven by a thread of its own, that moves files
+// as chunked active messages: it sends a file's chunks (pread, send) and
+// receives them straight into files (receive, pwrite, CRC), all off the JS
+// thread.
 //
 // Why: with the JS-driven Worker (worker.cc) a consumer's event loop ran
 // UCX progress, a completion Promise, a write and a CRC for every 512 KiB
 // chunk, about 0.5 CPU-s per GiB (1 s with 16 pulls in flight), and the
-// same thread serves FUSE. A pull then ran at 0.6-1.3 GB/s where UCX alone
-// moves 4-5 GB/s between the same processes. TCP pulls had the same limit
-// until native/src/receiver.cc; this is the UCX counterpart.
+// same thread serves FUSE; the owner's loop did the reads and sends. A pull
+// then ran at 0.6-1.3 GB/s where UCX alone moves 4-5 GB/s between the same
+// processes. TCP pulls had the same limit until native/src/receiver.cc and
+// sender.cc; this is the UCX counterpart.
 //
-// The sender addresses this worker (its address is what the consumer hands
-// out) and sends each chunk as an active message whose 16-byte header is an
-// 8-byte job token and a big-endian u64 file offset. JS registers a job per
-// token (file descriptor, size, chunk size, buffer budget) and gets one
-// callback when the job ends: every byte written and checksummed, or the
-// first error. Chunks that arrive before their job is registered wait (a
-// bounded number, for a bounded time); chunks of a job that ended are dropped,
-// which completes their sends.
+// Each chunk is an active message whose 16-byte header is an 8-byte job
+// token and a big-endian u64 file offset. JS registers a job per token,
+// receive (file descriptor, size, chunk size, buffer budget, digest) or
+// send (peer worker address, file descriptor, size, chunk size, window),
+// and gets one callback when the job ends: every byte written and
+// checksummed (or sent), or the first error. Chunks that arrive before
+// their receive job is registered wait (a bounded number, for a bounded
+// time); chunks of a job that ended are dropped, which completes their sends.
 //
 // Threading: the UCX worker (UCS_THREAD_MODE_SINGLE) is touched only by the
 // thread after construction. JS talks to the thread through a mutex-guarded
@@ -41,17 +43,20 @@
 
 namespace dyaducx {
 
-struct AmArrival;  // a chunk message seen inside ucp_worker_progress (receiver.cc)
+struct AmArrival;  // a chunk message seen inside ucp_worker_progress (mover.cc)
 
-class ChunkReceiver : public Napi::ObjectWrap<ChunkReceiver> {
+class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
  public:
   static Napi::Function Init(Napi::Env env);
-  explicit ChunkReceiver(const Napi::CallbackInfo& info);
-  ~ChunkReceiver() override;
+  explicit ChunkMover(const Napi::CallbackInfo& info);
+  ~ChunkMover() override;
 
   struct Buf;
   struct Job;
   struct Recv;
+  struct SendJob;
+  struct Out;  // one chunk being sent
+  struct Peer;
 
  private:
   struct Orphan {
@@ -67,13 +72,16 @@ class ChunkReceiver : public Napi::ObjectWrap<ChunkReceiver> {
     int err;
     uint32_t crc;
     uint64_t bytes;
-    bool file_error;  // errno came from writing the file, not from the peer
+    bool file_error;  // errno came from the file, not from the peer
     std::string detail;
+    bool send;        // a send job's result
   };
   struct Command {
-    enum Kind { kStart, kCancel } kind;
-    std::shared_ptr<Job> job;  // kStart
+    enum Kind { kStart, kCancel, kSend, kCancelSend } kind;
+    std::shared_ptr<Job> job;       // kStart
+    std::shared_ptr<SendJob> sjob;  // kSend
     uint64_t token;
+    bool force;  // kCancelSend: also close the peer's endpoint (it stopped taking chunks)
   };
 
   // JS API
@@ -81,6 +89,10 @@ class ChunkReceiver : public Napi::ObjectWrap<ChunkReceiver> {
   Napi::Value Start(const Napi::CallbackInfo& info);
   Napi::Value Cancel(const Napi::CallbackInfo& info);
   Napi::Value Received(const Napi::CallbackInfo& info);
+  Napi::Value Send(const Napi::CallbackInfo& info);
+  Napi::Value CancelSend(const Napi::CallbackInfo& info);
+  Napi::Value Sent(const Napi::CallbackInfo& info);
+  Napi::Value Endpoints(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
 
@@ -97,6 +109,17 @@ class ChunkReceiver : public Napi::ObjectWrap<ChunkReceiver> {
   void Finish(Job& job, int err, const std::string& detail, bool file_error = false);
   void Forget(Job& job);
   void ExpireOrphans(uint64_t now_ms);
+  // Send side (the thread)
+  void StartSend(const std::shared_ptr<SendJob>& job);
+  void CancelSendJob(uint64_t token, bool force);
+  void PumpSend(SendJob& job);
+  void SendDone(Out* o, ucs_status_t status);
+  void FinishSend(SendJob& job, int err, const std::string& detail, bool file_error = false);
+  Peer* PeerFor(const std::string& address, std::string* why);
+  void DropPeer(Peer* p);
+  void Describe(Peer* p);
+  static void OnSend(void* request, ucs_status_t status, void* user_data);
+  static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status);
   void ReleaseLater(void* desc) { to_release_.push_back(desc); }
   Buf* TakeBuf(size_t size);
   void GiveBuf(Buf* b);
@@ -131,9 +154,17 @@ class ChunkReceiver : public Napi::ObjectWrap<ChunkReceiver> {
   // Shared: the jobs JS knows about, for Received(); the Job's counters are atomic.
   std::mutex jobs_mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Job>> js_jobs_;
+  std::unordered_map<uint64_t, std::shared_ptr<SendJob>> js_sends_;
+  std::map<std::string, std::string> lanes_;  // peer address -> ucp_ep_print_info
 
   // Thread-only state
   std::unordered_map<uint64_t, std::shared_ptr<Job>> jobs_;
+  std::unordered_map<uint64_t, std::shared_ptr<SendJob>> sends_;
+  std::unordered_map<std::string, std::unique_ptr<Peer>> peers_;
+  std::vector<void*> closing_;  // endpoint close requests in flight
+  std::vector<std::unique_ptr<Peer>> dead_peers_;
+  bool peer_errors_ = true;
+  unsigned am_id_ = 1;
   std::deque<Orphan> orphans_;
   std::vector<void*> to_release_;
   std::map<size_t, std::vector<Buf*>> free_bufs_;

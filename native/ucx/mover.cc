@@ -1,4 +1,4 @@
-// ChunkReceiver: see receiver.h for what and why.
+// ChunkMover: see mover.h for what and why.
 //
 // Flow control: a job holds at most `buffers` chunk buffers (being received,
 // or written and waiting for the CRC to reach them), and receives only
@@ -10,7 +10,7 @@
 // Every UCX callback only records what happened; the work (buffers, nbx
 // calls, pwrite, CRC) runs after ucp_worker_progress returns, so nothing
 // re-enters UCX from inside it.
-#include "receiver.h"
+#include "mover.h"
 
 #include <poll.h>
 #include <unistd.h>
@@ -65,13 +65,13 @@ uint64_t ReadBe64(const uint8_t* p) {
 
 }  // namespace
 
-struct ChunkReceiver::Buf {
+struct ChunkMover::Buf {
   uint8_t* data = nullptr;
   size_t size = 0;
   ucp_mem_h memh = nullptr;
 };
 
-struct ChunkReceiver::Job {
+struct ChunkMover::Job {
   uint64_t token = 0;
   int fd = -1;
   uint64_t size = 0;
@@ -91,12 +91,46 @@ struct ChunkReceiver::Job {
   std::atomic<uint64_t> received{0};
 };
 
-struct ChunkReceiver::Recv {
+struct ChunkMover::Recv {
   std::shared_ptr<Job> job;
   uint64_t offset = 0;
   size_t length = 0;
   size_t got = 0;
   Buf* buf = nullptr;
+  void* request = nullptr;
+  ucs_status_t status = UCS_OK;
+};
+
+struct ChunkMover::Peer {
+  std::string address;
+  ucp_ep_h ep = nullptr;
+  bool failed = false;
+  bool described = false;  // its lanes are in lanes_
+  std::unordered_set<SendJob*> jobs;
+};
+
+struct ChunkMover::SendJob {
+  uint64_t token = 0;
+  std::string peer_address;
+  int fd = -1;
+  uint64_t size = 0;
+  size_t chunk = 0;
+  unsigned window = 0;
+  uint64_t next = 0;       // next offset to read and send
+  uint64_t done_bytes = 0; // sends completed
+  Peer* peer = nullptr;
+  std::unordered_set<Out*> sends;
+  bool finished = false;
+  bool cancelled = false;
+  std::atomic<uint64_t> sent{0};
+};
+
+struct ChunkMover::Out {
+  std::shared_ptr<SendJob> job;
+  Buf* buf = nullptr;
+  uint64_t offset = 0;
+  size_t length = 0;
+  uint8_t header[16];  // UCX 1.13 may read the header until completion
   void* request = nullptr;
   ucs_status_t status = UCS_OK;
 };
@@ -110,25 +144,32 @@ struct AmArrival {
   std::vector<uint8_t> data;  // eager, copied
 };
 static thread_local std::vector<AmArrival>* t_arrivals = nullptr;
-static thread_local std::vector<ChunkReceiver::Recv*>* t_completions = nullptr;
+static thread_local std::vector<ChunkMover::Recv*>* t_completions = nullptr;
+static thread_local std::vector<ChunkMover::Out*>* t_sent = nullptr;
+static thread_local std::vector<std::pair<ChunkMover::Peer*, ucs_status_t>>* t_peer_errors = nullptr;
 
-Napi::Function ChunkReceiver::Init(Napi::Env env) {
-  return DefineClass(env, "ChunkReceiver",
+Napi::Function ChunkMover::Init(Napi::Env env) {
+  return DefineClass(env, "ChunkMover",
                      {
-                         InstanceMethod("address", &ChunkReceiver::Address),
-                         InstanceMethod("start", &ChunkReceiver::Start),
-                         InstanceMethod("cancel", &ChunkReceiver::Cancel),
-                         InstanceMethod("received", &ChunkReceiver::Received),
-                         InstanceMethod("stats", &ChunkReceiver::Stats),
-                         InstanceMethod("close", &ChunkReceiver::Close),
+                         InstanceMethod("address", &ChunkMover::Address),
+                         InstanceMethod("start", &ChunkMover::Start),
+                         InstanceMethod("cancel", &ChunkMover::Cancel),
+                         InstanceMethod("received", &ChunkMover::Received),
+                         InstanceMethod("send", &ChunkMover::Send),
+                         InstanceMethod("cancelSend", &ChunkMover::CancelSend),
+                         InstanceMethod("sent", &ChunkMover::Sent),
+                         InstanceMethod("endpoints", &ChunkMover::Endpoints),
+                         InstanceMethod("stats", &ChunkMover::Stats),
+                         InstanceMethod("close", &ChunkMover::Close),
                      });
 }
 
-// new ChunkReceiver(config: {[UCX option without "UCX_"]: string}, name, onDone(token, errno, crc, bytes, detail, fileError), amId)
-ChunkReceiver::ChunkReceiver(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ChunkReceiver>(info) {
+// new ChunkMover(config: {[UCX option without "UCX_"]: string}, name,
+//                onDone(token, errno, crc, bytes, detail, fileError, send), amId, peerErrors)
+ChunkMover::ChunkMover(const Napi::CallbackInfo& info) : Napi::ObjectWrap<ChunkMover>(info) {
   Napi::Env env = info.Env();
   if (info.Length() < 3 || !info[0].IsObject() || !info[1].IsString() || !info[2].IsFunction()) {
-    Napi::TypeError::New(env, "new ChunkReceiver(config, name, onDone)").ThrowAsJavaScriptException();
+    Napi::TypeError::New(env, "new ChunkMover(config, name, onDone)").ThrowAsJavaScriptException();
     return;
   }
   std::string name = info[1].As<Napi::String>().Utf8Value();
@@ -144,18 +185,22 @@ ChunkReceiver::ChunkReceiver(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
     memset(&hp, 0, sizeof(hp));
     hp.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
     // The message id JS passes after the callback; default 1.
-    hp.id = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().Uint32Value() : 1;
+    am_id_ = info.Length() > 3 && info[3].IsNumber() ? info[3].As<Napi::Number>().Uint32Value() : 1;
+    hp.id = am_id_;
+    // Shared-memory transports cannot detect a dead peer (UCX 1.13 refuses
+    // them in PEER mode): JS says whether endpoints may ask for it.
+    peer_errors_ = info.Length() <= 4 || info[4].ToBoolean().Value();
     hp.cb = OnAm;
     hp.arg = this;
     st = ucp_worker_set_am_recv_handler(worker_, &hp);
   }
   if (st != UCS_OK) {
     Shutdown();
-    StatusError(env, st, "ChunkReceiver worker").ThrowAsJavaScriptException();
+    StatusError(env, st, "ChunkMover worker").ThrowAsJavaScriptException();
     return;
   }
   on_done_ = Napi::Persistent(info[2].As<Napi::Function>());
-  async_ctx_ = new Napi::AsyncContext(env, "dyad-ucx-chunk-receiver");
+  async_ctx_ = new Napi::AsyncContext(env, "dyad-ucx-chunk-mover");
   async_ = new uv_async_t;
   uv_loop_t* loop = nullptr;
   napi_get_uv_event_loop(env, &loop);
@@ -167,17 +212,17 @@ ChunkReceiver::ChunkReceiver(const Napi::CallbackInfo& info) : Napi::ObjectWrap<
   thread_ = std::thread([this] { Run(); });
 }
 
-ChunkReceiver::~ChunkReceiver() { Shutdown(); }
+ChunkMover::~ChunkMover() { Shutdown(); }
 
 // --- JS side -----------------------------------------------------------------
 
-Napi::Value ChunkReceiver::Address(const Napi::CallbackInfo& info) {
+Napi::Value ChunkMover::Address(const Napi::CallbackInfo& info) {
   return Napi::Buffer<uint8_t>::Copy(info.Env(), reinterpret_cast<const uint8_t*>(address_.data()), address_.size());
 }
 
 // start(token: Buffer(8), fd, size, chunkBytes, buffers, algo: 'crc32c' | 'crc32'):
 // the receiver writes on a dup of fd, so the caller may close its own.
-Napi::Value ChunkReceiver::Start(const Napi::CallbackInfo& info) {
+Napi::Value ChunkMover::Start(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 6 || !info[0].IsBuffer() || !info[1].IsNumber() || !info[2].IsNumber() || !info[3].IsNumber() ||
       !info[4].IsNumber()) {
@@ -195,7 +240,7 @@ Napi::Value ChunkReceiver::Start(const Napi::CallbackInfo& info) {
     return env.Undefined();
   }
   if (!running_) {
-    Napi::Error::New(env, "ChunkReceiver closed").ThrowAsJavaScriptException();
+    Napi::Error::New(env, "ChunkMover closed").ThrowAsJavaScriptException();
     return env.Undefined();
   }
   int fd = dup(info[1].As<Napi::Number>().Int32Value());
@@ -219,14 +264,14 @@ Napi::Value ChunkReceiver::Start(const Napi::CallbackInfo& info) {
   }
   {
     std::lock_guard<std::mutex> g(cmd_mu_);
-    commands_.push_back(Command{Command::kStart, job, job->token});
+    commands_.push_back(Command{Command::kStart, job, nullptr, job->token, false});
   }
   ucp_worker_signal(worker_);
   return env.Undefined();
 }
 
 // cancel(token): ends the job if it is still running (no callback) and forgets it.
-Napi::Value ChunkReceiver::Cancel(const Napi::CallbackInfo& info) {
+Napi::Value ChunkMover::Cancel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return env.Undefined();
   uint64_t token;
@@ -238,14 +283,14 @@ Napi::Value ChunkReceiver::Cancel(const Napi::CallbackInfo& info) {
   if (!running_) return env.Undefined();
   {
     std::lock_guard<std::mutex> g(cmd_mu_);
-    commands_.push_back(Command{Command::kCancel, nullptr, token});
+    commands_.push_back(Command{Command::kCancel, nullptr, nullptr, token, false});
   }
   ucp_worker_signal(worker_);
   return env.Undefined();
 }
 
 // received(token) -> bytes received and written so far (-1: unknown job)
-Napi::Value ChunkReceiver::Received(const Napi::CallbackInfo& info) {
+Napi::Value ChunkMover::Received(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return Napi::Number::New(env, -1);
   uint64_t token;
@@ -255,7 +300,97 @@ Napi::Value ChunkReceiver::Received(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, it == js_jobs_.end() ? -1.0 : double(it->second->received.load()));
 }
 
-Napi::Value ChunkReceiver::Stats(const Napi::CallbackInfo& info) {
+// send(token: Buffer(8), peer: worker address, fd, size, chunkBytes, window):
+// sends the file's chunks to `peer` (a dup of fd is used).
+Napi::Value ChunkMover::Send(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 6 || !info[0].IsBuffer() || !info[1].IsBuffer() || !info[2].IsNumber() || !info[3].IsNumber() ||
+      !info[4].IsNumber() || !info[5].IsNumber()) {
+    Napi::TypeError::New(env, "send(token, peerAddress, fd, size, chunkBytes, window)").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  Napi::Buffer<uint8_t> tok = info[0].As<Napi::Buffer<uint8_t>>();
+  Napi::Buffer<uint8_t> peer = info[1].As<Napi::Buffer<uint8_t>>();
+  double size = info[3].As<Napi::Number>().DoubleValue();
+  double chunk = info[4].As<Napi::Number>().DoubleValue();
+  uint32_t window = info[5].As<Napi::Number>().Uint32Value();
+  if (tok.Length() != 8 || peer.Length() == 0 || size <= 0 || chunk <= 0 || chunk > double(1u << 30) || window == 0 || window > 1024) {
+    Napi::RangeError::New(env, "send: bad token, peer address, size, chunk size or window").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  if (!running_) {
+    Napi::Error::New(env, "ChunkMover closed").ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  int fd = dup(info[2].As<Napi::Number>().Int32Value());
+  if (fd < 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("send: dup: ") + strerror(errno));
+    e.Set("errno", Napi::Number::New(env, errno));
+    e.ThrowAsJavaScriptException();
+    return env.Undefined();
+  }
+  auto job = std::make_shared<SendJob>();
+  memcpy(&job->token, tok.Data(), 8);
+  job->peer_address.assign(reinterpret_cast<const char*>(peer.Data()), peer.Length());
+  job->fd = fd;
+  job->size = uint64_t(size);
+  job->chunk = size_t(chunk);
+  job->window = window;
+  {
+    std::lock_guard<std::mutex> g(jobs_mu_);
+    js_sends_[job->token] = job;
+  }
+  {
+    std::lock_guard<std::mutex> g(cmd_mu_);
+    commands_.push_back(Command{Command::kSend, nullptr, job, job->token, false});
+  }
+  ucp_worker_signal(worker_);
+  return env.Undefined();
+}
+
+// cancelSend(token, force): stops a send job (no callback) and forgets it;
+// `force` also closes the endpoint to its peer, failing what is in flight there.
+Napi::Value ChunkMover::CancelSend(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return env.Undefined();
+  uint64_t token;
+  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  bool force = info.Length() > 1 && info[1].ToBoolean().Value();
+  {
+    std::lock_guard<std::mutex> g(jobs_mu_);
+    js_sends_.erase(token);
+  }
+  if (!running_) return env.Undefined();
+  {
+    std::lock_guard<std::mutex> g(cmd_mu_);
+    commands_.push_back(Command{Command::kCancelSend, nullptr, nullptr, token, force});
+  }
+  ucp_worker_signal(worker_);
+  return env.Undefined();
+}
+
+// sent(token) -> bytes whose sends completed (-1: unknown job)
+Napi::Value ChunkMover::Sent(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return Napi::Number::New(env, -1);
+  uint64_t token;
+  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  std::lock_guard<std::mutex> g(jobs_mu_);
+  auto it = js_sends_.find(token);
+  return Napi::Number::New(env, it == js_sends_.end() ? -1.0 : double(it->second->sent.load()));
+}
+
+// endpoints() -> ucp_ep_print_info of each peer this mover has sent to
+Napi::Value ChunkMover::Endpoints(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::lock_guard<std::mutex> g(jobs_mu_);
+  Napi::Array a = Napi::Array::New(env, lanes_.size());
+  uint32_t i = 0;
+  for (auto& kv : lanes_) a.Set(i++, Napi::String::New(env, kv.second));
+  return a;
+}
+
+Napi::Value ChunkMover::Stats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object o = Napi::Object::New(env);
   o.Set("wakeups", Napi::Number::New(env, double(wakeups_.load())));
@@ -264,15 +399,16 @@ Napi::Value ChunkReceiver::Stats(const Napi::CallbackInfo& info) {
   o.Set("buffers", Napi::Number::New(env, double(buffers_.load())));
   std::lock_guard<std::mutex> g(jobs_mu_);
   o.Set("jobs", Napi::Number::New(env, double(js_jobs_.size())));
+  o.Set("sends", Napi::Number::New(env, double(js_sends_.size())));
   return o;
 }
 
-Napi::Value ChunkReceiver::Close(const Napi::CallbackInfo& info) {
+Napi::Value ChunkMover::Close(const Napi::CallbackInfo& info) {
   Shutdown();
   return info.Env().Undefined();
 }
 
-void ChunkReceiver::Post(Result r) {
+void ChunkMover::Post(Result r) {
   {
     std::lock_guard<std::mutex> g(res_mu_);
     results_.push_back(std::move(r));
@@ -280,9 +416,9 @@ void ChunkReceiver::Post(Result r) {
   uv_async_send(async_);
 }
 
-void ChunkReceiver::OnAsync(uv_async_t* h) { static_cast<ChunkReceiver*>(h->data)->Deliver(); }
+void ChunkMover::OnAsync(uv_async_t* h) { static_cast<ChunkMover*>(h->data)->Deliver(); }
 
-void ChunkReceiver::Deliver() {
+void ChunkMover::Deliver() {
   std::vector<Result> rs;
   {
     std::lock_guard<std::mutex> g(res_mu_);
@@ -295,17 +431,17 @@ void ChunkReceiver::Deliver() {
     {
       // A job JS cancelled meanwhile wants no callback.
       std::lock_guard<std::mutex> g(jobs_mu_);
-      if (js_jobs_.find(r.token) == js_jobs_.end()) continue;
+      if (r.send ? js_sends_.find(r.token) == js_sends_.end() : js_jobs_.find(r.token) == js_jobs_.end()) continue;
     }
     Napi::Buffer<uint8_t> tok = Napi::Buffer<uint8_t>::Copy(env, reinterpret_cast<const uint8_t*>(&r.token), 8);
     on_done_.MakeCallback(Value(),
                           {tok, Napi::Number::New(env, r.err), Napi::Number::New(env, r.crc), Napi::Number::New(env, double(r.bytes)),
-                           Napi::String::New(env, r.detail), Napi::Boolean::New(env, r.file_error)},
+                           Napi::String::New(env, r.detail), Napi::Boolean::New(env, r.file_error), Napi::Boolean::New(env, r.send)},
                           *async_ctx_);
   }
 }
 
-void ChunkReceiver::Shutdown() {
+void ChunkMover::Shutdown() {
   if (running_) {
     running_ = false;
     stop_ = true;
@@ -341,12 +477,13 @@ void ChunkReceiver::Shutdown() {
   {
     std::lock_guard<std::mutex> g(jobs_mu_);
     js_jobs_.clear();
+    js_sends_.clear();
   }
 }
 
 // --- the thread ----------------------------------------------------------------
 
-ucs_status_t ChunkReceiver::OnAm(void* arg, const void* header, size_t header_length, void* data, size_t length,
+ucs_status_t ChunkMover::OnAm(void* arg, const void* header, size_t header_length, void* data, size_t length,
                                  const ucp_am_recv_param_t* param) {
   bool rndv = (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0;
   AmArrival a;
@@ -371,7 +508,7 @@ ucs_status_t ChunkReceiver::OnAm(void* arg, const void* header, size_t header_le
   return rndv ? UCS_INPROGRESS : UCS_OK;
 }
 
-void ChunkReceiver::OnRecv(void* request, ucs_status_t status, size_t length, void* user_data) {
+void ChunkMover::OnRecv(void* request, ucs_status_t status, size_t length, void* user_data) {
   auto* r = static_cast<Recv*>(user_data);
   r->status = status;
   r->got = length;
@@ -380,11 +517,15 @@ void ChunkReceiver::OnRecv(void* request, ucs_status_t status, size_t length, vo
   t_completions->push_back(r);
 }
 
-void ChunkReceiver::Run() {
+void ChunkMover::Run() {
   std::vector<AmArrival> arrivals;
   std::vector<Recv*> completions;
+  std::vector<Out*> sent;
+  std::vector<std::pair<Peer*, ucs_status_t>> peer_errors;
   t_arrivals = &arrivals;
   t_completions = &completions;
+  t_sent = &sent;
+  t_peer_errors = &peer_errors;
   std::unordered_set<uint64_t> recent_set;
   std::deque<uint64_t> recent;
   uint64_t last_expire = NowMs();
@@ -410,13 +551,37 @@ void ChunkReceiver::Run() {
       }
       orphans_.push_back(Orphan{a.token, a.offset, a.length, a.desc, std::move(a.data), NowMs()});
     }
-    bool had = !arrivals.empty() || !completions.empty();
+    bool had = !arrivals.empty() || !completions.empty() || !sent.empty() || !peer_errors.empty();
     arrivals.clear();
     for (size_t i = 0; i < completions.size(); i++) {
       Recv* r = completions[i];
       Completed(r, r->status, r->got);
     }
     completions.clear();
+    for (auto& pe : peer_errors) {
+      Peer* p = pe.first;
+      if (p->failed) continue;
+      for (SendJob* j : std::vector<SendJob*>(p->jobs.begin(), p->jobs.end()))
+        FinishSend(*j, EIO, std::string("UCX endpoint to the consumer failed: ") + StatusName(pe.second));
+      DropPeer(p);
+    }
+    peer_errors.clear();
+    // Completions may come from the calls below (immediate ones are handled in place).
+    for (size_t i = 0; i < sent.size(); i++) SendDone(sent[i], sent[i]->status);
+    sent.clear();
+    for (auto it = sends_.begin(); it != sends_.end();) {
+      if (it->second->cancelled && it->second->sends.empty()) it = sends_.erase(it);
+      else ++it;
+    }
+    for (size_t i = 0; i < closing_.size();) {
+      if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
+        ucp_request_free(closing_[i]);
+        closing_[i] = closing_.back();
+        closing_.pop_back();
+      } else {
+        i++;
+      }
+    }
     // Jobs JS forgot and whose receives have all ended go now; late chunks of theirs are dropped.
     for (auto it = jobs_.begin(); it != jobs_.end();) {
       Job& j = *it->second;
@@ -454,13 +619,15 @@ void ChunkReceiver::Run() {
   Drain(arrivals, completions);
   t_arrivals = nullptr;
   t_completions = nullptr;
+  t_sent = nullptr;
+  t_peer_errors = nullptr;
 }
 
 // Stopping: drops every job and message, then gives receives in flight up
 // to kDrainMs to end (UCX 1.13 aborts in ucp_worker_destroy while an
 // endpoint still has a rendezvous receive). What is left then is counted,
 // and Shutdown leaves the worker to process exit.
-void ChunkReceiver::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& completions) {
+void ChunkMover::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& completions) {
   for (auto& kv : jobs_) {
     Job& j = *kv.second;
     j.cancelled = true;
@@ -471,9 +638,22 @@ void ChunkReceiver::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& 
   for (Orphan& o : orphans_)
     if (o.desc) ReleaseLater(o.desc);
   orphans_.clear();
+  for (auto& kv : sends_) {
+    SendJob& j = *kv.second;
+    j.cancelled = true;
+    FinishSend(j, ECANCELED, "closing");
+  }
+  // Forced closes complete every send still in flight (UCS_ERR_CANCELED).
+  for (auto& kv : std::vector<Peer*>([this] {
+         std::vector<Peer*> v;
+         for (auto& p : peers_) v.push_back(p.second.get());
+         return v;
+       }()))
+    DropPeer(kv);
   auto in_flight = [this] {
-    size_t n = 0;
+    size_t n = closing_.size();
     for (auto& kv : jobs_) n += kv.second->recvs.size();
+    for (auto& kv : sends_) n += kv.second->sends.size();
     return n;
   };
   uint64_t deadline = NowMs() + kDrainMs;
@@ -483,6 +663,18 @@ void ChunkReceiver::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& 
     arrivals.clear();
     for (Recv* r : completions) Completed(r, r->status, r->got);
     completions.clear();
+    for (Out* o : *t_sent) SendDone(o, o->status);
+    t_sent->clear();
+    t_peer_errors->clear();
+    for (size_t i = 0; i < closing_.size();) {
+      if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
+        ucp_request_free(closing_[i]);
+        closing_[i] = closing_.back();
+        closing_.pop_back();
+      } else {
+        i++;
+      }
+    }
     for (void* d : to_release_) ucp_am_data_release(worker_, d);
     to_release_.clear();
     if (in_flight() == 0 || NowMs() > deadline) break;
@@ -491,7 +683,7 @@ void ChunkReceiver::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& 
   stuck_ = in_flight();
 }
 
-void ChunkReceiver::TakeCommands() {
+void ChunkMover::TakeCommands() {
   std::vector<Command> cmds;
   {
     std::lock_guard<std::mutex> g(cmd_mu_);
@@ -499,17 +691,21 @@ void ChunkReceiver::TakeCommands() {
     cmds.swap(commands_);
   }
   for (Command& c : cmds) {
-    if (c.kind == Command::kStart) StartJob(c.job);
-    else CancelJob(c.token);
+    switch (c.kind) {
+      case Command::kStart: StartJob(c.job); break;
+      case Command::kCancel: CancelJob(c.token); break;
+      case Command::kSend: StartSend(c.sjob); break;
+      case Command::kCancelSend: CancelSendJob(c.token, c.force); break;
+    }
   }
 }
 
-void ChunkReceiver::StartJob(const std::shared_ptr<Job>& job) {
+void ChunkMover::StartJob(const std::shared_ptr<Job>& job) {
   if (jobs_.count(job->token)) {
     close(job->fd);
     job->fd = -1;
     job->finished = true;
-    Post(Result{job->token, EEXIST, 0, 0, false, "a job with this token is already running"});
+    Post(Result{job->token, EEXIST, 0, 0, false, "a job with this token is already running", false});
     return;
   }
   jobs_[job->token] = job;
@@ -524,7 +720,7 @@ void ChunkReceiver::StartJob(const std::shared_ptr<Job>& job) {
   for (Orphan& o : mine) Accept(*job, o.offset, o.length, o.desc, o.desc ? nullptr : o.data.data());
 }
 
-void ChunkReceiver::CancelJob(uint64_t token) {
+void ChunkMover::CancelJob(uint64_t token) {
   for (auto it = orphans_.begin(); it != orphans_.end();) {
     if (it->token == token) {
       if (it->desc) ReleaseLater(it->desc);
@@ -544,7 +740,7 @@ void ChunkReceiver::CancelJob(uint64_t token) {
 }
 
 // Stops writing: closes the file, releases queued messages and held buffers.
-void ChunkReceiver::Forget(Job& j) {
+void ChunkMover::Forget(Job& j) {
   j.finished = true;
   if (j.fd >= 0) close(j.fd);
   j.fd = -1;
@@ -557,15 +753,15 @@ void ChunkReceiver::Forget(Job& j) {
   j.held.clear();
 }
 
-void ChunkReceiver::Finish(Job& j, int err, const std::string& detail, bool file_error) {
+void ChunkMover::Finish(Job& j, int err, const std::string& detail, bool file_error) {
   if (j.finished) return;
   uint32_t crc = j.crc;
   uint64_t bytes = j.written;
   Forget(j);
-  Post(Result{j.token, err, crc, bytes, file_error, detail});
+  Post(Result{j.token, err, crc, bytes, file_error, detail, false});
 }
 
-void ChunkReceiver::Accept(Job& j, uint64_t offset, size_t length, void* desc, const uint8_t* eager) {
+void ChunkMover::Accept(Job& j, uint64_t offset, size_t length, void* desc, const uint8_t* eager) {
   if (j.finished) {
     dropped_++;
     if (desc) ReleaseLater(desc);
@@ -593,7 +789,7 @@ void ChunkReceiver::Accept(Job& j, uint64_t offset, size_t length, void* desc, c
   Pump(j);
 }
 
-void ChunkReceiver::Pump(Job& j) {
+void ChunkMover::Pump(Job& j) {
   while (!j.finished && !j.pending.empty() && j.in_use < j.max_bufs) {
     auto first = j.pending.begin();
     uint64_t offset = first->first;
@@ -632,7 +828,7 @@ void ChunkReceiver::Pump(Job& j) {
   }
 }
 
-void ChunkReceiver::Completed(Recv* r, ucs_status_t status, size_t length) {
+void ChunkMover::Completed(Recv* r, ucs_status_t status, size_t length) {
   std::shared_ptr<Job> job = r->job;
   Job& j = *job;
   j.recvs.erase(r);
@@ -656,7 +852,7 @@ void ChunkReceiver::Completed(Recv* r, ucs_status_t status, size_t length) {
   if (!j.finished) Pump(j);
 }
 
-void ChunkReceiver::Landed(Job& j, uint64_t offset, Buf* b, size_t length) {
+void ChunkMover::Landed(Job& j, uint64_t offset, Buf* b, size_t length) {
   size_t done = 0;
   while (done < length) {
     ssize_t n = pwrite(j.fd, b->data + done, length - done, off_t(offset + done));
@@ -685,7 +881,191 @@ void ChunkReceiver::Landed(Job& j, uint64_t offset, Buf* b, size_t length) {
   if (j.written == j.size) Finish(j, 0, "");
 }
 
-void ChunkReceiver::ExpireOrphans(uint64_t now_ms) {
+// --- the send side (the thread) --------------------------------------------------
+
+void ChunkMover::OnSend(void* request, ucs_status_t status, void* user_data) {
+  auto* o = static_cast<Out*>(user_data);
+  o->status = status;
+  o->request = nullptr;
+  ucp_request_free(request);
+  t_sent->push_back(o);
+}
+
+void ChunkMover::OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
+  t_peer_errors->push_back({static_cast<Peer*>(arg), status});
+}
+
+ChunkMover::Peer* ChunkMover::PeerFor(const std::string& address, std::string* why) {
+  auto it = peers_.find(address);
+  if (it != peers_.end() && !it->second->failed) return it->second.get();
+  auto p = std::make_unique<Peer>();
+  p->address = address;
+  ucp_ep_params_t ep;
+  memset(&ep, 0, sizeof(ep));
+  ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE | UCP_EP_PARAM_FIELD_ERR_HANDLER;
+  ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
+  ep.err_mode = peer_errors_ ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+  ep.err_handler.cb = OnPeerError;
+  ep.err_handler.arg = p.get();
+  ucs_status_t st = ucp_ep_create(worker_, &ep, &p->ep);
+  if (st != UCS_OK) {
+    *why = StatusName(st);
+    return nullptr;
+  }
+  Peer* raw = p.get();
+  peers_[address] = std::move(p);
+  return raw;
+}
+
+// Records the lanes UCX chose for a peer (once data has moved, wire-up is done), for JS.
+void ChunkMover::Describe(Peer* p) {
+  p->described = true;
+  char* buf = nullptr;
+  size_t len = 0;
+  FILE* f = open_memstream(&buf, &len);
+  if (!f) return;
+  ucp_ep_print_info(p->ep, f);
+  fclose(f);
+  std::lock_guard<std::mutex> g(jobs_mu_);
+  lanes_[p->address] = std::string(buf ? buf : "", len);
+  free(buf);
+}
+
+// Closes the endpoint with force (its sends complete as cancelled). The Peer
+// stays allocated: UCX may still name it in an error callback.
+void ChunkMover::DropPeer(Peer* p) {
+  if (p->failed) return;
+  p->failed = true;
+  ucp_request_param_t rp;
+  memset(&rp, 0, sizeof(rp));
+  rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+  rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
+  ucs_status_ptr_t sp = ucp_ep_close_nbx(p->ep, &rp);
+  if (sp != nullptr && !UCS_PTR_IS_ERR(sp)) closing_.push_back(sp);
+  {
+    std::lock_guard<std::mutex> g(jobs_mu_);
+    lanes_.erase(p->address);
+  }
+  auto it = peers_.find(p->address);
+  if (it != peers_.end() && it->second.get() == p) {
+    dead_peers_.push_back(std::move(it->second));
+    peers_.erase(it);
+  }
+}
+
+void ChunkMover::StartSend(const std::shared_ptr<SendJob>& job) {
+  if (sends_.count(job->token)) {
+    close(job->fd);
+    job->fd = -1;
+    job->finished = true;
+    Post(Result{job->token, EEXIST, 0, 0, false, "a send with this token is already running", true});
+    return;
+  }
+  sends_[job->token] = job;
+  std::string why;
+  Peer* p = PeerFor(job->peer_address, &why);
+  if (!p) return FinishSend(*job, EHOSTUNREACH, "cannot reach the consumer over UCX: " + why);
+  job->peer = p;
+  p->jobs.insert(job.get());
+  PumpSend(*job);
+}
+
+void ChunkMover::CancelSendJob(uint64_t token, bool force) {
+  auto it = sends_.find(token);
+  if (it == sends_.end()) return;
+  SendJob& j = *it->second;
+  j.cancelled = true;
+  Peer* p = j.peer;
+  if (!j.finished) {
+    j.finished = true;
+    if (j.fd >= 0) close(j.fd);
+    j.fd = -1;
+    if (p) p->jobs.erase(&j);
+  }
+  // A consumer that stopped taking chunks holds our sends: only closing its endpoint ends them.
+  if (force && p && !p->failed) {
+    for (SendJob* other : std::vector<SendJob*>(p->jobs.begin(), p->jobs.end()))
+      FinishSend(*other, EIO, "UCX endpoint to the consumer closed: another transfer to it timed out");
+    DropPeer(p);
+  }
+}
+
+void ChunkMover::FinishSend(SendJob& j, int err, const std::string& detail, bool file_error) {
+  if (j.finished) return;
+  j.finished = true;
+  if (j.fd >= 0) close(j.fd);
+  j.fd = -1;
+  if (j.peer) j.peer->jobs.erase(&j);
+  Post(Result{j.token, err, 0, j.done_bytes, file_error, detail, true});
+}
+
+void ChunkMover::PumpSend(SendJob& j) {
+  while (!j.finished && j.sends.size() < j.window && j.next < j.size) {
+    if (!j.peer || j.peer->failed) return FinishSend(j, EIO, "UCX endpoint to the consumer closed");
+    size_t len = size_t(std::min<uint64_t>(j.chunk, j.size - j.next));
+    Buf* b = TakeBuf(j.chunk);
+    if (!b) return FinishSend(j, ENOMEM, "no memory for a chunk buffer", true);
+    size_t got = 0;
+    while (got < len) {
+      ssize_t n = pread(j.fd, b->data + got, len - got, off_t(j.next + got));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        int e = n < 0 ? errno : 0;
+        GiveBuf(b);
+        if (e) return FinishSend(j, e, "read error at byte " + std::to_string(j.next + got) + " of " + std::to_string(j.size) + ": " + strerror(e), true);
+        return FinishSend(j, EIO, "file shrank while sending (" + std::to_string(j.next + got) + " of " + std::to_string(j.size) + " bytes)", true);
+      }
+      got += size_t(n);
+    }
+    auto* o = new Out();
+    o->job = sends_[j.token];
+    o->buf = b;
+    o->offset = j.next;
+    o->length = len;
+    memcpy(o->header, &j.token, 8);
+    for (int i = 0; i < 8; i++) o->header[8 + i] = uint8_t(o->offset >> (56 - 8 * i));
+    ucp_request_param_t p;
+    memset(&p, 0, sizeof(p));
+    p.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
+    p.cb.send = OnSend;
+    p.user_data = o;
+    p.flags = UCP_AM_SEND_FLAG_RNDV;
+    if (b->memh) {
+      p.op_attr_mask |= UCP_OP_ATTR_FIELD_MEMH;
+      p.memh = b->memh;
+    }
+    j.next += len;
+    j.sends.insert(o);
+    ucs_status_ptr_t sp = ucp_am_send_nbx(j.peer->ep, am_id_, o->header, sizeof(o->header), b->data, len, &p);
+    if (sp == nullptr) {
+      SendDone(o, UCS_OK);
+    } else if (UCS_PTR_IS_ERR(sp)) {
+      SendDone(o, UCS_PTR_STATUS(sp));
+    } else {
+      o->request = sp;
+    }
+  }
+}
+
+void ChunkMover::SendDone(Out* o, ucs_status_t status) {
+  std::shared_ptr<SendJob> job = o->job;
+  SendJob& j = *job;
+  j.sends.erase(o);
+  GiveBuf(o->buf);
+  size_t len = o->length;
+  delete o;
+  if (j.finished) return;
+  if (status != UCS_OK) {
+    return FinishSend(j, status == UCS_ERR_CANCELED ? ECANCELED : EIO, std::string("UCX send failed: ") + StatusName(status));
+  }
+  j.done_bytes += len;
+  j.sent.fetch_add(len);
+  if (j.peer && !j.peer->described) Describe(j.peer);
+  if (j.done_bytes == j.size) return FinishSend(j, 0, "");
+  PumpSend(j);
+}
+
+void ChunkMover::ExpireOrphans(uint64_t now_ms) {
   while (!orphans_.empty() && now_ms - orphans_.front().since_ms > kOrphanMs) {
     dropped_++;
     if (orphans_.front().desc) ReleaseLater(orphans_.front().desc);
@@ -693,7 +1073,7 @@ void ChunkReceiver::ExpireOrphans(uint64_t now_ms) {
   }
 }
 
-ChunkReceiver::Buf* ChunkReceiver::TakeBuf(size_t size) {
+ChunkMover::Buf* ChunkMover::TakeBuf(size_t size) {
   auto& fl = free_bufs_[size];
   if (!fl.empty()) {
     Buf* b = fl.back();
@@ -718,7 +1098,7 @@ ChunkReceiver::Buf* ChunkReceiver::TakeBuf(size_t size) {
   return b;
 }
 
-void ChunkReceiver::GiveBuf(Buf* b) {
+void ChunkMover::GiveBuf(Buf* b) {
   if (idle_buf_bytes_ + b->size <= kIdleBufBytes && ctx_) {
     free_bufs_[b->size].push_back(b);
     idle_buf_bytes_ += b->size;
