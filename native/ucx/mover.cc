@@ -57,6 +57,37 @@ uint32_t Crc32(uint32_t crc, const uint8_t* p, size_t n) {
   return ~crc;
 }
 
+// The 8-byte job token JS passes as a Buffer (compared, never interpreted).
+bool TokenOf(const Napi::Value& v, uint64_t* token) {
+  if (!v.IsBuffer() || v.As<Napi::Buffer<uint8_t>>().Length() != 8) return false;
+  memcpy(token, v.As<Napi::Buffer<uint8_t>>().Data(), 8);
+  return true;
+}
+
+// A dup of the caller's descriptor (the thread closes it), or -1 with a JS exception pending.
+int DupFd(Napi::Env env, const Napi::Value& v) {
+  int fd = dup(v.As<Napi::Number>().Int32Value());
+  if (fd < 0) {
+    Napi::Error e = Napi::Error::New(env, std::string("dup: ") + strerror(errno));
+    e.Set("errno", Napi::Number::New(env, errno));
+    e.ThrowAsJavaScriptException();
+  }
+  return fd;
+}
+
+// Frees the endpoint-close requests that have completed.
+void ReapCloses(std::vector<void*>& closing) {
+  for (size_t i = 0; i < closing.size();) {
+    if (ucp_request_check_status(closing[i]) != UCS_INPROGRESS) {
+      ucp_request_free(closing[i]);
+      closing[i] = closing.back();
+      closing.pop_back();
+    } else {
+      i++;
+    }
+  }
+}
+
 uint64_t ReadBe64(const uint8_t* p) {
   uint64_t v = 0;
   for (int i = 0; i < 8; i++) v = (v << 8) | p[i];
@@ -243,13 +274,8 @@ Napi::Value ChunkMover::Start(const Napi::CallbackInfo& info) {
     Napi::Error::New(env, "ChunkMover closed").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  int fd = dup(info[1].As<Napi::Number>().Int32Value());
-  if (fd < 0) {
-    Napi::Error e = Napi::Error::New(env, std::string("start: dup: ") + strerror(errno));
-    e.Set("errno", Napi::Number::New(env, errno));
-    e.ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
+  int fd = DupFd(env, info[1]);
+  if (fd < 0) return env.Undefined();
   auto job = std::make_shared<Job>();
   memcpy(&job->token, tok.Data(), 8);
   job->fd = fd;
@@ -262,39 +288,29 @@ Napi::Value ChunkMover::Start(const Napi::CallbackInfo& info) {
     std::lock_guard<std::mutex> g(jobs_mu_);
     js_jobs_[job->token] = job;
   }
-  {
-    std::lock_guard<std::mutex> g(cmd_mu_);
-    commands_.push_back(Command{Command::kStart, job, nullptr, job->token, false});
-  }
-  ucp_worker_signal(worker_);
+  Enqueue(Command{Command::kStart, job, nullptr, job->token, false});
   return env.Undefined();
 }
 
 // cancel(token): ends the job if it is still running (no callback) and forgets it.
 Napi::Value ChunkMover::Cancel(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return env.Undefined();
   uint64_t token;
-  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  if (info.Length() < 1 || !TokenOf(info[0], &token)) return env.Undefined();
   {
     std::lock_guard<std::mutex> g(jobs_mu_);
     js_jobs_.erase(token);
   }
   if (!running_) return env.Undefined();
-  {
-    std::lock_guard<std::mutex> g(cmd_mu_);
-    commands_.push_back(Command{Command::kCancel, nullptr, nullptr, token, false});
-  }
-  ucp_worker_signal(worker_);
+  Enqueue(Command{Command::kCancel, nullptr, nullptr, token, false});
   return env.Undefined();
 }
 
 // received(token) -> bytes received and written so far (-1: unknown job)
 Napi::Value ChunkMover::Received(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return Napi::Number::New(env, -1);
   uint64_t token;
-  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  if (info.Length() < 1 || !TokenOf(info[0], &token)) return Napi::Number::New(env, -1);
   std::lock_guard<std::mutex> g(jobs_mu_);
   auto it = js_jobs_.find(token);
   return Napi::Number::New(env, it == js_jobs_.end() ? -1.0 : double(it->second->received.load()));
@@ -322,13 +338,8 @@ Napi::Value ChunkMover::Send(const Napi::CallbackInfo& info) {
     Napi::Error::New(env, "ChunkMover closed").ThrowAsJavaScriptException();
     return env.Undefined();
   }
-  int fd = dup(info[2].As<Napi::Number>().Int32Value());
-  if (fd < 0) {
-    Napi::Error e = Napi::Error::New(env, std::string("send: dup: ") + strerror(errno));
-    e.Set("errno", Napi::Number::New(env, errno));
-    e.ThrowAsJavaScriptException();
-    return env.Undefined();
-  }
+  int fd = DupFd(env, info[2]);
+  if (fd < 0) return env.Undefined();
   auto job = std::make_shared<SendJob>();
   memcpy(&job->token, tok.Data(), 8);
   job->peer_address.assign(reinterpret_cast<const char*>(peer.Data()), peer.Length());
@@ -340,11 +351,7 @@ Napi::Value ChunkMover::Send(const Napi::CallbackInfo& info) {
     std::lock_guard<std::mutex> g(jobs_mu_);
     js_sends_[job->token] = job;
   }
-  {
-    std::lock_guard<std::mutex> g(cmd_mu_);
-    commands_.push_back(Command{Command::kSend, nullptr, job, job->token, false});
-  }
-  ucp_worker_signal(worker_);
+  Enqueue(Command{Command::kSend, nullptr, job, job->token, false});
   return env.Undefined();
 }
 
@@ -352,29 +359,23 @@ Napi::Value ChunkMover::Send(const Napi::CallbackInfo& info) {
 // `force` also closes the endpoint to its peer, failing what is in flight there.
 Napi::Value ChunkMover::CancelSend(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return env.Undefined();
   uint64_t token;
-  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  if (info.Length() < 1 || !TokenOf(info[0], &token)) return env.Undefined();
   bool force = info.Length() > 1 && info[1].ToBoolean().Value();
   {
     std::lock_guard<std::mutex> g(jobs_mu_);
     js_sends_.erase(token);
   }
   if (!running_) return env.Undefined();
-  {
-    std::lock_guard<std::mutex> g(cmd_mu_);
-    commands_.push_back(Command{Command::kCancelSend, nullptr, nullptr, token, force});
-  }
-  ucp_worker_signal(worker_);
+  Enqueue(Command{Command::kCancelSend, nullptr, nullptr, token, force});
   return env.Undefined();
 }
 
 // sent(token) -> bytes whose sends completed (-1: unknown job)
 Napi::Value ChunkMover::Sent(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  if (info.Length() < 1 || !info[0].IsBuffer() || info[0].As<Napi::Buffer<uint8_t>>().Length() != 8) return Napi::Number::New(env, -1);
   uint64_t token;
-  memcpy(&token, info[0].As<Napi::Buffer<uint8_t>>().Data(), 8);
+  if (info.Length() < 1 || !TokenOf(info[0], &token)) return Napi::Number::New(env, -1);
   std::lock_guard<std::mutex> g(jobs_mu_);
   auto it = js_sends_.find(token);
   return Napi::Number::New(env, it == js_sends_.end() ? -1.0 : double(it->second->sent.load()));
@@ -406,6 +407,14 @@ Napi::Value ChunkMover::Stats(const Napi::CallbackInfo& info) {
 Napi::Value ChunkMover::Close(const Napi::CallbackInfo& info) {
   Shutdown();
   return info.Env().Undefined();
+}
+
+void ChunkMover::Enqueue(Command c) {
+  {
+    std::lock_guard<std::mutex> g(cmd_mu_);
+    commands_.push_back(std::move(c));
+  }
+  ucp_worker_signal(worker_);
 }
 
 void ChunkMover::Post(Result r) {
@@ -573,15 +582,7 @@ void ChunkMover::Run() {
       if (it->second->cancelled && it->second->sends.empty()) it = sends_.erase(it);
       else ++it;
     }
-    for (size_t i = 0; i < closing_.size();) {
-      if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
-        ucp_request_free(closing_[i]);
-        closing_[i] = closing_.back();
-        closing_.pop_back();
-      } else {
-        i++;
-      }
-    }
+    ReapCloses(closing_);
     // Jobs JS forgot and whose receives have all ended go now; late chunks of theirs are dropped.
     for (auto it = jobs_.begin(); it != jobs_.end();) {
       Job& j = *it->second;
@@ -666,15 +667,7 @@ void ChunkMover::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& com
     for (Out* o : *t_sent) SendDone(o, o->status);
     t_sent->clear();
     t_peer_errors->clear();
-    for (size_t i = 0; i < closing_.size();) {
-      if (ucp_request_check_status(closing_[i]) != UCS_INPROGRESS) {
-        ucp_request_free(closing_[i]);
-        closing_[i] = closing_.back();
-        closing_.pop_back();
-      } else {
-        i++;
-      }
-    }
+    ReapCloses(closing_);
     for (void* d : to_release_) ucp_am_data_release(worker_, d);
     to_release_.clear();
     if (in_flight() == 0 || NowMs() > deadline) break;

@@ -124,6 +124,7 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   Buf* TakeBuf(size_t size);
   void GiveBuf(Buf* b);
   void Post(Result r);
+  void Enqueue(Command c);  // JS -> thread
 
   static ucs_status_t OnAm(void* arg, const void* header, size_t header_length, void* data, size_t length,
                            const ucp_am_recv_param_t* param);
