@@ -1,11 +1,13 @@
 /**
- * npm run bench -- scale [--quick] [--hosts 2,4,8] [--kvs embedded,etcd]:
+ * npm run bench -- scale [--quick] [--hosts 2,4,8] [--kvs embedded,etcd] [--dtl tcp,ucx]:
  * all-to-all exchange between 2, 4 and 8 test hosts (network namespaces on
  * this machine, see test/helpers/netns.ts), with the embedded KVS and with
  * etcd. Every host produces `small` files of 4 KiB and `big` files of 64 MiB,
  * then consumes as many, spread evenly over all the other hosts, all hosts at
  * once. Prints aggregate and per-host throughput, per-file latencies, and how
- * they change with the host count.
+ * they change with the host count. --dtl ucx runs the daemons with
+ * --dtl UCX, forced onto each host's veth (UCX_TLS=tcp, UCX_NET_DEVICES=eth0:
+ * otherwise UCX would use shared memory between namespaces).
  *
  * The hosts share this machine's 2 CPUs: aggregate throughput cannot grow
  * with the host count here, so per-host figures fall as hosts are added.
@@ -47,6 +49,7 @@ function runIn(enter: string[], cmd: string, args: string[]): Promise<string> {
 interface Result {
   hosts: number;
   kvs: string;
+  dtl: string;
   publishMedianMs: number;
   smallMedianMs: number;
   smallP99Ms: number;
@@ -55,8 +58,16 @@ interface Result {
   wallS: number;
 }
 
-async function round(hosts: number, kvs: string, small: number, big: number, files: string): Promise<Result> {
+async function round(hosts: number, kvs: string, dtl: string, small: number, big: number, files: string): Promise<Result> {
   const t = scope();
+  const args = dtl === 'ucx' ? ['--dtl', 'UCX'] : [];
+  if (dtl === 'ucx') {
+    // The daemons inherit these (mountCli passes the environment on).
+    process.env.UCX_TLS = 'tcp';
+    process.env.UCX_NET_DEVICES = 'eth0';
+  } else if (dtl !== 'tcp') {
+    throw new Error(`--dtl ${dtl}: expected tcp or ucx`);
+  }
   try {
     let c: NetCluster;
     if (kvs === 'etcd') {
@@ -65,9 +76,9 @@ async function round(hosts: number, kvs: string, small: number, big: number, fil
       const etcd = await startEtcd({ host: net.hosts[0]!.addr, enter: net.hosts[0]!.enter, dataParent: os.tmpdir() });
       t.teardown(() => etcd.destroy());
       await runIn(net.hosts[0]!.enter, process.execPath, [path.join(repoRoot, 'bin', 'dyad.js'), 'namespace', 'create', 'dyad', '--kvs', etcd.url()]);
-      c = await netCluster(t, hosts, { kvs: etcd.url(), net });
+      c = await netCluster(t, hosts, { kvs: etcd.url(), net, args });
     } else if (kvs === 'embedded') {
-      c = await netCluster(t, hosts);
+      c = await netCluster(t, hosts, { args });
     } else {
       throw new Error(`--kvs ${kvs}: expected embedded or etcd`);
     }
@@ -111,6 +122,7 @@ async function round(hosts: number, kvs: string, small: number, big: number, fil
     return {
       hosts,
       kvs,
+      dtl,
       publishMedianMs: median(prod),
       smallMedianMs: median(per.map((p) => p.smallMedianMs)),
       smallP99Ms: Math.max(...per.map((p) => p.smallP99Ms)),
@@ -131,6 +143,7 @@ export async function main(args: string[]): Promise<void> {
   };
   const hostCounts = opt('--hosts', '2,4,8').split(',').map(Number);
   const kvsList = opt('--kvs', 'embedded,etcd').split(',');
+  const dtlList = opt('--dtl', 'tcp').split(',');
   const small = quick ? 200 : 1000;
   const big = quick ? 4 : 16;
   if (process.getuid?.() !== 0) throw new Error('the scale benchmark creates network namespaces: run it as root');
@@ -138,16 +151,17 @@ export async function main(args: string[]): Promise<void> {
   console.log(`# dyad-fs scale benchmark: per host ${small} × 4 KiB and ${big} × 64 MiB, all-to-all, hosts ${hostCounts.join('/')}`);
   console.log(`# ${os.cpus().length} CPUs shared by every test host, kernel ${os.release()}`);
   const results: Result[] = [];
-  for (const kvs of kvsList) {
+  const combos = dtlList.flatMap((dtl) => kvsList.map((kvs) => ({ dtl, kvs })));
+  for (const { dtl, kvs } of combos) {
     for (const h of hostCounts) {
-      const r = await round(h, kvs, small, big, files);
+      const r = await round(h, kvs, dtl, small, big, files);
       results.push(r);
-      console.log(`# ${kvs} ${h} hosts: aggregate ${r.aggregateGBps.toFixed(2)} GB/s, per host ${r.perHostGBps.toFixed(3)} GB/s, small median ${r.smallMedianMs.toFixed(2)} ms (p99 ${r.smallP99Ms.toFixed(2)}), publish median ${r.publishMedianMs.toFixed(2)} ms, ${r.wallS.toFixed(1)} s`);
+      console.log(`# ${dtl} ${kvs} ${h} hosts: aggregate ${r.aggregateGBps.toFixed(2)} GB/s, per host ${r.perHostGBps.toFixed(3)} GB/s, small median ${r.smallMedianMs.toFixed(2)} ms (p99 ${r.smallP99Ms.toFixed(2)}), publish median ${r.publishMedianMs.toFixed(2)} ms, ${r.wallS.toFixed(1)} s`);
       spawnSync('sync');
     }
   }
-  for (const kvs of kvsList) {
-    const rs = results.filter((r) => r.kvs === kvs);
+  for (const { dtl, kvs } of combos) {
+    const rs = results.filter((r) => r.kvs === kvs && r.dtl === dtl);
     const two = rs.find((r) => r.hosts === Math.min(...hostCounts))!;
     const rows: Row[] = [];
     for (const r of rs) {
@@ -156,7 +170,7 @@ export async function main(args: string[]): Promise<void> {
       rows.push({ what: `${r.hosts} hosts: remote 4 KiB open, median`, value: r.smallMedianMs, unit: 'ms', baseline: { name: `${two.hosts} hosts`, value: two.smallMedianMs }, better: 'lower', target: kvs === 'etcd' ? '≤ 3 ms' : '' });
       rows.push({ what: `${r.hosts} hosts: publish per 4 KiB file, median`, value: r.publishMedianMs, unit: 'ms', baseline: { name: `${two.hosts} hosts`, value: two.publishMedianMs }, better: 'lower', target: kvs === 'etcd' ? '≤ 2 ms' : '' });
     }
-    printTable(`Scale, ${kvs} KVS`, rows);
+    printTable(`Scale, ${kvs} KVS, ${dtl.toUpperCase()} transfers`, rows);
   }
   fs.rmSync(path.join(os.tmpdir(), 'nothing'), { force: true });
 }

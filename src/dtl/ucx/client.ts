@@ -207,7 +207,7 @@ class Pull {
     this.timer = null;
     if (this.done) return;
     if (this.onThread) {
-      const n = this.rt.mover()?.received(this.token) ?? -1;
+      const n = this.rt.mover('rx')?.received(this.token) ?? -1;
       if (n > this.threadSeen) {
         this.threadSeen = n;
         this.touch();
@@ -546,7 +546,7 @@ class ControlConn {
     connectTimeoutMs: number,
     private readonly onDead: (c: ControlConn) => void,
   ) {
-    this.mover = s.mode === Mode.am && s.receiveThread ? rt.mover() : null;
+    this.mover = s.mode === Mode.am && s.receiveThread ? rt.mover('rx') : null;
     this.ready = new Promise<void>((resolve, reject) => (this.handshake = { resolve, reject }));
     this.ready.catch(() => {});
     this.sock = net.connect({

@@ -84,6 +84,8 @@ export class RegisteredPool {
 
 export type ChunkRoute = UcxAmHandler;
 
+export type MoverRole = 'rx' | 'tx';
+
 export class UcxRuntime {
   readonly worker: UcxWorker;
   readonly address: Buffer;
@@ -94,7 +96,7 @@ export class UcxRuntime {
   readonly peerErrors: boolean;
   private users = 0;
   private closed = false;
-  private rx: UcxChunkMover | null | undefined = undefined;
+  private readonly movers: { rx?: UcxChunkMover | null; tx?: UcxChunkMover | null } = {};
   private readonly rxJobs = new Map<string, UcxChunkDone>();
   private readonly txJobs = new Map<string, UcxChunkDone>();
   private readonly config: Record<string, string>;
@@ -139,7 +141,8 @@ export class UcxRuntime {
     // The worker goes first: it releases every registration itself, after
     // the requests that may still reference them (see Worker::Close).
     this.worker.close();
-    this.rx?.close();
+    this.movers.rx?.close();
+    this.movers.tx?.close();
     this.rxJobs.clear();
     this.txJobs.clear();
     this.pools.clear();
@@ -162,51 +165,48 @@ export class UcxRuntime {
   }
 
   /**
-   * The native chunk mover (a worker of its own on a thread of its own,
-   * native/ucx/mover.h), created on first use; null where the addon
-   * lacks it or it cannot start (the caller then receives on this worker).
+   * The native chunk movers (each a worker of its own on a thread of its
+   * own, native/ucx/mover.h), created on first use: 'rx' receives this
+   * process's pulls, 'tx' sends what its server serves. Two, so a node that
+   * both serves and pulls (all-to-all) uses a core for each direction. Null
+   * where the addon lacks them or one cannot start (the caller then uses
+   * this worker on the event loop).
    */
-  mover(): UcxChunkMover | null {
-    if (this.rx !== undefined || this.closed) return this.rx ?? null;
-    this.rx = null;
+  mover(role: MoverRole): UcxChunkMover | null {
+    const have = this.movers[role];
+    if (have !== undefined || this.closed) return have ?? null;
+    this.movers[role] = null;
     const Ctor = this.addon.ChunkMover;
     if (!Ctor) return null;
+    const jobs = role === 'rx' ? this.rxJobs : this.txJobs;
     try {
-      this.rx = new Ctor(
-        this.config,
-        `dyad-mover-${process.pid}`,
-        (token, ...rest) => (rest[5] ? this.txJobs : this.rxJobs).get(token.toString('hex'))?.(token, ...rest),
-        AM_CHUNK,
-        this.peerErrors,
-      );
+      this.movers[role] = new Ctor(this.config, `dyad-${role}-${process.pid}`, (token, ...rest) => jobs.get(token.toString('hex'))?.(token, ...rest), AM_CHUNK, this.peerErrors);
     } catch {
-      this.rx = null;
+      this.movers[role] = null;
     }
-    return this.rx;
+    return this.movers[role] ?? null;
   }
 
-  /** Starts a receive job; `done` is called once, unless `forgetJob` comes first. */
+  /** Starts a receive job on the 'rx' mover; `done` is called once, unless `forgetJob` comes first. */
   startJob(token: Buffer, fd: number, size: number, chunkBytes: number, buffers: number, algo: DigestAlgo, done: UcxChunkDone): void {
-    const rx = this.rx!;
     this.rxJobs.set(token.toString('hex'), done);
-    rx.start(token, fd, size, chunkBytes, buffers, algo);
+    this.movers.rx!.start(token, fd, size, chunkBytes, buffers, algo);
   }
 
   forgetJob(token: Buffer): void {
     this.rxJobs.delete(token.toString('hex'));
-    this.rx?.cancel(token);
+    this.movers.rx?.cancel(token);
   }
 
-  /** Starts a send job on the mover; `done` is called once, unless `forgetSend` comes first. */
+  /** Starts a send job on the 'tx' mover; `done` is called once, unless `forgetSend` comes first. */
   startSend(token: Buffer, peer: Uint8Array, fd: number, size: number, chunkBytes: number, window: number, done: UcxChunkDone): void {
-    const rx = this.rx!;
     this.txJobs.set(token.toString('hex'), done);
-    rx.send(token, peer, fd, size, chunkBytes, window);
+    this.movers.tx!.send(token, peer, fd, size, chunkBytes, window);
   }
 
   forgetSend(token: Buffer, force = false): void {
     this.txJobs.delete(token.toString('hex'));
-    this.rx?.cancelSend(token, force);
+    this.movers.tx?.cancelSend(token, force);
   }
 
   routeChunks(token: string, fn: ChunkRoute): () => void {
@@ -257,6 +257,6 @@ export class UcxRuntime {
   /** Transports in use: the context's configuration and, per endpoint (this worker's and the chunk mover's), its lanes. */
   describe(): { context: string; endpoints: string[] } {
     const mine = [...this.eps.values()].map((e) => e.ep.info());
-    return { context: this.worker.info(), endpoints: [...mine, ...(this.rx?.endpoints() ?? [])] };
+    return { context: this.worker.info(), endpoints: [...mine, ...(this.movers.tx?.endpoints() ?? [])] };
   }
 }

@@ -376,7 +376,7 @@ class ServerConnection {
     let lastSent = 0;
     let lastProgress = Date.now();
     const watchdog = setInterval(() => {
-      const n = this.rt.mover()?.sent(token) ?? -1;
+      const n = this.rt.mover('tx')?.sent(token) ?? -1;
       if (n > lastSent) {
         lastSent = n;
         lastProgress = Date.now();
@@ -401,7 +401,7 @@ class ServerConnection {
 
   private async serveChunks(req: Request, token: Buffer, size: number): Promise<void> {
     if (req.ended || this.dead) return;
-    if (this.s.sendThread && this.rt.mover()) return this.serveOnThread(req, token, size);
+    if (this.s.sendThread && this.rt.mover('tx')) return this.serveOnThread(req, token, size);
     let ep: EpEntry;
     try {
       ep = this.rt.endpoint(this.clientWorker!);
