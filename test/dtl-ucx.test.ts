@@ -10,7 +10,7 @@
  * host UCX would otherwise pick shared memory), and the default path over
  * shared memory only (UCX_TLS=sm). Skipped when the addon is not built.
  */
-import t from 'tap';
+import t, { type Test } from 'tap';
 import net from 'node:net';
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -131,6 +131,23 @@ async function setup(t: Teardown, config: Record<string, string>, dataPath: UcxD
 
 const here = fileURLToPath(new URL('.', import.meta.url));
 const ucxModule = resolve(here, '..', 'src', 'dtl', 'ucx', 'index.js');
+
+/**
+ * After a failed transfer, UCX lets go of every chunk buffer of a chunk mover
+ * (pending receives or sends end, cancelled or failed, rather than stay held).
+ */
+async function noChunkHeld(t: Pick<Test, 'pass' | 'fail'>, backend: UcxBackend): Promise<void> {
+  for (let i = 0; i < 100; i++) {
+    const m = backend.stats()?.movers;
+    const held = (m?.rx?.receiving ?? 0) + (m?.rx?.sending ?? 0) + (m?.tx?.receiving ?? 0) + (m?.tx?.sending ?? 0);
+    if (held === 0) {
+      t.pass('no chunk held by UCX');
+      return;
+    }
+    await sleep(50);
+  }
+  t.fail(`chunks still held by UCX: ${JSON.stringify(backend.stats()?.movers)}`);
+}
 
 /** An owner in a child process (so it can be SIGKILLed); resolves to its address. */
 async function childOwner(t: Teardown, root: string, config: Record<string, string>): Promise<{ address: string; kill: () => void }> {
@@ -261,6 +278,7 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
     t.match(err, { code: 'DYAD_EPEER', errno: errnos.EIO }, (err as Error).message);
     t.same(parts(out), []);
     t.notOk(existsSync(join(out, 'big')));
+    await noChunkHeld(t, consumer);
   });
 
   t.test(`${name}: the real server is closed during a large pull`, async (t) => {
@@ -273,6 +291,8 @@ function failures(name: string, config: Record<string, string>, dataPath: UcxDat
     await t.rejects(pull, { code: 'DYAD_EPEER', errno: errnos.EIO });
     t.same(parts(e.out), []);
     t.notOk(existsSync(join(e.out, 'big')));
+    await noChunkHeld(t, e.consumer);
+    await noChunkHeld(t, e.owner);
   });
 
   t.test(`${name}: abort through the signal`, async (t) => {

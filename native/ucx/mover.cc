@@ -398,6 +398,8 @@ Napi::Value ChunkMover::Stats(const Napi::CallbackInfo& info) {
   o.Set("chunks", Napi::Number::New(env, double(chunks_.load())));
   o.Set("dropped", Napi::Number::New(env, double(dropped_.load())));
   o.Set("buffers", Napi::Number::New(env, double(buffers_.load())));
+  o.Set("receiving", Napi::Number::New(env, double(live_recvs_.load())));
+  o.Set("sending", Napi::Number::New(env, double(live_sends_.load())));
   std::lock_guard<std::mutex> g(jobs_mu_);
   o.Set("jobs", Napi::Number::New(env, double(js_jobs_.size())));
   o.Set("sends", Napi::Number::New(env, double(js_sends_.size())));
@@ -794,6 +796,7 @@ void ChunkMover::Pump(Job& j) {
     j.pending.erase(first);
     j.in_use++;
     auto* r = new Recv();
+    live_recvs_++;
     r->job = jobs_[j.token];
     r->offset = offset;
     r->length = length;
@@ -829,6 +832,7 @@ void ChunkMover::Completed(Recv* r, ucs_status_t status, size_t length) {
   uint64_t offset = r->offset;
   size_t want = r->length;
   delete r;
+  live_recvs_--;
   if (j.finished) {
     GiveBuf(b);
     j.in_use--;
@@ -1011,6 +1015,7 @@ void ChunkMover::PumpSend(SendJob& j) {
       got += size_t(n);
     }
     auto* o = new Out();
+    live_sends_++;
     o->job = sends_[j.token];
     o->buf = b;
     o->offset = j.next;
@@ -1047,6 +1052,7 @@ void ChunkMover::SendDone(Out* o, ucs_status_t status) {
   GiveBuf(o->buf);
   size_t len = o->length;
   delete o;
+  live_sends_--;
   if (j.finished) return;
   if (status != UCS_OK) {
     return FinishSend(j, status == UCS_ERR_CANCELED ? ECANCELED : EIO, std::string("UCX send failed: ") + StatusName(status));

@@ -176,6 +176,8 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   std::atomic<uint64_t> chunks_{0};
   std::atomic<uint64_t> dropped_{0};
   std::atomic<uint64_t> buffers_{0};
+  std::atomic<uint64_t> live_recvs_{0};  // chunk receives UCX holds
+  std::atomic<uint64_t> live_sends_{0};  // chunk sends UCX holds
 };
 
 }  // namespace dyaducx

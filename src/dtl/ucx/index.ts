@@ -76,8 +76,8 @@ export interface UcxBackend extends TransferBackend {
   client(opts: UcxClientOptions): TransferClient;
   /** What this backend's worker uses (creates no worker if none is running). */
   info(): UcxInfo;
-  /** The running worker's counters (undefined when none is running). */
-  stats(): ReturnType<UcxRuntime['worker']['stats']> | undefined;
+  /** The running worker's counters and its chunk movers' (undefined when none is running). */
+  stats(): (ReturnType<UcxRuntime['worker']['stats']> & { movers: ReturnType<UcxRuntime['moverStats']> }) | undefined;
 }
 
 function requireAddon(): UcxAddon {
@@ -146,7 +146,7 @@ export function createUcxBackend(opts: UcxBackendOptions = {}): UcxBackend {
       }
     },
     stats() {
-      return rt && !rt.isClosed ? rt.worker.stats() : undefined;
+      return rt && !rt.isClosed ? { ...rt.worker.stats(), movers: rt.moverStats() } : undefined;
     },
     info(): UcxInfo {
       const tls = opts.config?.TLS ?? process.env.UCX_TLS ?? 'all';

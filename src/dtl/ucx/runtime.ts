@@ -187,6 +187,11 @@ export class UcxRuntime {
     return this.movers[role] ?? null;
   }
 
+  /** The movers' counters, for those that were started. */
+  moverStats(): { rx?: ReturnType<UcxChunkMover['stats']>; tx?: ReturnType<UcxChunkMover['stats']> } {
+    return { rx: this.movers.rx?.stats(), tx: this.movers.tx?.stats() };
+  }
+
   /** Starts a receive job on the 'rx' mover; `done` is called once, unless `forgetJob` comes first. */
   startJob(token: Buffer, fd: number, size: number, chunkBytes: number, buffers: number, algo: DigestAlgo, done: UcxChunkDone): void {
     this.rxJobs.set(token.toString('hex'), done);
