@@ -1,8 +1,10 @@
 /**
  * The per-process UCX state a UCX backend instance shares between its
- * transfer server and client: one worker (one ucp context), endpoints cached
- * per peer worker address, pools of registered buffers, and the routing of
- * incoming chunk messages to the pull they belong to.
+ * transfer server and client: one worker (one ucp context) driven from the
+ * event loop, endpoints cached per peer worker address, pools of registered
+ * buffers, the routing of incoming chunk messages to the pull they belong
+ * to, and the two native chunk movers that take chunked transfers off the
+ * event loop where the addon has them.
  *
  * Endpoints: created on first use, kept while healthy (wire-up costs a
  * round trip or more), evicted least-recently-used above `maxEndpoints`
