@@ -35,6 +35,7 @@ constexpr size_t kIdleBufBytes = 64u << 20;  // free chunk buffers kept for reus
 constexpr size_t kRecentTokens = 1024;    // ended jobs whose late chunks are dropped at once
 constexpr int kPollMs = 200;
 constexpr uint64_t kDrainMs = 1000;
+constexpr size_t kMaxPeers = 256;  // endpoints kept; idle ones beyond this are closed
 
 uint64_t NowMs() {
   return uint64_t(std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now().time_since_epoch()).count());
@@ -895,6 +896,15 @@ void ChunkMover::OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status) {
 ChunkMover::Peer* ChunkMover::PeerFor(const std::string& address, std::string* why) {
   auto it = peers_.find(address);
   if (it != peers_.end() && !it->second->failed) return it->second.get();
+  // Consumers come and go (a restarted daemon has a new address): do not keep them all.
+  if (peers_.size() >= kMaxPeers) {
+    for (auto& kv : peers_) {
+      if (kv.second->jobs.empty()) {
+        DropPeer(kv.second.get());
+        break;
+      }
+    }
+  }
   auto p = std::make_unique<Peer>();
   p->address = address;
   ucp_ep_params_t ep;
