@@ -76,18 +76,6 @@ int DupFd(Napi::Env env, const Napi::Value& v) {
   return fd;
 }
 
-// Frees the endpoint-close requests that have completed.
-void ReapCloses(std::vector<void*>& closing) {
-  for (size_t i = 0; i < closing.size();) {
-    if (ucp_request_check_status(closing[i]) != UCS_INPROGRESS) {
-      ucp_request_free(closing[i]);
-      closing[i] = closing.back();
-      closing.pop_back();
-    } else {
-      i++;
-    }
-  }
-}
 
 uint64_t ReadBe64(const uint8_t* p) {
   uint64_t v = 0;
@@ -136,7 +124,8 @@ struct ChunkMover::Recv {
 struct ChunkMover::Peer {
   std::string address;
   ucp_ep_h ep = nullptr;
-  bool failed = false;
+  bool failed = false;  // dropped: being closed, or closed
+  bool closed = false;  // its close completed: UCX will not name it again
   bool described = false;  // its lanes are in lanes_
   std::unordered_set<SendJob*> jobs;
 };
@@ -542,6 +531,7 @@ void ChunkMover::Run() {
   std::deque<uint64_t> recent;
   uint64_t last_expire = NowMs();
   while (!stop_) {
+    if (!dead_peers_.empty()) PruneDeadPeers();
     unsigned progressed = ucp_worker_progress(worker_);
     TakeCommands();
     // Arrivals first: a completion may free the window a queued arrival waits for.
@@ -585,7 +575,7 @@ void ChunkMover::Run() {
       if (it->second->cancelled && it->second->sends.empty()) it = sends_.erase(it);
       else ++it;
     }
-    ReapCloses(closing_);
+    ReapCloses();
     // Jobs JS forgot and whose receives have all ended go now; late chunks of theirs are dropped.
     for (auto it = jobs_.begin(); it != jobs_.end();) {
       Job& j = *it->second;
@@ -670,7 +660,7 @@ void ChunkMover::Drain(std::vector<AmArrival>& arrivals, std::vector<Recv*>& com
     for (Out* o : *t_sent) SendDone(o, o->status);
     t_sent->clear();
     t_peer_errors->clear();
-    ReapCloses(closing_);
+    ReapCloses();
     for (void* d : to_release_) ucp_am_data_release(worker_, d);
     to_release_.clear();
     if (in_flight() == 0 || NowMs() > deadline) break;
@@ -924,6 +914,33 @@ ChunkMover::Peer* ChunkMover::PeerFor(const std::string& address, std::string* w
   return raw;
 }
 
+// Frees the endpoint-close requests that have completed; their peers are then closed.
+void ChunkMover::ReapCloses() {
+  for (size_t i = 0; i < closing_.size();) {
+    if (ucp_request_check_status(closing_[i].first) != UCS_INPROGRESS) {
+      ucp_request_free(closing_[i].first);
+      closing_[i].second->closed = true;
+      closing_[i] = closing_.back();
+      closing_.pop_back();
+    } else {
+      i++;
+    }
+  }
+}
+
+// Frees dropped peers whose close completed. Called before progress, when
+// no callback of this pass can still name them.
+void ChunkMover::PruneDeadPeers() {
+  for (size_t i = 0; i < dead_peers_.size();) {
+    if (dead_peers_[i]->closed) {
+      dead_peers_[i] = std::move(dead_peers_.back());
+      dead_peers_.pop_back();
+    } else {
+      i++;
+    }
+  }
+}
+
 // Records the lanes UCX chose for a peer (once data has moved, wire-up is done), for JS.
 void ChunkMover::Describe(Peer* p) {
   p->described = true;
@@ -948,7 +965,8 @@ void ChunkMover::DropPeer(Peer* p) {
   rp.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
   rp.flags = UCP_EP_CLOSE_FLAG_FORCE;
   ucs_status_ptr_t sp = ucp_ep_close_nbx(p->ep, &rp);
-  if (sp != nullptr && !UCS_PTR_IS_ERR(sp)) closing_.push_back(sp);
+  if (sp != nullptr && !UCS_PTR_IS_ERR(sp)) closing_.push_back({sp, p});
+  else p->closed = true;
   {
     std::lock_guard<std::mutex> g(jobs_mu_);
     lanes_.erase(p->address);
@@ -988,6 +1006,7 @@ void ChunkMover::CancelSendJob(uint64_t token, bool force) {
     if (j.fd >= 0) close(j.fd);
     j.fd = -1;
     if (p) p->jobs.erase(&j);
+    j.peer = nullptr;
   }
   // A consumer that stopped taking chunks holds our sends: only closing its endpoint ends them.
   if (force && p && !p->failed) {
@@ -1003,6 +1022,7 @@ void ChunkMover::FinishSend(SendJob& j, int err, const std::string& detail, bool
   if (j.fd >= 0) close(j.fd);
   j.fd = -1;
   if (j.peer) j.peer->jobs.erase(&j);
+  j.peer = nullptr;
   Post(Result{j.token, err, 0, j.done_bytes, file_error, detail, true});
 }
 

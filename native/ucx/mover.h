@@ -118,6 +118,8 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   Peer* PeerFor(const std::string& address, std::string* why);
   void DropPeer(Peer* p);
   void Describe(Peer* p);
+  void ReapCloses();
+  void PruneDeadPeers();
   static void OnSend(void* request, ucs_status_t status, void* user_data);
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status);
   void ReleaseLater(void* desc) { to_release_.push_back(desc); }
@@ -162,8 +164,8 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   std::unordered_map<uint64_t, std::shared_ptr<Job>> jobs_;
   std::unordered_map<uint64_t, std::shared_ptr<SendJob>> sends_;
   std::unordered_map<std::string, std::unique_ptr<Peer>> peers_;
-  std::vector<void*> closing_;  // endpoint close requests in flight
-  std::vector<std::unique_ptr<Peer>> dead_peers_;
+  std::vector<std::pair<void*, Peer*>> closing_;  // endpoint close requests in flight
+  std::vector<std::unique_ptr<Peer>> dead_peers_;  // dropped, freed once closed
   bool peer_errors_ = true;
   unsigned am_id_ = 1;
   std::deque<Orphan> orphans_;
