@@ -527,8 +527,6 @@ void ChunkMover::Run() {
   t_completions = &completions;
   t_sent = &sent;
   t_peer_errors = &peer_errors;
-  std::unordered_set<uint64_t> recent_set;
-  std::deque<uint64_t> recent;
   uint64_t last_expire = NowMs();
   while (!stop_) {
     if (!dead_peers_.empty()) PruneDeadPeers();
@@ -541,7 +539,7 @@ void ChunkMover::Run() {
         Accept(*it->second, a.offset, a.length, a.desc, a.desc ? nullptr : a.data.data());
         continue;
       }
-      if (recent_set.count(a.token) || a.offset == UINT64_MAX) {
+      if (ended_set_.count(a.token) || a.offset == UINT64_MAX) {
         dropped_++;
         if (a.desc) ReleaseLater(a.desc);
         continue;
@@ -580,12 +578,7 @@ void ChunkMover::Run() {
     for (auto it = jobs_.begin(); it != jobs_.end();) {
       Job& j = *it->second;
       if (j.cancelled && j.recvs.empty()) {
-        recent.push_back(j.token);
-        recent_set.insert(j.token);
-        if (recent.size() > kRecentTokens) {
-          recent_set.erase(recent.front());
-          recent.pop_front();
-        }
+        Ended(j.token);
         it = jobs_.erase(it);
       } else {
         ++it;
@@ -706,6 +699,16 @@ void ChunkMover::StartJob(const std::shared_ptr<Job>& job) {
   for (Orphan& o : mine) Accept(*job, o.offset, o.length, o.desc, o.desc ? nullptr : o.data.data());
 }
 
+// Remembers a receive job's token for a while, so its late chunks are dropped at once.
+void ChunkMover::Ended(uint64_t token) {
+  if (!ended_set_.insert(token).second) return;
+  ended_.push_back(token);
+  if (ended_.size() > kRecentTokens) {
+    ended_set_.erase(ended_.front());
+    ended_.pop_front();
+  }
+}
+
 void ChunkMover::CancelJob(uint64_t token) {
   for (auto it = orphans_.begin(); it != orphans_.end();) {
     if (it->token == token) {
@@ -716,7 +719,11 @@ void ChunkMover::CancelJob(uint64_t token) {
     }
   }
   auto it = jobs_.find(token);
-  if (it == jobs_.end()) return;
+  if (it == jobs_.end()) {
+    // A pull that failed before its job started: its chunks may still come.
+    Ended(token);
+    return;
+  }
   Job& j = *it->second;
   j.cancelled = true;
   if (!j.finished) Forget(j);

@@ -39,6 +39,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <unordered_set>
 #include <vector>
 
 namespace dyaducx {
@@ -109,6 +110,7 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   void Finish(Job& job, int err, const std::string& detail, bool file_error = false);
   void Forget(Job& job);
   void ExpireOrphans(uint64_t now_ms);
+  void Ended(uint64_t token);
   // Send side (the thread)
   void StartSend(const std::shared_ptr<SendJob>& job);
   void CancelSendJob(uint64_t token, bool force);
@@ -169,6 +171,8 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   bool peer_errors_ = true;
   unsigned am_id_ = 1;
   std::deque<Orphan> orphans_;
+  std::deque<uint64_t> ended_;  // tokens of receive jobs that ended, oldest first
+  std::unordered_set<uint64_t> ended_set_;
   std::vector<void*> to_release_;
   std::map<size_t, std::vector<Buf*>> free_bufs_;
   size_t idle_buf_bytes_ = 0;
