@@ -100,7 +100,6 @@ struct ChunkMover::Job {
   int algo = 1;           // 1: CRC-32C, 2: CRC-32
   uint32_t crc = 0;
   uint64_t crc_to = 0;   // every byte before this is checksummed
-  uint64_t written = 0;
   std::map<uint64_t, std::pair<void*, size_t>> pending;  // offset -> rendezvous descriptor, length
   std::map<uint64_t, std::pair<Buf*, size_t>> held;      // written, waiting for the CRC
   std::vector<bool> seen;
@@ -108,7 +107,7 @@ struct ChunkMover::Job {
   std::unordered_set<Recv*> recvs;
   bool finished = false;  // no more bytes will be written (result posted, or cancelled)
   bool cancelled = false; // JS forgot the job
-  std::atomic<uint64_t> received{0};
+  std::atomic<uint64_t> received{0};  // written to the file (only the thread adds)
 };
 
 struct ChunkMover::Recv {
@@ -138,12 +137,11 @@ struct ChunkMover::SendJob {
   size_t chunk = 0;
   unsigned window = 0;
   uint64_t next = 0;       // next offset to read and send
-  uint64_t done_bytes = 0; // sends completed
   Peer* peer = nullptr;
   std::unordered_set<Out*> sends;
   bool finished = false;
   bool cancelled = false;
-  std::atomic<uint64_t> sent{0};
+  std::atomic<uint64_t> sent{0};  // sends completed (only the thread adds)
 };
 
 struct ChunkMover::Out {
@@ -749,7 +747,7 @@ void ChunkMover::Forget(Job& j) {
 void ChunkMover::Finish(Job& j, int err, const std::string& detail, bool file_error) {
   if (j.finished) return;
   uint32_t crc = j.crc;
-  uint64_t bytes = j.written;
+  uint64_t bytes = j.received.load();
   Forget(j);
   Post(Result{j.token, err, crc, bytes, file_error, detail, false});
 }
@@ -860,7 +858,6 @@ void ChunkMover::Landed(Job& j, uint64_t offset, Buf* b, size_t length) {
     }
     done += size_t(n);
   }
-  j.written += length;
   j.received.fetch_add(length);
   j.held[offset] = {b, length};
   while (!j.held.empty() && j.held.begin()->first == j.crc_to) {
@@ -873,7 +870,7 @@ void ChunkMover::Landed(Job& j, uint64_t offset, Buf* b, size_t length) {
     j.in_use--;
     j.held.erase(h);
   }
-  if (j.written == j.size) Finish(j, 0, "");
+  if (j.received.load() == j.size) Finish(j, 0, "");
 }
 
 // --- the send side (the thread) --------------------------------------------------
@@ -1030,7 +1027,7 @@ void ChunkMover::FinishSend(SendJob& j, int err, const std::string& detail, bool
   j.fd = -1;
   if (j.peer) j.peer->jobs.erase(&j);
   j.peer = nullptr;
-  Post(Result{j.token, err, 0, j.done_bytes, file_error, detail, true});
+  Post(Result{j.token, err, 0, j.sent.load(), file_error, detail, true});
 }
 
 void ChunkMover::PumpSend(SendJob& j) {
@@ -1094,10 +1091,9 @@ void ChunkMover::SendDone(Out* o, ucs_status_t status) {
   if (status != UCS_OK) {
     return FinishSend(j, status == UCS_ERR_CANCELED ? ECANCELED : EIO, std::string("UCX send failed: ") + StatusName(status));
   }
-  j.done_bytes += len;
   j.sent.fetch_add(len);
   if (j.peer && !j.peer->described) Describe(j.peer);
-  if (j.done_bytes == j.size) return FinishSend(j, 0, "");
+  if (j.sent.load() == j.size) return FinishSend(j, 0, "");
   PumpSend(j);
 }
 

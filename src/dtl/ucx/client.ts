@@ -207,7 +207,7 @@ class Pull {
     this.timer = null;
     if (this.done) return;
     if (this.onThread) {
-      const n = this.rt.mover('rx')?.received(this.token) ?? -1;
+      const n = this.conn.mover!.received(this.token);
       if (n > this.threadSeen) {
         this.threadSeen = n;
         this.touch();
@@ -324,10 +324,8 @@ class Pull {
       return this.complete(false);
     }
     const name = errnoName(errno);
-    if (fileError) {
-      this.sink!.failWrite(Object.assign(new Error(`${name} writing the received bytes: ${detail}`), { code: name }));
-      return this.fail(this.sink!.failed!);
-    }
+    // The sink reports a write failure through onError, which fails this pull.
+    if (fileError) return this.sink!.failWrite(Object.assign(new Error(`${name} writing the received bytes: ${detail}`), { code: name }));
     this.fail(peerError(this.peer, this.req.upath, detail));
   }
 
