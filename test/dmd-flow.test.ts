@@ -93,6 +93,23 @@ t.test('a producer writes into a directory that only another node has made', asy
   t.match(miss.stderr, /No such file or directory/, 'a directory no node has: ENOENT, at once');
 });
 
+t.test('creates by relative path, through directories only another node has, one name repeated', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.mkdirSync(path.join(p.mnt, 'rep', 'rep'), { recursive: true });
+  fs.writeFileSync(path.join(p.mnt, 'rep', 'rep', 'seed'), 's');
+  // Each 'rep' on the way is a directory node 1 has never seen: the path
+  // names it more than once, so only the caller's cwd tells which one a
+  // LOOKUP is about. './top' is a plain create through '.'.
+  const r = await sh(`cd ${q.mnt} && echo one > rep/rep/rep && echo two > ./top && cat rep/rep/rep top rep/rep/seed`, { timeoutMs: 20_000 });
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'one\ntwo\ns', 'created inside the published directories and read back');
+  t.equal(fs.readFileSync(path.join(q.storage, 'rep', 'rep', 'rep'), 'utf8'), 'one\n', 'in node 1 storage');
+  t.equal(fs.readFileSync(path.join(p.mnt, 'rep', 'rep', 'rep'), 'utf8'), 'one\n', 'and published for node 0');
+  const miss = await sh(`cd ${q.mnt} && echo x > nowhere/nowhere`);
+  t.match(miss.stderr, /No such file or directory/, 'a directory no node has: ENOENT, at once');
+});
+
 t.test('many concurrent consumers of one file cause one pull', async (t) => {
   const c = await cluster(t, 2, ['--log-level', 'debug']);
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];

@@ -22,8 +22,8 @@ import diagnostics from 'node:diagnostics_channel';
 import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
 import { Fetcher, REPLICAS } from './fetch.js';
 import { Origin, type OriginStat } from './origin.js';
-import { Storage, lstat, lstatIfExists } from './storage.js';
-import { callerPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
+import { Storage, fstat, lstat, lstatIfExists } from './storage.js';
+import { callerPath, callerRawPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
@@ -128,7 +128,7 @@ export class DmdFs extends MirrorFs {
       // local file shadows it. But a directory on the way to the created
       // name may be one that holds files published elsewhere (or the
       // origin's): those exist on every node.
-      if (this.componentOf(caller, upath) !== 'inner') throw noSuchFile(upath);
+      if (this.createsInside(caller, upath) !== 'inner') throw noSuchFile(upath);
       return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
         if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
         const inOrigin = rec ? undefined : this.origin?.stat(upath);
@@ -158,9 +158,28 @@ export class DmdFs extends MirrorFs {
     });
   }
 
+  /**
+   * componentOf for a create, where 'last' and 'unknown' mean the same (the
+   * name is created here, so the lookup says ENOENT at once). A path whose
+   * last component is the name looked up, and that names it nowhere else
+   * and has no '.' or '..', is the name itself wherever it starts: that
+   * spares reading the caller's cwd link, a /proc round trip on every
+   * create. Whatever a symlink on the way expands to, such a path cannot
+   * make 'inner' true.
+   */
+  private createsInside(caller: Caller, upath: string): 'last' | 'inner' | 'unknown' {
+    const raw = callerRawPath(caller);
+    if (raw === undefined) return 'unknown';
+    const name = upath.slice(upath.lastIndexOf('/') + 1);
+    const parts = raw.split('/').filter((part) => part !== '');
+    const at = parts.indexOf(name);
+    if (at === parts.length - 1 && !parts.includes('.') && !parts.includes('..')) return 'last';
+    return this.componentOf(caller, upath, raw);
+  }
+
   /** Is upath the last component of the path the caller opens, or a directory on the way? */
-  private componentOf(caller: Caller, upath: string): 'last' | 'inner' | 'unknown' {
-    const p = callerPath(caller);
+  private componentOf(caller: Caller, upath: string, raw?: string): 'last' | 'inner' | 'unknown' {
+    const p = callerPath(caller, raw ?? callerRawPath(caller));
     if (!p) return 'unknown';
     const want = path.posix.join(this.o.mountpoint, upath);
     const got = path.posix.normalize(p).replace(/\/+$/, '');
@@ -348,7 +367,7 @@ export class DmdFs extends MirrorFs {
     const mine = path.posix.join(this.o.mountpoint, this.rel(h.node));
     // Cannot tell (no /proc): leave it to the last RELEASE.
     if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
-    return this.publishSoon(h.node);
+    return this.publishSoon(h.node, h.fd);
   }
 
   protected override afterWriteClose(node: Node, h: Handle): void | Promise<void> {
@@ -366,8 +385,9 @@ export class DmdFs extends MirrorFs {
     return n;
   }
 
-  private publishSoon(node: Node): Promise<void> | undefined {
-    const p = this.publish(this.rel(node), true);
+  /** `fd`: a descriptor of the file, open at least while this call runs synchronously. */
+  private publishSoon(node: Node, fd?: number): Promise<void> | undefined {
+    const p = this.publish(this.rel(node), true, fd);
     if (!this.o.asyncPublish) return p;
     p.catch(() => undefined);
     return undefined;
@@ -376,11 +396,16 @@ export class DmdFs extends MirrorFs {
   /**
    * Publishes a local file unless this exact version is published already.
    * `push`: a file just written may travel with its publication (small ones only).
+   * `fd`: the writer's descriptor of it, if still open, to stat it without
+   * walking its path. Its bytes are still read through a descriptor of our
+   * own: one opened with O_NOATIME, as reading must not touch the atime.
    */
-  async publish(upath: string, push = false): Promise<void> {
+  async publish(upath: string, push = false, fd?: number): Promise<void> {
     const abs = this.storage.abs(upath);
     try {
-      const before = lstat(abs);
+      const before = fd !== undefined ? fstat(fd) : lstat(abs);
+      // Removed while open: nothing to publish (as the path's ENOENT says, below).
+      if (before.nlink === 0n) return;
       const stamp = `${before.mtimeNs}:${before.size}`;
       if (this.published.get(upath) === stamp || !before.isFile()) return;
       if (this.o.fsyncWrite) fsyncPath(abs);

@@ -172,20 +172,24 @@ const AT_FDCWD = -100;
 
 const pathBuf = Buffer.alloc(4096);
 
+/** The path string the caller passed to its open, as written (maybe relative), or undefined. */
+export function callerRawPath(c: Caller): string | undefined {
+  if (c.tid === undefined || c.pathPtr === undefined || c.pathPtr === 0n) return undefined;
+  const n = readMem(c.tid, c.pathPtr, pathBuf);
+  if (n === undefined) return undefined;
+  const end = pathBuf.indexOf(0);
+  if (end < 0 || end >= n) return undefined;
+  return pathBuf.toString('utf8', 0, end);
+}
+
 /**
  * The absolute path the caller passed to its open, as far as /proc can tell
  * (its cwd or dirfd joined with the string in its memory), or undefined.
  * Read only when needed: a read of the caller's memory, and of its cwd or
  * dirfd link for a relative path.
  */
-export function callerPath(c: Caller): string | undefined {
-  if (c.tid === undefined || c.pathPtr === undefined || c.pathPtr === 0n) return undefined;
-  const n = readMem(c.tid, c.pathPtr, pathBuf);
-  if (n === undefined) return undefined;
-  const end = pathBuf.indexOf(0);
-  if (end < 0 || end >= n) return undefined;
-  const raw = pathBuf.toString('utf8', 0, end);
-  if (raw.startsWith('/')) return raw;
+export function callerPath(c: Caller, raw: string | undefined = callerRawPath(c)): string | undefined {
+  if (raw === undefined || raw.startsWith('/')) return raw;
   try {
     const base =
       c.dirfd === undefined || c.dirfd === AT_FDCWD

@@ -18,6 +18,7 @@ import { MemoryKvs } from '../memory.js';
 import { openPersistentStore, type PersistentStore } from './persist.js';
 import { encodeFrame, SERVER_MAX_FRAME_BYTES, toWireError, type EventFrame } from './protocol.js';
 import { generateSecret, parseSecret, removeSecretFile, secretPath, writeSecretFile } from './secrets.js';
+import { Fanout } from './fanout.js';
 import { Session, type SessionHost, type SessionLimits } from './session.js';
 import { KvsStore } from './store.js';
 
@@ -55,7 +56,7 @@ export const DEFAULT_SESSION_LIMITS: SessionLimits = {
 export class KvsServer implements SessionHost {
   readonly limits: SessionLimits;
   private readonly sessions = new Set<Session>();
-  private readonly hubs = new Map<string, { sessions: Set<Session>; stop: () => void }>();
+  private readonly hubs = new Map<string, { fanout: Fanout; stop: () => void }>();
   /** The session whose request is being applied, while the store announces its change. */
   private origin: Session | undefined;
   private server: Server | undefined;
@@ -202,19 +203,25 @@ export class KvsServer implements SessionHost {
   subscribe(ns: string, session: Session): void {
     let hub = this.hubs.get(ns);
     if (hub === undefined) {
-      const sessions = new Set<Session>();
-      const stop = this.store.watch(ns, (ev) => this.fanOut(ns, ev));
-      hub = { sessions, stop };
+      const fanout = new Fanout(ns);
+      const unwatch = this.store.watch(ns, (ev) => this.fanOut(ns, ev));
+      hub = {
+        fanout,
+        stop: () => {
+          fanout.stop();
+          unwatch();
+        },
+      };
       this.hubs.set(ns, hub);
     }
-    hub.sessions.add(session);
+    hub.fanout.watchers.add(session);
   }
 
   unsubscribe(ns: string, session: Session): void {
     const hub = this.hubs.get(ns);
     if (hub === undefined) return;
-    hub.sessions.delete(session);
-    if (hub.sessions.size === 0) {
+    hub.fanout.watchers.delete(session);
+    if (hub.fanout.watchers.size === 0) {
       hub.stop();
       this.hubs.delete(ns);
     }
@@ -266,31 +273,24 @@ export class KvsServer implements SessionHost {
     }
   }
 
+  /** Sends the change events held back (fanout.ts): a reply is about to leave, and must follow them. */
+  flushEvents(): void {
+    for (const hub of this.hubs.values()) if (hub.fanout.pending) hub.fanout.flush();
+  }
+
   private fanOut(ns: string, ev: KvsWatchEvent): void {
     const hub = this.hubs.get(ns);
     if (hub === undefined) return;
     if (ev.type === 'closed') {
       this.hubs.delete(ns);
+      hub.fanout.flush();
+      hub.fanout.stop();
       const buf = encodeFrame({ ev: 'closed', ns, err: toWireError(ev.reason) } satisfies EventFrame);
-      for (const s of hub.sessions) s.send(buf);
+      for (const s of hub.fanout.watchers) s.send(buf);
       return;
     }
     if (ev.type !== 'change') return;
-    const frame = (withData: boolean): Buffer =>
-      encodeFrame({
-        ev: 'change',
-        ns,
-        rev: ev.rev,
-        changes: ev.changes.map((c) =>
-          c.content === undefined || !withData
-            ? { path: c.upath, rec: c.record ?? null }
-            : { path: c.upath, rec: c.record ?? null, data: Buffer.from(c.content.buffer, c.content.byteOffset, c.content.byteLength).toString('base64') },
-        ),
-      } satisfies EventFrame);
-    const pushed = ev.changes.some((c) => c.content !== undefined);
-    const buf = frame(true);
-    const origin = this.origin;
-    for (const s of hub.sessions) s.send(pushed && s === origin ? frame(false) : buf);
+    hub.fanout.change(ev.rev, ev.changes, this.origin);
   }
 
   private async exportSecret(ns: string, secret: string): Promise<void> {

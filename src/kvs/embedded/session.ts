@@ -54,6 +54,8 @@ export interface SessionHost {
   fromSession<T>(session: Session, fn: () => T): T;
   /** A rank was (re)registered: its lease starts again. */
   rankSeen(ns: string, rank: number): void;
+  /** Sends change events held back for a burst: called before every reply. */
+  flushEvents(): void;
   log(level: 'info' | 'warn', msg: string): void;
 }
 
@@ -185,6 +187,7 @@ export class Session {
   }
 
   private reply(id: number, res: unknown): void {
+    this.host.flushEvents();
     this.send(encodeFrame({ id, ok: true, res: res ?? null }));
   }
 
@@ -192,6 +195,7 @@ export class Session {
     if (!(err instanceof DyadError)) {
       this.host.log('warn', `KVS request from ${this.peer} failed unexpectedly: ${(err as Error)?.stack ?? String(err)}`);
     }
+    this.host.flushEvents();
     this.send(encodeFrame({ id, ok: false, err: toWireError(err) }));
     if (this.endAfterReply && !this.closed) {
       this.host.log('warn', `KVS connection ${this.peer}: too many failed authentication attempts`);
