@@ -18,7 +18,7 @@ import { MemoryKvs } from '../memory.js';
 import { openPersistentStore, type PersistentStore } from './persist.js';
 import { encodeFrame, SERVER_MAX_FRAME_BYTES, toWireError, type EventFrame } from './protocol.js';
 import { generateSecret, parseSecret, removeSecretFile, secretPath, writeSecretFile } from './secrets.js';
-import { Fanout } from './fanout.js';
+import { DEFAULT_HOLD_MS, Fanout } from './fanout.js';
 import { Session, type SessionHost, type SessionLimits } from './session.js';
 import { KvsStore } from './store.js';
 
@@ -40,6 +40,11 @@ export interface KvsServerOptions {
    * trying a dead node (daemons renew every third of it). Default 10 s.
    */
   rankLeaseMs?: number;
+  /**
+   * Change events that follow a send to watchers within this long are held
+   * and sent together (fanout.ts). Default 1 ms; 0 sends each at once.
+   */
+  eventHoldMs?: number;
   log?: (level: 'info' | 'warn', msg: string) => void;
   env?: NodeJS.ProcessEnv;
 }
@@ -59,6 +64,7 @@ export class KvsServer implements SessionHost {
   private readonly hubs = new Map<string, { fanout: Fanout; stop: () => void }>();
   /** The session whose request is being applied, while the store announces its change. */
   private origin: Session | undefined;
+  private eventHoldMs = DEFAULT_HOLD_MS;
   private server: Server | undefined;
   private bound: { host: string; port: number } | undefined;
   private closing: Promise<void> | undefined;
@@ -83,6 +89,8 @@ export class KvsServer implements SessionHost {
     const keyDepth = opts.keyDepth ?? fromEnv!.depth;
     const keyBins = opts.keyBins ?? fromEnv!.bins;
     checkKeyParams(keyDepth, keyBins);
+    const holdMs = opts.eventHoldMs ?? DEFAULT_HOLD_MS;
+    if (!Number.isFinite(holdMs) || holdMs < 0) throw new ConfigError(`eventHoldMs must be a non-negative number of milliseconds, got ${holdMs}`);
     const log = opts.log ?? ((level, msg) => debug('%s: %s', level, msg));
     const limits = { ...DEFAULT_SESSION_LIMITS, ...opts.limits };
     let persistent: PersistentStore | undefined;
@@ -104,6 +112,7 @@ export class KvsServer implements SessionHost {
     }
     const secretDir = opts.secretDir ?? (opts.dataDir === undefined ? undefined : join(opts.dataDir, 'secrets'));
     const server = new KvsServer(store, adminSecret, secretDir, persistent, limits, log);
+    server.eventHoldMs = holdMs;
     await server.exportSecrets();
     server.startLeases(opts.rankLeaseMs ?? 10_000);
     return server;
@@ -203,7 +212,7 @@ export class KvsServer implements SessionHost {
   subscribe(ns: string, session: Session): void {
     let hub = this.hubs.get(ns);
     if (hub === undefined) {
-      const fanout = new Fanout(ns);
+      const fanout = new Fanout(ns, this.eventHoldMs);
       const unwatch = this.store.watch(ns, (ev) => this.fanOut(ns, ev));
       hub = {
         fanout,
