@@ -202,6 +202,24 @@ t.test('a dead node\'s rank lease expires: readers fail at once', async (t) => {
   t.match(fs.readFileSync(q.log, 'utf8'), /rank 1 has no transfer address registered/, 'no connection attempt to a dead node');
 });
 
+t.test('a daemon spinning for requests still serves its sockets and timers', async (t) => {
+  // --spin keeps a daemon polling /dev/fuse after each request. Here the
+  // window is ten minutes: the flow below finishes only if, while spinning,
+  // node 0 still answers node 1's KVS requests and pulls and runs its timers.
+  const c = await cluster(t, 2, ['--spin', '600000000', '--push-max', '0']);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const data = Buffer.alloc(3 << 20, 7);
+  const cons = sh(`cat ${path.join(q.mnt, 'spun', 'big')} | md5sum`, { timeoutMs: 60_000 });
+  await sleep(300);
+  fs.mkdirSync(path.join(p.mnt, 'spun'));
+  fs.writeFileSync(path.join(p.mnt, 'spun', 'big'), data);
+  fs.writeFileSync(path.join(p.mnt, 'spun', 'small'), 'small');
+  const r = await cons;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout.split(' ')[0], createHash('md5').update(data).digest('hex'), 'the waiting reader got the file from the spinning node');
+  t.equal(fs.readFileSync(path.join(q.mnt, 'spun', 'small'), 'utf8'), 'small', 'and a small one after it');
+});
+
 t.test('small files travel with their publication: readers need no transfer', async (t) => {
   const c = await cluster(t, 3, ['--log-level', 'debug', '--peer-timeout', '2']);
   const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];

@@ -3,6 +3,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -105,6 +106,9 @@ Napi::Value FuseDevice::Start(const Napi::CallbackInfo& info) {
     poll_ = nullptr;
     return Napi::Number::New(env, rc);
   }
+  idle_ = new uv_idle_t;
+  idle_->data = this;
+  uv_idle_init(loop, idle_);
   running_ = true;
   Ref();  // keep the JS object alive while libuv points at it
   return Napi::Number::New(env, 0);
@@ -121,10 +125,24 @@ void FuseDevice::StopPolling() {
   uv_poll_stop(poll_);
   uv_close(reinterpret_cast<uv_handle_t*>(poll_), OnClose);
   poll_ = nullptr;
+  uv_idle_stop(idle_);
+  uv_close(reinterpret_cast<uv_handle_t*>(idle_), OnIdleClose);
+  idle_ = nullptr;
   Unref();
 }
 
 void FuseDevice::OnClose(uv_handle_t* handle) { delete reinterpret_cast<uv_poll_t*>(handle); }
+
+void FuseDevice::OnIdleClose(uv_handle_t* handle) { delete reinterpret_cast<uv_idle_t*>(handle); }
+
+// Runs once per loop turn while spinning; the poll phase of the same turn
+// (with a zero timeout, as an idle handle is active) finds any new request.
+void FuseDevice::OnIdle(uv_idle_t* handle) {
+  auto* self = static_cast<FuseDevice*>(handle->data);
+  if (NowNs() < self->spin_until_ns_) return;
+  uv_idle_stop(handle);
+  self->misses_++;
+}
 
 void FuseDevice::OnPoll(uv_poll_t* handle, int status, int events) {
   auto* self = static_cast<FuseDevice*>(handle->data);
@@ -138,26 +156,70 @@ void FuseDevice::OnPoll(uv_poll_t* handle, int status, int events) {
 void FuseDevice::Drain() {
   Napi::Env env = Env();
   Napi::HandleScope scope(env);
+  NoteArrival();
   // A bounded batch keeps other loop work (sockets, timers) from starving.
   int budget = 64;
-  uint64_t spin_until = 0;
+  bool got = false;
+  uint64_t until = 0;  // end of this spin window, once one has begun
   while (running_ && budget > 0) {
     ssize_t n = read(fd_, in_.data(), in_.size());
     if (n > 0) {
       budget--;
+      got = true;
+      if (until != 0) misses_ = 0;  // the window caught one
+      until = 0;
       Emit(size_t(n));
-      if (spin_ns_) spin_until = NowNs() + spin_ns_;
       continue;
     }
     if (n < 0 && errno == EINTR) continue;
     if (n < 0 && errno == ENOENT) continue;  // request aborted before we read it
     if (n < 0 && errno == EAGAIN) {
-      if (spin_until && NowNs() < spin_until) continue;
-      return;
+      if (!got || !running_ || spin_ns_ == 0 || misses_ >= kMaxMisses) return;
+      if (until == 0) {
+        until = NowNs() + spin_ns_;
+        if (uv_is_active(reinterpret_cast<uv_handle_t*>(idle_))) uv_idle_stop(idle_);
+      }
+      if (NowNs() >= until) {
+        misses_++;
+        return;
+      }
+      // The loop has other work (a socket, a finished thread-pool job, a
+      // due timer, an immediate): let it run, spinning there instead of
+      // here until the window ends.
+      if (LoopHasWork()) return SpinInLoop(until);
+      continue;
     }
     Fail(n == 0 ? ENODEV : errno);  // ENODEV: the file system was unmounted
     return;
   }
+  if (got && running_ && spin_ns_ != 0 && misses_ < kMaxMisses) SpinInLoop(NowNs() + spin_ns_);
+}
+
+// The device turned readable: a request caught while the loop spun, or one
+// that came so soon after a reply that a window would have caught it, means
+// the caller is issuing requests back to back: spinning pays again.
+void FuseDevice::NoteArrival() {
+  if (spin_ns_ == 0) return;
+  if (uv_is_active(reinterpret_cast<uv_handle_t*>(idle_)) || NowNs() - last_reply_ns_ < spin_ns_) misses_ = 0;
+}
+
+// Keeps the event loop from sleeping until `until` (OnIdle stops it).
+void FuseDevice::SpinInLoop(uint64_t until) {
+  spin_until_ns_ = until;
+  if (!uv_is_active(reinterpret_cast<uv_handle_t*>(idle_))) uv_idle_start(idle_, OnIdle);
+}
+
+// Anything for the loop besides /dev/fuse? Its epoll descriptor reads as
+// ready when any descriptor it watches is; a zero backend timeout means a
+// timer is due or an immediate is queued.
+bool FuseDevice::LoopHasWork() {
+  uv_loop_t* loop = nullptr;
+  napi_get_uv_event_loop(Env(), &loop);
+  uv_update_time(loop);
+  if (uv_backend_timeout(loop) == 0) return true;
+  // A request of our own also makes it ready: that one is read here.
+  pollfd p[2] = {{uv_backend_fd(loop), POLLIN, 0}, {fd_, POLLIN, 0}};
+  return poll(p, 2, 0) > 0 && (p[1].revents & POLLIN) == 0;
 }
 
 void FuseDevice::Emit(size_t n) {
@@ -205,7 +267,9 @@ Napi::Value FuseDevice::Reply(const Napi::CallbackInfo& info) {
     iov[i].iov_base = b.Data();
     iov[i].iov_len = b.ByteLength();
   }
-  return Napi::Number::New(env, WriteAll(fd_, iov, int(cnt)));
+  int rc = WriteAll(fd_, iov, int(cnt));
+  last_reply_ns_ = NowNs();
+  return Napi::Number::New(env, rc);
 }
 
 // replyFromFd(unique: bigint, fd, offset: number, size) -> bytes sent | -errno
@@ -235,6 +299,7 @@ Napi::Value FuseDevice::ReplyFromFd(const Napi::CallbackInfo& info) {
   hdr.len = uint32_t(sizeof hdr + size_t(n));
   iovec iov[2] = {{&hdr, sizeof hdr}, {out_.data(), size_t(n)}};
   int rc = WriteAll(fd_, iov, 2);
+  last_reply_ns_ = NowNs();
   return Napi::Number::New(env, rc < 0 ? double(rc) : double(n));
 }
 
@@ -255,8 +320,8 @@ Napi::Value FuseDevice::BackingClose(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, rc < 0 ? -errno : 0);
 }
 
-// setSpin(microseconds): how long to keep reading after a request before
-// going back to sleep in the event loop.  0 disables spinning.
+// setSpin(microseconds): how long the loop keeps polling after a request
+// before it may sleep (see device.h).  0 disables spinning.
 Napi::Value FuseDevice::SetSpin(const Napi::CallbackInfo& info) {
   spin_ns_ = uint64_t(info[0].As<Napi::Number>().Uint32Value()) * 1000ull;
   return info.Env().Undefined();

@@ -32,8 +32,13 @@ class FuseDevice : public Napi::ObjectWrap<FuseDevice> {
   Napi::Value LoopUnref(const Napi::CallbackInfo& info);
 
   static void OnPoll(uv_poll_t* handle, int status, int events);
+  static void OnIdle(uv_idle_t* handle);
   static void OnClose(uv_handle_t* handle);
+  static void OnIdleClose(uv_handle_t* handle);
   void Drain();
+  void NoteArrival();
+  void SpinInLoop(uint64_t until);
+  bool LoopHasWork();
   void Emit(size_t n);
   void Fail(int err);
   void StopPolling();
@@ -46,9 +51,19 @@ class FuseDevice : public Napi::ObjectWrap<FuseDevice> {
   std::vector<uint8_t> in_;
   // Scratch space for READ payloads served by replyFromFd().
   std::vector<uint8_t> out_;
-  // After a burst, keep reading for this long before sleeping in epoll: a
-  // wake-up across CPUs costs tens of microseconds on small VMs.
+  // Spinning: for spin_ns_ after a request, Drain() keeps reading instead of
+  // returning to sleep in epoll, so the caller's next request is read without
+  // a wake-up (one across CPUs costs tens of microseconds on small VMs). When
+  // the loop has other work meanwhile, Drain() returns to it and an idle
+  // handle keeps the loop polling rather than sleeping for the rest of the
+  // window. After kMaxMisses windows in a row that caught nothing, spinning
+  // stops until a request comes within spin_ns_ of a reply again.
   uint64_t spin_ns_ = 0;
+  uint64_t spin_until_ns_ = 0;
+  uint64_t last_reply_ns_ = 0;
+  int misses_ = 0;
+  static constexpr int kMaxMisses = 3;
+  uv_idle_t* idle_ = nullptr;
   Napi::FunctionReference on_request_;
   Napi::FunctionReference on_error_;
   Napi::AsyncContext* async_ = nullptr;
