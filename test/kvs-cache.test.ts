@@ -157,6 +157,28 @@ t.test('over an in-process store', async (t) => {
   await t.rejects(cache.lookup('m', 'x'), { code: 'DYAD_ENONS' });
 });
 
+t.test('known(): what the cache can answer without asking, uncounted', async (t) => {
+  const store = MemoryKvs.open('');
+  const cache = new CachedKvs(store);
+  const noNeg = new CachedKvs(store, { cacheNegative: false });
+  t.teardown(() => Promise.all([cache.close(), noNeg.close()]));
+  await store.createNamespace('k');
+  t.equal(await cache.watching('k'), true);
+  t.equal(await noNeg.watching('k'), true);
+  t.equal(cache.known('k', 'x'), null, 'never seen: only a lookup can tell');
+  await cache.lookup('k', 'x');
+  await noNeg.lookup('k', 'x');
+  t.equal(cache.known('k', 'x'), undefined, 'a cached absence');
+  t.equal(noNeg.known('k', 'x'), null, 'not kept without cacheNegative');
+  await store.publish('k', 'x', rec(3));
+  t.match(cache.known('k', 'x'), { kind: 'file', size: 3 }, 'the record, from the change event');
+  t.match(noNeg.known('k', 'x'), { kind: 'file', size: 3 });
+  const before = cache.stats();
+  cache.known('k', 'x');
+  cache.known('k', 'y');
+  t.same(cache.stats(), before, 'neither a hit nor a miss');
+});
+
 t.test('fallback without change notifications', async (t) => {
   const base = MemoryKvs.open('');
   await base.createNamespace('f');

@@ -136,6 +136,14 @@ export class DmdFs extends MirrorFs {
         throw noSuchFile(upath);
       });
     }
+    if (caller.kind === 'open' && !this.origin && this.o.kvs.known?.(this.o.ns, upath) === null) {
+      // A reader, and this node knows nothing of the name. Its open waits
+      // for it anyway, and that wait answers at once if the name is
+      // published: asking the KVS here too would cost a second round trip,
+      // on every file a consumer opens before (or just as) it is published.
+      const where = this.componentOf(caller, upath);
+      if (where !== 'unknown') return this.remoteEntry(dir, name, undefined, where === 'inner' || ((caller.flags ?? 0) & O_DIRECTORY) !== 0);
+    }
     return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
       // For files owned on this node, local storage is the truth.
       if (rec && !(rec.kind === 'file' && this.fetcher.isLocalOwner(rec.owner) && !this.o.sharedStorage)) return this.localOrRemote(dir, name, rec);

@@ -132,6 +132,11 @@ export class CachedKvs implements Kvs {
     return rec;
   }
 
+  known(ns: string, upath: string): FileRecord | undefined | null {
+    // Not counted: the lookup that usually follows counts once.
+    return this.cachedRecord(this.state(ns), ns, upath, false, false);
+  }
+
   async wait(ns: string, upath: string, opts?: WaitOptions): Promise<FileRecord> {
     const st = this.state(ns);
     const hit = this.cachedRecord(st, ns, upath, true);
@@ -236,15 +241,15 @@ export class CachedKvs implements Kvs {
   // ---- internals ----
 
   /** The cached record, undefined for a cached absence, null for a miss. */
-  private cachedRecord(st: NsState, ns: string, upath: string, positiveOnly: boolean): FileRecord | undefined | null {
+  private cachedRecord(st: NsState, ns: string, upath: string, positiveOnly: boolean, count = true): FileRecord | undefined | null {
     const e = this.records.get(key(ns, upath));
     if (e !== undefined && e.gen === st.gen && (e.rec !== undefined || !positiveOnly)) {
       if (e.expires === undefined ? st.mode === 'live' : e.expires > performance.now()) {
-        this.hits++;
+        if (count) this.hits++;
         return e.rec;
       }
     }
-    this.misses++;
+    if (count) this.misses++;
     return null;
   }
 

@@ -60,6 +60,12 @@ export interface Kvs {
   lookup(ns: string, upath: string): Promise<FileRecord | undefined>;
   /** Resolves once upath exists (file or directory); pushed by the server, never polled. */
   wait(ns: string, upath: string, opts?: WaitOptions): Promise<FileRecord>;
+  /**
+   * What this client knows about upath without asking anyone: its record,
+   * undefined for an absence it knows of, null when only a lookup could
+   * tell. Optional: a backend without it always has to ask.
+   */
+  known?(ns: string, upath: string): FileRecord | undefined | null;
   /** False when nothing was published there; DYAD_EISDIR for a directory. */
   unpublish(ns: string, upath: string): Promise<boolean>;
   /** Entries sorted by name; DYAD_ENOENT if the directory does not exist, DYAD_ENOTDIR for a file. */
