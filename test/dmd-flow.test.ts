@@ -202,6 +202,23 @@ t.test('a dead node\'s rank lease expires: readers fail at once', async (t) => {
   t.match(fs.readFileSync(q.log, 'utf8'), /rank 1 has no transfer address registered/, 'no connection attempt to a dead node');
 });
 
+t.test('a program published on one node runs on another, waiting for it first', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  // exec checks the execute bit before it opens: the mode must come from
+  // the record, and a program not yet published is waited for.
+  const run = sh(`${path.join(q.mnt, 'bin', 'hello')} world`, { timeoutMs: 30_000 });
+  await sleep(300);
+  fs.mkdirSync(path.join(p.mnt, 'bin'));
+  fs.writeFileSync(path.join(p.mnt, 'bin', 'tmp'), '#!/bin/sh\necho "hello $1"\n', { mode: 0o755 });
+  fs.renameSync(path.join(p.mnt, 'bin', 'tmp'), path.join(p.mnt, 'bin', 'hello'));
+  const r = await run;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout, 'hello world\n');
+  const again = await sh(`${path.join(q.mnt, 'bin', 'hello')} again`);
+  t.equal(again.stdout, 'hello again\n', 'and runs again from the local copy');
+});
+
 t.test('a daemon spinning for requests still serves its sockets and timers', async (t) => {
   // --spin keeps a daemon polling /dev/fuse after each request. Here the
   // window is ten minutes: the flow below finishes only if, while spinning,

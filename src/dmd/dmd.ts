@@ -23,7 +23,7 @@ import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node 
 import { Fetcher, REPLICAS } from './fetch.js';
 import { Origin, type OriginStat } from './origin.js';
 import { Storage, fstat, lstat, lstatIfExists } from './storage.js';
-import { callerPath, callerRawPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
+import { callerOf, callerPath, callerRawPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
@@ -136,11 +136,12 @@ export class DmdFs extends MirrorFs {
         throw noSuchFile(upath);
       });
     }
-    if (caller.kind === 'open' && !this.origin && this.o.kvs.known?.(this.o.ns, upath) === null) {
+    if (caller.kind === 'open' && caller.flags !== undefined && !this.origin && this.o.kvs.known?.(this.o.ns, upath) === null) {
       // A reader, and this node knows nothing of the name. Its open waits
       // for it anyway, and that wait answers at once if the name is
       // published: asking the KVS here too would cost a second round trip,
       // on every file a consumer opens before (or just as) it is published.
+      // Not for exec, whose permission check needs the record's mode now.
       const where = this.componentOf(caller, upath);
       if (where !== 'unknown') return this.remoteEntry(dir, name, undefined, where === 'inner' || ((caller.flags ?? 0) & O_DIRECTORY) !== 0);
     }
@@ -271,6 +272,16 @@ export class DmdFs extends MirrorFs {
       this.materialize(node);
       this.virtual.delete(nodeid);
       return super.getattr(ctx, nodeid, fh);
+    }
+    if (!v.rec && !v.isDir && callerOf(ctx.pid).exec) {
+      // exec checks the execute bit before it opens (where readers wait):
+      // a program not published yet is waited for here, so its mode is
+      // the record's. The kernel holds no directory lock during this check.
+      const upath = this.rel(node);
+      return this.o.kvs.wait(this.o.ns, upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then((rec) => {
+        if (this.virtual.get(nodeid) === v) v.rec = rec;
+        return { attr: this.remoteAttr(rec, VIRTUAL_INO_BASE + nodeid, rec.kind === 'dir'), ttlMs: 0 };
+      });
     }
     return { attr: this.remoteAttr(v.rec, VIRTUAL_INO_BASE + nodeid, v.isDir), ttlMs: 0 };
   }

@@ -26,6 +26,8 @@ export interface Caller {
   syscall: number;
   /** open flags, for the open family. */
   flags?: number;
+  /** An execve: the kernel checks the execute bit before it opens. */
+  exec?: boolean;
   /** Thread id, and the syscall's dirfd and path pointer where it has them (see callerPath). */
   tid?: number;
   dirfd?: number;
@@ -35,15 +37,15 @@ export interface Caller {
 const O_CREAT = 0o100;
 
 /** flagsArg/pathArg: argument positions; dirfd: the path is relative to argument 0. */
-type Rule = { kind: CallerKind; flagsArg?: number; how?: boolean; pathArg?: number; dirfd?: boolean };
+type Rule = { kind: CallerKind; flagsArg?: number; how?: boolean; pathArg?: number; dirfd?: boolean; exec?: boolean };
 
 // x86_64 numbers (arch/x86/entry/syscalls/syscall_64.tbl).
 const X86_64: Record<number, Rule> = {
   2: { kind: 'open', flagsArg: 1, pathArg: 0 }, // open
   257: { kind: 'open', flagsArg: 2, pathArg: 1, dirfd: true }, // openat
   437: { kind: 'open', how: true, pathArg: 1, dirfd: true }, // openat2
-  59: { kind: 'open', pathArg: 0 }, // execve
-  322: { kind: 'open' }, // execveat
+  59: { kind: 'open', pathArg: 0, exec: true }, // execve
+  322: { kind: 'open', exec: true }, // execveat
   85: { kind: 'create' }, // creat
   83: { kind: 'create' }, // mkdir
   258: { kind: 'create' }, // mkdirat
@@ -62,8 +64,8 @@ const X86_64: Record<number, Rule> = {
 const AARCH64: Record<number, Rule> = {
   56: { kind: 'open', flagsArg: 2, pathArg: 1, dirfd: true }, // openat
   437: { kind: 'open', how: true, pathArg: 1, dirfd: true }, // openat2
-  221: { kind: 'open', pathArg: 0 }, // execve
-  281: { kind: 'open' }, // execveat
+  221: { kind: 'open', pathArg: 0, exec: true }, // execve
+  281: { kind: 'open', exec: true }, // execveat
   34: { kind: 'create' }, // mkdirat
   33: { kind: 'create' }, // mknodat
   36: { kind: 'create' }, // symlinkat
@@ -161,6 +163,7 @@ export function callerOf(tid: number): Caller {
   const kind = rule.kind === 'open' && flags !== undefined && flags & O_CREAT ? 'create' : rule.kind;
   const c: Caller = { kind, syscall: nr, tid };
   if (flags !== undefined) c.flags = flags;
+  if (rule.exec) c.exec = true;
   if (rule.pathArg !== undefined) {
     c.pathPtr = BigInt(fields[1 + rule.pathArg] ?? '0');
     if (rule.dirfd) c.dirfd = Number(BigInt.asIntN(32, BigInt(fields[1] ?? '0')));
