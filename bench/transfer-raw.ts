@@ -223,7 +223,7 @@ async function main(): Promise<void> {
       lat.push(Number(process.hrtime.bigint() - t) / 1e6);
     }
     lat.sort((a, b) => a - b);
-    console.log(`round ${r}: ${nSmall} x 4 KiB sequential: median ${pct(lat, 0.5).toFixed(3)} ms, p99 ${pct(lat, 0.99).toFixed(3)} ms`);
+    if (nSmall > 0) console.log(`round ${r}: ${nSmall} x 4 KiB sequential: median ${pct(lat, 0.5).toFixed(3)} ms, p99 ${pct(lat, 0.99).toFixed(3)} ms`);
   }
   await client.close();
   proc.disconnect();
