@@ -6,7 +6,7 @@
  */
 import { mkdtemp, rm } from 'node:fs/promises';
 import { readdirSync, readFileSync, statSync } from 'node:fs';
-import { decodeContent, MAX_PUSHED_BYTES } from '../src/kvs/embedded/protocol.js';
+import { bytesOf, decodeContent, encodeFrame, FrameDecoder, MAX_PUSHED_BYTES } from '../src/kvs/embedded/protocol.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
@@ -268,11 +268,34 @@ t.test('content pushed with a publication reaches other caches, once, for its ve
   t.equal(reader.takePushedContent('p', 'huge', vb), undefined);
 });
 
-t.test('pushed content on the wire: base64 within the limit, or a protocol error', async (t) => {
-  t.same(decodeContent(Buffer.from('abc').toString('base64')), Buffer.from('abc'));
-  t.equal(decodeContent(undefined), undefined);
-  t.throws(() => decodeContent('not base64!'), { code: 'DYAD_EPROTO' });
-  t.throws(() => decodeContent(42), { code: 'DYAD_EPROTO' });
-  t.throws(() => decodeContent(Buffer.alloc(MAX_PUSHED_BYTES + 3).toString('base64')), { code: 'DYAD_EPROTO' });
-  t.equal(decodeContent(Buffer.alloc(MAX_PUSHED_BYTES).toString('base64'))?.length, MAX_PUSHED_BYTES);
+t.test('pushed content on the wire: raw bytes after the JSON, named by [offset, length]', async (t) => {
+  const bytes = Buffer.alloc(7, 'xxabcyy'); // not from the shared pool
+  const got = decodeContent([2, 3], bytes);
+  t.same(got, Buffer.from('abc'));
+  t.not(got?.buffer, bytes.buffer, 'a copy: the frame can be freed');
+  t.equal(decodeContent(undefined, bytes), undefined);
+  for (const bad of [[5, 3], [-1, 2], [0, 1.5], [0], '0,3', 42, [0, 3, 1]]) t.throws(() => decodeContent(bad, bytes), { code: 'DYAD_EPROTO' }, JSON.stringify(bad));
+  t.throws(() => decodeContent([0, 1], undefined), { code: 'DYAD_EPROTO' }, 'a reference without bytes');
+  const big = Buffer.alloc(MAX_PUSHED_BYTES + 1);
+  t.throws(() => decodeContent([0, MAX_PUSHED_BYTES + 1], big), { code: 'DYAD_EPROTO' }, 'over the limit');
+  t.equal(decodeContent([1, MAX_PUSHED_BYTES], big)?.length, MAX_PUSHED_BYTES);
+
+  // A frame with bytes, through the decoder, split across reads at every offset.
+  const frame = encodeFrame({ ev: 'change', changes: [{ bin: [0, 2] }, { bin: [2, 3] }] }, [Buffer.from('hi'), Buffer.from('you')]);
+  t.equal(frame.readUInt32BE(0) >>> 31, 1, 'the header says bytes follow the JSON');
+  for (let cut = 1; cut < frame.length; cut++) {
+    const d = new FrameDecoder(1 << 20);
+    const msgs = [...d.push(frame.subarray(0, cut)), ...d.push(frame.subarray(cut))];
+    t.equal(msgs.length, 1);
+    const m = msgs[0] as { changes: Array<{ bin: [number, number] }> };
+    const b = bytesOf(m);
+    if (decodeContent(m.changes[1]!.bin, b)?.toString() !== 'you' || decodeContent(m.changes[0]!.bin, b)?.toString() !== 'hi') {
+      t.fail(`cut at ${cut}`);
+      break;
+    }
+  }
+  t.same(bytesOf(new FrameDecoder(1 << 20).push(encodeFrame({ a: 1 }))[0]), undefined, 'a plain frame carries none');
+  const liar = Buffer.from(frame);
+  liar.writeUInt32BE(1 << 20, 4); // a JSON length past the payload
+  t.throws(() => new FrameDecoder(1 << 20).push(liar), { code: 'DYAD_EPROTO' });
 });

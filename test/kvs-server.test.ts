@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import t from 'tap';
 import { authProof } from '../src/kvs/embedded/auth.js';
-import { encodeFrame, FrameDecoder } from '../src/kvs/embedded/protocol.js';
+import { encodeFrame, FrameDecoder, PROTOCOL } from '../src/kvs/embedded/protocol.js';
 import { EmbeddedKvsClient, openKvs, secretPath, startKvsServer, type KvsServer, type PublishInput } from '../src/kvs/index.js';
 
 const file: PublishInput = { owner: 0, size: 1, mode: 0o100644, mtimeMs: 0, digest: '' };
@@ -132,7 +132,7 @@ t.test('per-namespace authentication', async (t) => {
 t.test('client rejects a server that cannot prove the secret', async (t) => {
   const fake = createServer((sock) => {
     const decoder = new FrameDecoder(1 << 20);
-    sock.write(encodeFrame({ hello: 'dyad-kvs/1', nonce: 'a'.repeat(64), keyDepth: 3, keyBins: 1024 }));
+    sock.write(encodeFrame({ hello: PROTOCOL, nonce: 'a'.repeat(64), keyDepth: 3, keyBins: 1024 }));
     sock.on('data', (chunk: Buffer) => {
       for (const m of decoder.push(chunk) as Array<{ id: number }>) sock.write(encodeFrame({ id: m.id, ok: true, res: { mac: '0'.repeat(64) } }));
     });
@@ -197,7 +197,7 @@ t.test('bad frames close only their own connection', async (t) => {
 t.test('authentication limits', async (t) => {
   const { server: impatient } = await server(t, { limits: { authTimeoutMs: 100 } });
   const idle = await raw(impatient.address!.port);
-  t.match(await idle.next(), { hello: 'dyad-kvs/1', keyDepth: 3, keyBins: 1024 });
+  t.match(await idle.next(), { hello: PROTOCOL, keyDepth: 3, keyBins: 1024 });
   await idle.closed;
   t.pass('a connection that never authenticates is dropped');
 

@@ -3,7 +3,7 @@
  *
  * The server opens each connection with a random nonce. To gain a scope (one
  * namespace, or 'admin') the client sends its own nonce and
- * HMAC-SHA256(secret, "dyad-kvs/1 client" | scope | server nonce | client nonce);
+ * HMAC-SHA256(secret, "dyad-kvs/2 client" | scope | server nonce | client nonce);
  * the server answers with the same MAC labelled "server", proving it holds the
  * secret too, so a process squatting on the port cannot feed clients invented
  * metadata. The secret never crosses the wire, the per-connection nonces stop

@@ -31,8 +31,11 @@ import { checkNamespace, checkPublishInput, checkRank, checkRankInfo } from '../
 import { authProof, isNonce, newNonce, proofMatches, scopeOf } from './auth.js';
 import {
   CLIENT_MAX_FRAME_BYTES,
+  BYTES,
+  bytesOf,
   decodeContent,
   encodeFrame,
+  type Carrying,
   FrameDecoder,
   fromWireError,
   isObject,
@@ -112,7 +115,8 @@ class Conn {
   }
 
   send(msg: object): void {
-    if (this.alive) this.out.write(encodeFrame(msg));
+    const bytes = (msg as Carrying)[BYTES];
+    if (this.alive) this.out.write(encodeFrame(msg, bytes === undefined ? undefined : [bytes]));
   }
 }
 
@@ -198,9 +202,12 @@ export class EmbeddedKvsClient implements WatchableKvs {
     checkNamespace(ns);
     checkUpath(upath);
     const clean = checkPublishInput(rec);
-    const msg: Record<string, unknown> = { op: 'publish', ns, path: upath, rec: clean };
+    const msg: Record<string, unknown> & Carrying = { op: 'publish', ns, path: upath, rec: clean };
     const c = opts?.content;
-    if (c !== undefined && c.byteLength <= MAX_PUSHED_BYTES) msg['data'] = Buffer.from(c.buffer, c.byteOffset, c.byteLength).toString('base64');
+    if (c !== undefined && c.byteLength <= MAX_PUSHED_BYTES) {
+      msg['bin'] = [0, c.byteLength];
+      msg[BYTES] = Buffer.from(c.buffer, c.byteOffset, c.byteLength);
+    }
     return (await this.request(ns, msg, true)) as FileRecord;
   }
 
@@ -710,8 +717,9 @@ export class EmbeddedKvsClient implements WatchableKvs {
     const set = this.watches.get(ns);
     if (set === undefined || !conn.watched.has(ns)) return;
     if (ev === 'change') {
+      const bytes = bytesOf(m);
       const changes = (Array.isArray(m['changes']) ? (m['changes'] as WireChange[]) : []).map((c) => {
-        const content = decodeContent(c.data);
+        const content = decodeContent(c.bin, bytes);
         return content === undefined ? { upath: c.path, record: c.rec ?? undefined } : { upath: c.path, record: c.rec ?? undefined, content };
       });
       emit(set, { type: 'change', ns, rev: Number(m['rev']), changes });

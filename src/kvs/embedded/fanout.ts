@@ -94,11 +94,14 @@ export class Fanout {
   };
 
   private frame(held: Held[], to: Watcher | undefined): Buffer {
-    const changes: WireChange[] = held.map(({ change: c, origin }) =>
-      c.content === undefined || (to !== undefined && origin === to)
-        ? { path: c.upath, rec: c.record ?? null }
-        : { path: c.upath, rec: c.record ?? null, data: Buffer.from(c.content.buffer, c.content.byteOffset, c.content.byteLength).toString('base64') },
-    );
-    return encodeFrame({ ev: 'change', ns: this.ns, rev: this.heldRev, changes } satisfies EventFrame);
+    const bytes: Uint8Array[] = [];
+    let at = 0;
+    const changes: WireChange[] = held.map(({ change: c, origin }) => {
+      if (c.content === undefined || (to !== undefined && origin === to)) return { path: c.upath, rec: c.record ?? null };
+      bytes.push(c.content);
+      at += c.content.byteLength;
+      return { path: c.upath, rec: c.record ?? null, bin: [at - c.content.byteLength, c.content.byteLength] };
+    });
+    return encodeFrame({ ev: 'change', ns: this.ns, rev: this.heldRev, changes } satisfies EventFrame, bytes);
   }
 }

@@ -17,6 +17,7 @@ import { accessDenied, invalidArgument, kvsError, timedOut } from '../errors.js'
 import { checkNamespace } from '../validate.js';
 import { authProof, isNonce, newNonce, proofMatches, scopeOf } from './auth.js';
 import {
+  bytesOf,
   decodeContent,
   encodeFrame,
   FrameDecoder,
@@ -256,7 +257,7 @@ export class Session {
       }
       case 'publish': {
         const ns = this.scope(m);
-        const content = decodeContent(m['data']);
+        const content = decodeContent(m['bin'], bytesOf(m));
         // The store announces synchronously, inside publish(): that is when the host needs to know who asked.
         return this.host.fromSession(this, () => store.publish(ns, path, m['rec'] as never, content));
       }
