@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { cFixture, cluster, sh } from './helpers/mount.js';
+import { cFixture, cluster, mountCli, sh } from './helpers/mount.js';
 
 const exited = (c: ChildProcess) =>
   new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
@@ -217,6 +217,25 @@ t.test('a program published on one node runs on another, waiting for it first', 
   t.equal(r.stdout, 'hello world\n');
   const again = await sh(`${path.join(q.mnt, 'bin', 'hello')} again`);
   t.equal(again.stdout, 'hello again\n', 'and runs again from the local copy');
+});
+
+t.test('a name this node has heard nothing of, read as a file, that is a directory: EISDIR, then it lists', async (t) => {
+  const c = await cluster(t, 1);
+  const p = c.nodes[0]!;
+  fs.mkdirSync(path.join(p.mnt, 'early', 'sub'), { recursive: true });
+  fs.writeFileSync(path.join(p.mnt, 'early', 'sub', 'f'), 'x');
+  // Node 1 starts afterwards: no change event told it of 'early'.
+  const mnt = path.join(c.base, 'late-n1');
+  const storage = path.join(c.base, 'late-s1');
+  fs.mkdirSync(mnt);
+  fs.mkdirSync(storage);
+  await mountCli(t, mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', '1', '--storage', storage]);
+  const r = await sh(`cat ${path.join(mnt, 'early')}`, { timeoutMs: 20_000 });
+  t.not(r.code, 0);
+  t.match(r.stderr, /Is a directory/);
+  t.same(fs.readdirSync(path.join(mnt, 'early')), ['sub'], 'the next lookup sees the directory');
+  t.equal(fs.readFileSync(path.join(mnt, 'early', 'sub', 'f'), 'utf8'), 'x');
+  t.ok(fs.statSync(path.join(mnt, 'early')).isDirectory());
 });
 
 t.test('a daemon spinning for requests still serves its sockets and timers', async (t) => {

@@ -280,7 +280,8 @@ export class DmdFs extends MirrorFs {
       const upath = this.rel(node);
       return this.o.kvs.wait(this.o.ns, upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then((rec) => {
         if (this.virtual.get(nodeid) === v) v.rec = rec;
-        return { attr: this.remoteAttr(rec, VIRTUAL_INO_BASE + nodeid, rec.kind === 'dir'), ttlMs: 0 };
+        // A directory keeps the placeholder's attributes (no execute bit): exec fails with EACCES.
+        return { attr: this.remoteAttr(rec.kind === 'dir' ? undefined : rec, VIRTUAL_INO_BASE + nodeid), ttlMs: 0 };
       });
     }
     return { attr: this.remoteAttr(v.rec, VIRTUAL_INO_BASE + nodeid, v.isDir), ttlMs: 0 };
@@ -295,7 +296,19 @@ export class DmdFs extends MirrorFs {
       // (the usual case) goes straight to the origin.
       const at = v.fromOriginAt;
       const originFirst = at !== undefined && performance.now() - at < ORIGIN_FRESH_MS;
-      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: at === undefined ? v.rec : undefined, originFirst }).then(() => {
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs, known: at === undefined ? v.rec : undefined, originFirst }).then((rec) => {
+        if (rec.kind === 'dir' && !v.isDir) {
+          // The name was shown as a file (nothing was known of it at its
+          // LOOKUP) and turned out to be a directory. The kernel must not
+          // open it as a file: drop its cached name first (the kernel holds
+          // no directory lock in OPEN), so that the next lookup finds the
+          // directory.
+          const isDir = new DyadError('DYAD_EISDIR', errnos.EISDIR, `${upath} is a directory`);
+          const forget = node.parent && this.session ? this.session.notifyInvalEntry(node.parent.id, node.name) : Promise.resolve();
+          return forget.then(() => {
+            throw isDir;
+          });
+        }
         this.materialize(node);
         this.virtual.delete(nodeid);
         return super.open(ctx, nodeid, flags);
