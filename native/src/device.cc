@@ -329,10 +329,13 @@ Napi::Value FuseDevice::SetSpin(const Napi::CallbackInfo& info) {
 
 Napi::Value FuseDevice::LoopRef(const Napi::CallbackInfo& info) {
   if (poll_) uv_ref(reinterpret_cast<uv_handle_t*>(poll_));
+  if (idle_) uv_ref(reinterpret_cast<uv_handle_t*>(idle_));
   return info.Env().Undefined();
 }
 
 Napi::Value FuseDevice::LoopUnref(const Napi::CallbackInfo& info) {
   if (poll_) uv_unref(reinterpret_cast<uv_handle_t*>(poll_));
+  // A spin under way must not keep a process alive that is done otherwise.
+  if (idle_) uv_unref(reinterpret_cast<uv_handle_t*>(idle_));
   return info.Env().Undefined();
 }
