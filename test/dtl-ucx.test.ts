@@ -14,7 +14,7 @@ import t, { type Test } from 'tap';
 import net from 'node:net';
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, readdirSync, rmSync, statSync, statfsSync, symlinkSync, truncateSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -489,6 +489,11 @@ function suites(): void {
       const fits = randomBytes(600 << 10);
       await e.client.pull(e.server.address, e.put('fits', fits), join(small, 'fits'));
       t.ok(readFileSync(join(small, 'fits')).equals(fits), 'a chunked pull after the failure');
+      // Fill what is left but 8 KiB: a file sent whole in the reply does not fit either.
+      const free = statfsSync(small);
+      writeFileSync(join(small, 'filler'), Buffer.alloc(Math.max(0, free.bavail * free.bsize - (8 << 10))));
+      await t.rejects(e.client.pull(e.server.address, e.put('inline', randomBytes(60 << 10)), join(small, 'inline')), { code: 'DYAD_ENOSPC', errno: errnos.ENOSPC });
+      t.same(parts(small), [], 'a small file that does not fit leaves no temp file either');
     } finally {
       execFileSync('umount', [small]);
     }
