@@ -69,12 +69,58 @@ static int ForEachProcEntry(int dfd, Fn fn) {
   }
 }
 
-// Descriptors of one process whose /proc/<pid>/fd/N link is exactly
-// `target`, or -errno when the directory cannot be read.
-static int CountLinks(int pid, const std::string& target) {
+// The /proc descriptors of the last few processes asked about, kept open.
+// A producer closes file after file, each close asks about the same
+// process, and opening /proc/<pid>/fd and its children file again each time
+// costs a path walk and two system calls apiece. procfs describes the
+// process anew on every read from offset 0. A descriptor outliving its
+// process fails its next read, and is then opened afresh (a new process
+// with the same pid gets new ones). Only the JS thread calls in here.
+struct ProcFds {
+  int pid;
+  int fd_dir;    // /proc/<pid>/fd
+  int children;  // /proc/<pid>/task/<pid>/children, -1 until needed
+};
+static std::vector<ProcFds> g_procs;  // most recently used last
+constexpr size_t kMaxProcs = 16;
+
+static void CloseProc(ProcFds& p) {
+  if (p.fd_dir >= 0) close(p.fd_dir);
+  if (p.children >= 0) close(p.children);
+}
+
+static void ForgetProc(int pid) {
+  for (size_t i = 0; i < g_procs.size(); i++) {
+    if (g_procs[i].pid != pid) continue;
+    CloseProc(g_procs[i]);
+    g_procs.erase(g_procs.begin() + long(i));
+    return;
+  }
+}
+
+// The cached entry of `pid`, opening its fd directory when there is none;
+// nullptr (errno set) when it cannot be opened.
+static ProcFds* ProcOf(int pid) {
+  for (size_t i = 0; i < g_procs.size(); i++) {
+    if (g_procs[i].pid != pid) continue;
+    ProcFds p = g_procs[i];
+    g_procs.erase(g_procs.begin() + long(i));
+    g_procs.push_back(p);
+    return &g_procs.back();
+  }
   std::string dir = "/proc/" + std::to_string(pid) + "/fd";
   int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return -errno;
+  if (dfd < 0) return nullptr;
+  if (g_procs.size() >= kMaxProcs) {
+    CloseProc(g_procs.front());
+    g_procs.erase(g_procs.begin());
+  }
+  g_procs.push_back({pid, dfd, -1});
+  return &g_procs.back();
+}
+
+// Counts the entries of an open /proc/<pid>/fd directory linking to `target`.
+static int CountIn(int dfd, const std::string& target) {
   char link[4096];
   int count = 0;
   int rc = ForEachProcEntry(dfd, [&](int at, const char* name) {
@@ -82,17 +128,33 @@ static int CountLinks(int pid, const std::string& target) {
     // A descriptor closed meanwhile (ENOENT) simply no longer counts.
     if (len == ssize_t(target.size()) && memcmp(link, target.data(), len) == 0) count++;
   });
-  close(dfd);
   return rc < 0 ? rc : count;
 }
 
-// Appends the pids listed in a /proc/<pid>/task/<tid>/children file.
-static void ReadChildren(int at, const char* file, std::vector<int>& out) {
-  int fd = openat(at, file, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return;
-  char buf[4096];
-  ssize_t n = read(fd, buf, sizeof buf - 1);
-  close(fd);
+// Descriptors of one process whose /proc/<pid>/fd/N link is exactly
+// `target`, or -errno when the directory cannot be read. `cached`: through
+// the kept descriptor (the process asked about), else opened for this call.
+static int CountLinks(int pid, const std::string& target, bool cached) {
+  if (!cached) {
+    std::string dir = "/proc/" + std::to_string(pid) + "/fd";
+    int dfd = open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0) return -errno;
+    int rc = CountIn(dfd, target);
+    close(dfd);
+    return rc;
+  }
+  for (int attempt = 0; attempt < 2; attempt++) {
+    ProcFds* p = ProcOf(pid);
+    if (p == nullptr) return -errno;
+    int rc = lseek(p->fd_dir, 0, SEEK_SET) < 0 ? -errno : CountIn(p->fd_dir, target);
+    if (rc >= 0) return rc;
+    ForgetProc(pid);  // gone, or a stale descriptor: once more from the path
+  }
+  return -ESRCH;
+}
+
+// Appends the pids in a children file's text.
+static void ParseChildren(char* buf, ssize_t n, std::vector<int>& out) {
   if (n <= 0) return;
   buf[n] = 0;
   for (char* p = buf; *p;) {
@@ -104,8 +166,19 @@ static void ReadChildren(int at, const char* file, std::vector<int>& out) {
   }
 }
 
+// Appends the pids listed in a /proc/<pid>/task/<tid>/children file.
+static void ReadChildren(int at, const char* file, std::vector<int>& out) {
+  int fd = openat(at, file, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  char buf[4096];
+  ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  ParseChildren(buf, n, out);
+}
+
 // Appends the children of every thread of `pid` (/proc/<pid>/task/<tid>/children).
-static void ChildrenOf(int pid, std::vector<int>& out) {
+// `cached`: the process asked about, whose children file is kept open.
+static void ChildrenOf(int pid, std::vector<int>& out, bool cached) {
   std::string tasks = "/proc/" + std::to_string(pid) + "/task";
   // The task directory's link count is 2 plus its threads. Most programs
   // have one, whose file is named by the pid: that spares listing the
@@ -113,8 +186,18 @@ static void ChildrenOf(int pid, std::vector<int>& out) {
   struct stat st;
   if (stat(tasks.c_str(), &st) == 0 && st.st_nlink == 3) {
     std::string file = tasks + "/" + std::to_string(pid) + "/children";
-    ReadChildren(AT_FDCWD, file.c_str(), out);
-    return;
+    ProcFds* p = cached ? ProcOf(pid) : nullptr;
+    if (p == nullptr) return ReadChildren(AT_FDCWD, file.c_str(), out);
+    if (p->children < 0) p->children = open(file.c_str(), O_RDONLY | O_CLOEXEC);
+    char buf[4096];
+    ssize_t n = p->children < 0 ? -1 : pread(p->children, buf, sizeof buf - 1, 0);
+    if (n < 0) {
+      // A stale descriptor (the process is gone): the path says what is true now.
+      if (p->children >= 0) close(p->children);
+      p->children = -1;
+      return ReadChildren(AT_FDCWD, file.c_str(), out);
+    }
+    return ParseChildren(buf, n, out);
   }
   int dfd = open(tasks.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) return;
@@ -137,14 +220,14 @@ Napi::Value FdsLinkingTo(const Napi::CallbackInfo& info) {
   int pid = info[0].As<Napi::Number>().Int32Value();
   std::string target = info[1].As<Napi::String>().Utf8Value();
   bool descendants = info.Length() > 2 && info[2].As<Napi::Boolean>().Value();
-  int count = CountLinks(pid, target);
+  int count = CountLinks(pid, target, true);
   if (count < 0 || !descendants) return Napi::Number::New(info.Env(), count);
   std::vector<int> queue;
-  ChildrenOf(pid, queue);
+  ChildrenOf(pid, queue, true);
   for (size_t i = 0; i < queue.size() && i < 256; i++) {
-    int n = CountLinks(queue[i], target);
+    int n = CountLinks(queue[i], target, false);
     if (n > 0) count += n;
-    ChildrenOf(queue[i], queue);
+    ChildrenOf(queue[i], queue, false);
   }
   return Napi::Number::New(info.Env(), count);
 }
