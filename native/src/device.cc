@@ -213,8 +213,7 @@ void FuseDevice::SpinInLoop(uint64_t until) {
 // ready when any descriptor it watches is; a zero backend timeout means a
 // timer is due or an immediate is queued.
 bool FuseDevice::LoopHasWork() {
-  uv_loop_t* loop = nullptr;
-  napi_get_uv_event_loop(Env(), &loop);
+  uv_loop_t* loop = poll_->loop;
   uv_update_time(loop);
   if (uv_backend_timeout(loop) == 0) return true;
   // A request of our own also makes it ready: that one is read here.

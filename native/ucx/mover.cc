@@ -280,29 +280,38 @@ Napi::Value ChunkMover::Start(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// cancel(token): ends the job if it is still running (no callback) and forgets it.
-Napi::Value ChunkMover::Cancel(const Napi::CallbackInfo& info) {
+// Forgets the job named by info[0] in `jobs` and has the thread stop it
+// (cancel and cancelSend).
+template <typename Jobs>
+Napi::Value ChunkMover::Forget(const Napi::CallbackInfo& info, Jobs& jobs, int kind, bool force) {
   Napi::Env env = info.Env();
   uint64_t token;
   if (info.Length() < 1 || !TokenOf(info[0], &token)) return env.Undefined();
   {
     std::lock_guard<std::mutex> g(jobs_mu_);
-    js_jobs_.erase(token);
+    jobs.erase(token);
   }
-  if (!running_) return env.Undefined();
-  Enqueue(Command{Command::kCancel, nullptr, nullptr, token, false});
+  if (running_) Enqueue(Command{Command::Kind(kind), nullptr, nullptr, token, force});
   return env.Undefined();
 }
 
-// received(token) -> bytes received and written so far (-1: unknown job)
-Napi::Value ChunkMover::Received(const Napi::CallbackInfo& info) {
+// The byte count `field` of the job named by info[0] in `jobs`, -1 when
+// there is none (received and sent).
+template <typename Jobs, typename Field>
+Napi::Value ChunkMover::Progress(const Napi::CallbackInfo& info, Jobs& jobs, Field field) {
   Napi::Env env = info.Env();
   uint64_t token;
   if (info.Length() < 1 || !TokenOf(info[0], &token)) return Napi::Number::New(env, -1);
   std::lock_guard<std::mutex> g(jobs_mu_);
-  auto it = js_jobs_.find(token);
-  return Napi::Number::New(env, it == js_jobs_.end() ? -1.0 : double(it->second->received.load()));
+  auto it = jobs.find(token);
+  return Napi::Number::New(env, it == jobs.end() ? -1.0 : double(((*it->second).*field).load()));
 }
+
+// cancel(token): ends the job if it is still running (no callback) and forgets it.
+Napi::Value ChunkMover::Cancel(const Napi::CallbackInfo& info) { return Forget(info, js_jobs_, Command::kCancel, false); }
+
+// received(token) -> bytes received and written so far (-1: unknown job)
+Napi::Value ChunkMover::Received(const Napi::CallbackInfo& info) { return Progress(info, js_jobs_, &Job::received); }
 
 // send(token: Buffer(8), peer: worker address, fd, size, chunkBytes, window):
 // sends the file's chunks to `peer` (a dup of fd is used).
@@ -346,28 +355,11 @@ Napi::Value ChunkMover::Send(const Napi::CallbackInfo& info) {
 // cancelSend(token, force): stops a send job (no callback) and forgets it;
 // `force` also closes the endpoint to its peer, failing what is in flight there.
 Napi::Value ChunkMover::CancelSend(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  uint64_t token;
-  if (info.Length() < 1 || !TokenOf(info[0], &token)) return env.Undefined();
-  bool force = info.Length() > 1 && info[1].ToBoolean().Value();
-  {
-    std::lock_guard<std::mutex> g(jobs_mu_);
-    js_sends_.erase(token);
-  }
-  if (!running_) return env.Undefined();
-  Enqueue(Command{Command::kCancelSend, nullptr, nullptr, token, force});
-  return env.Undefined();
+  return Forget(info, js_sends_, Command::kCancelSend, info.Length() > 1 && info[1].ToBoolean().Value());
 }
 
 // sent(token) -> bytes whose sends completed (-1: unknown job)
-Napi::Value ChunkMover::Sent(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  uint64_t token;
-  if (info.Length() < 1 || !TokenOf(info[0], &token)) return Napi::Number::New(env, -1);
-  std::lock_guard<std::mutex> g(jobs_mu_);
-  auto it = js_sends_.find(token);
-  return Napi::Number::New(env, it == js_sends_.end() ? -1.0 : double(it->second->sent.load()));
-}
+Napi::Value ChunkMover::Sent(const Napi::CallbackInfo& info) { return Progress(info, js_sends_, &SendJob::sent); }
 
 // endpoints() -> ucp_ep_print_info of each peer this mover has sent to
 Napi::Value ChunkMover::Endpoints(const Napi::CallbackInfo& info) {

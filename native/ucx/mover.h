@@ -93,6 +93,10 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   Napi::Value Send(const Napi::CallbackInfo& info);
   Napi::Value CancelSend(const Napi::CallbackInfo& info);
   Napi::Value Sent(const Napi::CallbackInfo& info);
+  template <typename Jobs>
+  Napi::Value Forget(const Napi::CallbackInfo& info, Jobs& jobs, int kind, bool force);
+  template <typename Jobs, typename Field>
+  Napi::Value Progress(const Napi::CallbackInfo& info, Jobs& jobs, Field field);
   Napi::Value Endpoints(const Napi::CallbackInfo& info);
   Napi::Value Stats(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);

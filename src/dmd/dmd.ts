@@ -188,7 +188,7 @@ export class DmdFs extends MirrorFs {
 
   /** Is upath the last component of the path the caller opens, or a directory on the way? */
   private componentOf(caller: Caller, upath: string, raw?: string): 'last' | 'inner' | 'unknown' {
-    const p = callerPath(caller, raw ?? callerRawPath(caller));
+    const p = callerPath(caller, raw);
     if (!p) return 'unknown';
     const want = path.posix.join(this.o.mountpoint, upath);
     const got = path.posix.normalize(p).replace(/\/+$/, '');

@@ -19,7 +19,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 import { DIGEST_ALGO, crcUpdate, formatDigest } from '../dtl/digest.js';
-import { readAt, writeAt } from '../dtl/io.js';
+import { readAt, writeAllSync, writeAt } from '../dtl/io.js';
 import { PartFile } from '../dtl/part.js';
 
 export interface OriginStat {
@@ -114,7 +114,7 @@ export class Origin {
         if (n === 0) break;
         crc = crcUpdate(DIGEST_ALGO, crc, buf.subarray(0, n));
         if (sync) {
-          for (let w = 0; w < n; ) w += fs.writeSync(part.fd, buf, w, n - w, pos + w);
+          writeAllSync(part.fd, buf.subarray(0, n), pos);
         } else {
           await writeAt(part.fd, buf, n, pos);
         }

@@ -1,9 +1,10 @@
 /**
  * Positional reads and writes on the thread pool, as Promises: the file
  * servers, the digest of a large file and the origin copy all read (or
- * write) a file in chunks at known offsets.
+ * write) a file in chunks at known offsets. And the one synchronous write
+ * the sinks use for buffers that land at memory speed.
  */
-import { read as fsRead, write as fsWrite } from 'node:fs';
+import { read as fsRead, write as fsWrite, writeSync } from 'node:fs';
 
 /** Reads up to `len` bytes at `pos` into the start of `buf`; resolves with the count (0 at end of file). */
 export function readAt(fd: number, buf: Buffer, len: number, pos: number): Promise<number> {
@@ -22,4 +23,9 @@ export function writeAt(fd: number, buf: Buffer, len: number, pos: number): Prom
     };
     step(0);
   });
+}
+
+/** Writes all of `buf` at `pos`, on this thread. */
+export function writeAllSync(fd: number, buf: Uint8Array, pos: number): void {
+  for (let off = 0; off < buf.byteLength; ) off += writeSync(fd, buf, off, buf.byteLength - off, pos + off);
 }

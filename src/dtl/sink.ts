@@ -15,7 +15,8 @@
  * transport's signal to stop reading until onResume fires (backpressure
  * from the disk to the peer).
  */
-import { writeSync, write as fsWrite } from 'node:fs';
+import { write as fsWrite } from 'node:fs';
+import { writeAllSync } from './io.js';
 import { DyadError } from '../errors.js';
 import { algoOf, crcUpdate, formatDigest, sameDigest, type DigestAlgo } from './digest.js';
 import { digestError, localError } from './errors.js';
@@ -110,8 +111,7 @@ export class FileSink {
       this.received = data.length;
       this.writePos = data.length;
       try {
-        let o = 0;
-        while (o < data.length) o += writeSync(this.part.fd, data, o, data.length - o, o);
+        writeAllSync(this.part.fd, data, 0);
       } catch (err) {
         this.fail(err);
       }
@@ -179,8 +179,7 @@ export class FileSink {
     const t0 = inlineWrites.begin(this.o.writeMode);
     if (t0 >= 0) {
       try {
-        let o = 0;
-        while (o < len) o += writeSync(this.part.fd, buf, o, len - o, pos + o);
+        writeAllSync(this.part.fd, buf.subarray(0, len), pos);
       } catch (err) {
         this.fail(err);
       }
@@ -283,7 +282,7 @@ export function landWhole(destPath: string, data: Uint8Array, expect: { size: nu
   const part = new PartFile(destPath, mode, from, upath);
   part.create();
   try {
-    for (let off = 0; off < data.byteLength; ) off += writeSync(part.fd, data, off, data.byteLength - off, off);
+    writeAllSync(part.fd, data, 0);
     part.landSync();
   } catch (err) {
     part.discard();

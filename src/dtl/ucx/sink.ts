@@ -16,7 +16,8 @@
  * Or the native chunk mover does all of that on its own thread
  * (handOff/absorb): the sink then only owns the temp file and the checks.
  */
-import { write as fsWrite, writeSync } from 'node:fs';
+import { write as fsWrite } from 'node:fs';
+import { writeAllSync } from '../io.js';
 import { DyadError } from '../../errors.js';
 import { algoOf, crcUpdate, type DigestAlgo } from '../digest.js';
 import { digestError, localError } from '../errors.js';
@@ -108,8 +109,7 @@ export class ChunkSink {
     this.received = data.length;
     this.digestedTo = data.length;
     try {
-      let o = 0;
-      while (o < data.length) o += writeSync(this.part.fd, data, o, data.length - o, o);
+      writeAllSync(this.part.fd, data, 0);
     } catch (err) {
       this.fail(err);
     }
@@ -195,8 +195,7 @@ export class ChunkSink {
     const t0 = inlineWrites.begin(this.o.writeMode);
     if (t0 >= 0) {
       try {
-        let o = 0;
-        while (o < c.buf.length) o += writeSync(this.part.fd, c.buf, o, c.buf.length - o, c.offset + o);
+        writeAllSync(this.part.fd, c.buf, c.offset);
       } catch (err) {
         this.fail(err);
       }
