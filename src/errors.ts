@@ -18,27 +18,6 @@ export class DyadError extends Error {
   }
 }
 
-/**
- * An error that is an answer rather than a failure, such as ENOENT for a
- * name that does not exist: every create on a mount gets one from LOOKUP.
- * It carries no stack trace, which V8 would otherwise capture at ~10 µs a
- * time on the project VM.
- */
-export function answerError(code: string, errno: number, message: string): DyadError {
-  const limit = Error.stackTraceLimit;
-  Error.stackTraceLimit = 0;
-  try {
-    return new DyadError(code, errno, message);
-  } finally {
-    Error.stackTraceLimit = limit;
-  }
-}
-
-/** ENOENT for a name that does not exist (or must not be seen), as an answer. */
-export function noSuchFile(what: string): DyadError {
-  return answerError('DYAD_ENOENT', errnos.ENOENT, `${what}: no such file`);
-}
-
 /** Bad configuration or command-line input: stops a start with one line. */
 export class ConfigError extends DyadError {
   constructor(message: string, errno: number = errnos.EINVAL) {

@@ -9,7 +9,7 @@ import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { MirrorFs, type Node } from '../src/dmd/mirror.js';
 import type { Caller } from '../src/fuse/caller.js';
-import type { Entry, RequestContext } from '../src/fuse/types.js';
+import type { Entry, Refusal, RequestContext } from '../src/fuse/types.js';
 import { DyadError, errnos } from '../src/errors.js';
 import { serveInProcess } from './helpers/inprocess.js';
 import { cFixture, sh } from './helpers/mount.js';
@@ -18,7 +18,7 @@ import { cFixture, sh } from './helpers/mount.js';
 class SlowFs extends MirrorFs {
   held: Array<{ name: string; release: () => void }> = [];
   interrupted: string[] = [];
-  protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
+  protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Refusal | Promise<Entry | Refusal> {
     if (!name.startsWith('slow')) return super.lookupMissing(ctx, dir, name, caller);
     return new Promise<Entry>((resolve, reject) => {
       const fail = () => reject(new DyadError('DYAD_ENOENT', errnos.ENOENT, name));

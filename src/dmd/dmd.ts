@@ -19,17 +19,17 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import diagnostics from 'node:diagnostics_channel';
-import { MirrorFs, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
+import { MirrorFs, NO_ENTRY, type Handle, type ListedEntry, type MirrorOptions, type Node } from './mirror.js';
 import { Fetcher, REPLICAS } from './fetch.js';
 import { Origin, type OriginStat } from './origin.js';
 import { Storage, fstat, lstat, lstatIfExists } from './storage.js';
 import { callerOf, callerPath, callerRawPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
-import type { Attr, AttrReply, Entry, OpenReply, RequestContext } from '../fuse/types.js';
+import type { Attr, AttrReply, Entry, OpenReply, Refusal, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX } from '../dtl/part.js';
-import { DyadError, noSuchFile, errnoOf, errnos } from '../errors.js';
+import { DyadError, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
 
@@ -115,25 +115,25 @@ export class DmdFs extends MirrorFs {
 
   // ---- readers of missing names -------------------------------------
 
-  override lookup(ctx: RequestContext, parent: number, name: string): Entry | Promise<Entry> {
+  override lookup(ctx: RequestContext, parent: number, name: string): Entry | Refusal | Promise<Entry | Refusal> {
     // Pulls in progress are not part of the namespace.
-    if (name.startsWith(PART_PREFIX) || (parent === 1 && name === REPLICAS)) throw noSuchFile(name);
+    if (name.startsWith(PART_PREFIX) || (parent === 1 && name === REPLICAS)) return NO_ENTRY;
     return super.lookup(ctx, parent, name);
   }
 
-  protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
+  protected override lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Refusal | Promise<Entry | Refusal> {
     const upath = this.childRel(dir, name);
     if (caller.kind === 'create') {
       // Creating never waits, whatever is published under that name: a new
       // local file shadows it. But a directory on the way to the created
       // name may be one that holds files published elsewhere (or the
       // origin's): those exist on every node.
-      if (this.createsInside(caller, upath) !== 'inner') throw noSuchFile(upath);
+      if (this.createsInside(caller, upath) !== 'inner') return NO_ENTRY;
       return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
         if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
         const inOrigin = rec ? undefined : this.origin?.stat(upath);
         if (inOrigin?.kind === 'dir') return this.originEntry(dir, name, inOrigin);
-        throw noSuchFile(upath);
+        return NO_ENTRY;
       });
     }
     if (caller.kind === 'open' && caller.flags !== undefined && !this.origin && this.o.kvs.known?.(this.o.ns, upath) === null) {
@@ -150,7 +150,7 @@ export class DmdFs extends MirrorFs {
       if (rec && !(rec.kind === 'file' && this.fetcher.isLocalOwner(rec.owner) && !this.o.sharedStorage)) return this.localOrRemote(dir, name, rec);
       const inOrigin = rec ? undefined : this.origin?.stat(upath);
       if (inOrigin) return this.originEntry(dir, name, inOrigin);
-      if (caller.kind !== 'open') throw noSuchFile(upath);
+      if (caller.kind !== 'open') return NO_ENTRY;
       // Nothing published yet. The opener gets a placeholder and waits in
       // OPEN (or OPENDIR), where the kernel holds no directory lock: a reader
       // waiting for x/y must not stop a producer on this node from creating x.

@@ -30,14 +30,18 @@ import type {
   SetAttrIn,
   StatFs,
 } from '../fuse/types.js';
+import { Refusal } from '../fuse/types.js';
 import { callerOf, type Caller } from '../fuse/caller.js';
-import { DyadError, noSuchFile, errnos } from '../errors.js';
+import { DyadError, errnos } from '../errors.js';
 import { Storage, fstat, lstat, lstatIfExists, toAttr } from './storage.js';
 
 const O_ACCMODE = 3;
 const { O_RDONLY, O_RDWR, O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_TRUNC, O_NOFOLLOW, O_DIRECT, O_SYNC, O_DSYNC, O_NOATIME } =
   fs.constants;
 const S_IFMT = 0o170000;
+
+/** LOOKUP's answer for a name that does not exist, returned rather than thrown (see Refusal). */
+export const NO_ENTRY = new Refusal(errnos.ENOENT);
 
 /** Published for each LOOKUP of a name missing from storage, with the caller's intent. */
 export const missingChannel = diagnostics.channel('dyad-fs:dmd:missing');
@@ -225,7 +229,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   // ---- lookups ---------------------------------------------------------
 
-  lookup(ctx: RequestContext, parent: number, name: string): Entry | Promise<Entry> {
+  lookup(ctx: RequestContext, parent: number, name: string): Entry | Refusal | Promise<Entry | Refusal> {
     const dir = this.node(parent);
     // Missing names are the common case for producers and consumers: no
     // exception (and its stack trace) for them.
@@ -650,8 +654,8 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   }
 
   /** A name missing from storage: plain mirrors say ENOENT. */
-  protected lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Promise<Entry> {
-    throw noSuchFile(this.childRel(dir, name));
+  protected lookupMissing(ctx: RequestContext, dir: Node, name: string, caller: Caller): Entry | Refusal | Promise<Entry | Refusal> {
+    return NO_ENTRY;
   }
 
   /** Entries to list beside those in storage (e.g. published remotely). */

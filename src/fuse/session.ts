@@ -46,7 +46,7 @@ import {
   writeOut,
 } from './encode.js';
 import { native, type FuseDeviceHandle } from './native.js';
-import type { AttrReply, Entry, FdSlice, FileSystem, RequestContext, SetAttrIn } from './types.js';
+import { Refusal, type AttrReply, type Entry, type FdSlice, type FileSystem, type RequestContext, type SetAttrIn } from './types.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
 /** Published for every request when someone subscribes (debugging, tests). */
@@ -250,10 +250,11 @@ export class FuseSession extends EventEmitter {
 
   /**
    * Runs a handler and encodes its result, now or when its Promise settles.
-   * The request stays interruptible while it is pending.
+   * The request stays interruptible while it is pending. A Refusal (only
+   * LOOKUP returns one) is answered with its errno, as a throw would be.
    */
-  private settle<T>(ctx: Context, op: number, run: () => T | Promise<T>, encode: (v: T) => Uint8Array | undefined): void {
-    let result: T | Promise<T>;
+  private settle<T>(ctx: Context, op: number, run: () => T | Refusal | Promise<T | Refusal>, encode: (v: T) => Uint8Array | undefined): void {
+    let result: T | Refusal | Promise<T | Refusal>;
     try {
       result = run();
     } catch (err) {
@@ -261,13 +262,16 @@ export class FuseSession extends EventEmitter {
       return;
     }
     if (!isPromise(result)) {
-      this.send(ctx.unique, 0, encode(result));
+      if (result instanceof Refusal) this.send(ctx.unique, result.errno);
+      else this.send(ctx.unique, 0, encode(result));
       return;
     }
     this.pending.set(ctx.unique, ctx);
     result.then(
       (v) => {
-        if (this.pending.delete(ctx.unique)) this.send(ctx.unique, 0, encode(v));
+        if (!this.pending.delete(ctx.unique)) return;
+        if (v instanceof Refusal) this.send(ctx.unique, v.errno);
+        else this.send(ctx.unique, 0, encode(v));
       },
       (err: unknown) => {
         if (this.pending.delete(ctx.unique)) this.fail(ctx.unique, err, op);

@@ -116,10 +116,21 @@ export interface FdSlice {
 
 export type MaybePromise<T> = T | Promise<T>;
 
+/**
+ * A routine "no" that LOOKUP may return instead of throwing: ENOENT for a
+ * name that does not exist, which every create of a new name gets. V8 never
+ * optimises a function that always leaves by a throw (its tier-up budget is
+ * only checked on return), so on a producer the whole create-side lookup
+ * chain used to run in the interpreter.
+ */
+export class Refusal {
+  constructor(readonly errno: number) {}
+}
+
 export interface FileSystem {
   init?(info: { passthrough: boolean; minor: number }): void;
   destroy?(): void;
-  lookup(ctx: RequestContext, parent: number, name: string): MaybePromise<Entry>;
+  lookup(ctx: RequestContext, parent: number, name: string): MaybePromise<Entry | Refusal>;
   forget(nodeid: number, nlookup: number): void;
   getattr(ctx: RequestContext, nodeid: number, fh: number | undefined): MaybePromise<AttrReply>;
   setattr(ctx: RequestContext, nodeid: number, changes: SetAttrIn): MaybePromise<AttrReply>;
