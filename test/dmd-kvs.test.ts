@@ -95,6 +95,9 @@ t.test('configuration errors stop the start with one line', async (t) => {
   t.match(r.stderr, /namespace ghost does not exist/);
   t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
   kvs.kill('SIGTERM');
+  const hold = await sh(`${process.execPath} ${dyadBin} kvs serve --listen 127.0.0.1:0 --data ${path.join(base, 'kvs3')} --event-hold -1`);
+  t.not(hold.code, 0);
+  t.match(hold.stderr, /^dyad: --event-hold -1: expected a number of milliseconds >= 0$/m);
 });
 
 t.test('dyad config shows values and their sources', async (t) => {

@@ -62,6 +62,7 @@ t.test('bad arguments: one line, non-zero exit', async (t) => {
     [[file], /not a directory/],
     [['--passthrough', 'maybe', dir], /argument 'maybe' is invalid/],
     [['--attr-timeout', '-3', dir], /--attr-timeout must be a number/],
+    [['--kvs-event-hold', 'soon', dir], /--kvs-event-hold must be a number/],
     [['--storage', file, dir], /--storage .*: not a directory/],
   ];
   for (const [args, re] of cases) {

@@ -27,6 +27,7 @@ const program = addDyadOptions(
     .argument('[mountpoint]', 'directory to mount over; by default its own contents are the storage (default: DYAD_PATH_CONSUMER or DYAD_PATH_PRODUCER)'),
 )
   .option('--rank-lease <seconds>', 'a served embedded KVS forgets a rank not renewed for this long; every daemon renews every third of it, at most 3 s (default 10; give all daemons the same value)', positiveNumber('--rank-lease'))
+  .option('--kvs-event-hold <ms>', 'a served embedded KVS holds change events that follow a send within this long, and sends them to watching daemons together (default 5; 0 sends each at once; waits are never held)', positiveNumber('--kvs-event-hold'))
   .option('--kvs-fsync', 'a served embedded KVS syncs its journal to disk before acknowledging (survives a machine crash, slower)')
   .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
   .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin'), 0)
@@ -41,6 +42,7 @@ const opts = program.opts<
     passthrough: 'auto' | 'off';
     secretFile?: string;
     kvsFsync?: boolean;
+    kvsEventHold?: number;
     rankLease?: number;
     attrTimeout: number;
     spin: number;
@@ -110,6 +112,7 @@ async function foreground(): Promise<void> {
     config: resolveConfig(mountpoint, opts),
     secretFile: opts.secretFile,
     kvsFsync: !!opts.kvsFsync,
+    kvsEventHoldMs: opts.kvsEventHold,
     rankLeaseMs: opts.rankLease === undefined ? undefined : opts.rankLease * 1000,
     passthrough: opts.passthrough,
     ttlMs: opts.attrTimeout * 1000,

@@ -29,6 +29,8 @@ export interface DaemonOptions {
   kvsFsync?: boolean;
   /** A served KVS drops ranks not renewed for this long. */
   rankLeaseMs?: number;
+  /** A served KVS holds change events that follow a send within this long (fanout.ts). */
+  kvsEventHoldMs?: number;
   /** Namespace secret file for a KVS served elsewhere (else DYAD_SECRET[_FILE], else the KVS data dir's). */
   secretFile?: string;
   logger: Logger;
@@ -115,6 +117,7 @@ export class Daemon {
         // machine crash, at about 0.4 ms per publication on this disk.
         fsync: this.opts.kvsFsync ?? false,
         rankLeaseMs: this.opts.rankLeaseMs,
+        eventHoldMs: this.opts.kvsEventHoldMs,
         keyDepth: cfg.keyDepth.value,
         keyBins: cfg.keyBins.value,
         log: (level, msg) => log[level](`kvs: ${msg}`),

@@ -42,7 +42,7 @@ export interface KvsServerOptions {
   rankLeaseMs?: number;
   /**
    * Change events that follow a send to watchers within this long are held
-   * and sent together (fanout.ts). Default 1 ms; 0 sends each at once.
+   * and sent together (fanout.ts). Default 5 ms; 0 sends each at once.
    */
   eventHoldMs?: number;
   log?: (level: 'info' | 'warn', msg: string) => void;
