@@ -399,15 +399,15 @@ export class DmdFs extends MirrorFs {
     const mine = path.posix.join(this.o.mountpoint, this.rel(h.node));
     // Cannot tell (no /proc): leave it to the last RELEASE.
     if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
-    return this.publishSoon(h.node, h.fd);
+    return this.publishSoon(h.node, fstat(h.fd));
   }
 
-  protected override afterWriteClose(node: Node, h: Handle): void | Promise<void> {
+  protected override afterWriteClose(node: Node, h: Handle, st: fs.BigIntStats): void | Promise<void> {
     // The last writer's RELEASE: the kernel sends it once every descriptor
     // sharing the open is closed (a shell's `>` dup2s and closes one early,
     // which is why FLUSH is too soon).
     if (this.writersOf(node) > 0) return;
-    return this.publishSoon(node);
+    return this.publishSoon(node, st);
   }
 
   /** Handles still open for writing on a node. */
@@ -417,9 +417,9 @@ export class DmdFs extends MirrorFs {
     return n;
   }
 
-  /** `fd`: a descriptor of the file, open at least while this call runs synchronously. */
-  private publishSoon(node: Node, fd?: number): Promise<void> | undefined {
-    const p = this.publish(this.rel(node), true, fd);
+  /** `st`: the file as its writer left it, from the writer's descriptor. */
+  private publishSoon(node: Node, st: fs.BigIntStats): Promise<void> | undefined {
+    const p = this.publish(this.rel(node), true, st);
     if (!this.o.asyncPublish) return p;
     p.catch(() => undefined);
     return undefined;
@@ -428,14 +428,15 @@ export class DmdFs extends MirrorFs {
   /**
    * Publishes a local file unless this exact version is published already.
    * `push`: a file just written may travel with its publication (small ones only).
-   * `fd`: the writer's descriptor of it, if still open, to stat it without
-   * walking its path. Its bytes are still read through a descriptor of our
-   * own: one opened with O_NOATIME, as reading must not touch the atime.
+   * `st`: the file as its writer left it, taken through the writer's
+   * descriptor, which spares walking its path. Its bytes are still read
+   * through a descriptor of our own: one opened with O_NOATIME, as reading
+   * must not touch the atime.
    */
-  async publish(upath: string, push = false, fd?: number): Promise<void> {
+  async publish(upath: string, push = false, st?: fs.BigIntStats): Promise<void> {
     const abs = this.storage.abs(upath);
     try {
-      const before = fd !== undefined ? fstat(fd) : lstat(abs);
+      const before = st ?? lstat(abs);
       // Removed while open: nothing to publish (as the path's ENOENT says, below).
       if (before.nlink === 0n) return;
       const stamp = `${before.mtimeNs}:${before.size}`;
