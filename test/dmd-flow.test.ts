@@ -302,3 +302,23 @@ t.test('close() of one of several descriptors does not publish a file still bein
   t.equal(h.code, 0, h.stderr);
   t.equal((await handed).out, 'late\n', 'what the child wrote after the parent closed is what was published');
 });
+
+t.test('bytes written through a mapping after close() are published again when the mapping goes (no passthrough)', async (t) => {
+  // With passthrough the mapping holds the storage file itself, and the
+  // kernel sends no RELEASE at munmap (docs/SEMANTICS.md, Publishing).
+  const c = await cluster(t, 2, ['--passthrough', 'off']);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const r = await sh(`${cFixture('mmap_after_close')} ${path.join(p.mnt, 'mapped.txt')} mapped-bytes`);
+  t.equal(r.code, 0, r.stderr);
+  // close() published the file before the mapping was written; the kernel's
+  // RELEASE, at munmap, publishes it again. That comes after the program has
+  // moved on, so wait (boundedly) until node 1 shows the later mtime.
+  const mtime = Math.floor(fs.statSync(path.join(p.storage, 'mapped.txt')).mtimeMs);
+  let seen = 0;
+  for (let i = 0; i < 200 && seen !== mtime; i++) {
+    if (i > 0) await sleep(50);
+    seen = Math.floor(fs.statSync(path.join(q.mnt, 'mapped.txt')).mtimeMs);
+  }
+  t.equal(seen, mtime, 'node 1 sees the version written through the mapping');
+  t.equal(fs.readFileSync(path.join(q.mnt, 'mapped.txt'), 'utf8'), 'mapped-bytes');
+});
