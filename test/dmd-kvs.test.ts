@@ -12,18 +12,19 @@ import { freePort } from './helpers/ports.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-async function startKvs(t: { teardown(fn: () => unknown): void }, port: number, data: string): Promise<ChildProcess> {
-  const child = spawn(process.execPath, [dyadBin, 'kvs', 'serve', '--listen', `127.0.0.1:${port}`, '--data', data], { stdio: ['ignore', 'ignore', 'pipe'] });
+/** `dyad kvs serve`, once it says it is serving; `said` is what it printed until then. */
+async function startKvs(t: { teardown(fn: () => unknown): void }, port: number, data: string, extra: string[] = []): Promise<ChildProcess & { said: string }> {
+  const child = spawn(process.execPath, [dyadBin, 'kvs', 'serve', '--listen', `127.0.0.1:${port}`, '--data', data, ...extra], { stdio: ['ignore', 'ignore', 'pipe'] });
   t.teardown(() => child.kill('SIGKILL'));
-  await new Promise<void>((resolve, reject) => {
+  const said = await new Promise<string>((resolve, reject) => {
     let err = '';
     child.stderr!.on('data', (d: Buffer) => {
       err += d;
-      if (err.includes('serving the embedded KVS')) resolve();
+      if (err.includes('serving the embedded KVS')) resolve(err);
     });
     child.on('exit', (code) => reject(new Error(`kvs serve exited ${code}: ${err}`)));
   });
-  return child;
+  return Object.assign(child, { said });
 }
 
 t.test('KVS restart: no publication lost, waits resume', async (t) => {
@@ -98,6 +99,14 @@ t.test('configuration errors stop the start with one line', async (t) => {
   const hold = await sh(`${process.execPath} ${dyadBin} kvs serve --listen 127.0.0.1:0 --data ${path.join(base, 'kvs3')} --event-hold -1`);
   t.not(hold.code, 0);
   t.match(hold.stderr, /^dyad: --event-hold -1: expected a number of milliseconds >= 0$/m);
+  // A good value reaches the server, standalone or inside a daemon: each says so as it starts.
+  const held = await startKvs(t, await freePort(), path.join(base, 'kvs4'), ['--event-hold', '7']);
+  t.match(held.said, /change events in a burst held up to 7 ms/);
+  held.kill('SIGTERM');
+  fs.mkdirSync(path.join(base, 'held'));
+  const m = await mountCli(t, path.join(base, 'held'), ['--kvs-event-hold', '0']);
+  t.match(fs.readFileSync(m.log, 'utf8'), /change events in a burst held up to 0 ms/);
+  await m.umount();
 });
 
 t.test('dyad config shows values and their sources', async (t) => {

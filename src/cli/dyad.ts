@@ -64,7 +64,9 @@ kvs
       log: (level, msg) => log[level](msg),
     });
     const bound = await server.listen(o.listen.slice(0, i).replace(/^\[|\]$/g, ''), Number(o.listen.slice(i + 1)));
-    log.info(`serving the embedded KVS at dyad://${bound.host}:${bound.port} (data in ${path.resolve(o.data)})`);
+    log.info(
+      `serving the embedded KVS at dyad://${bound.host}:${bound.port} (data in ${path.resolve(o.data)}; change events in a burst held up to ${server.eventHoldMs} ms)`,
+    );
     const stop = async () => {
       await server.close();
       process.exit(0);

@@ -126,7 +126,9 @@ export class Daemon {
       this.kvsUrl = `dyad://${bound.host.includes(':') ? `[${bound.host}]` : bound.host}:${bound.port}`;
       if (!this.kvsServer.store.hasNamespace(ns)) await this.kvsServer.createNamespace(ns);
       secret = this.kvsServer.store.namespaceSecret(ns);
-      log.info(`serving the embedded KVS at ${this.kvsUrl} (data in ${cfg.kvsData.value}, namespace ${ns})`);
+      log.info(
+        `serving the embedded KVS at ${this.kvsUrl} (data in ${cfg.kvsData.value}, namespace ${ns}; change events in a burst held up to ${this.kvsServer.eventHoldMs} ms)`,
+      );
     } else if (cfg.kvs.value.startsWith('etcd')) {
       // etcd keeps each namespace's secret with the namespace: whoever can
       // reach etcd can read it (secure etcd itself with TLS and users).

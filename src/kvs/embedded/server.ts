@@ -64,7 +64,7 @@ export class KvsServer implements SessionHost {
   private readonly hubs = new Map<string, { fanout: Fanout; stop: () => void }>();
   /** The session whose request is being applied, while the store announces its change. */
   private origin: Session | undefined;
-  private eventHoldMs = DEFAULT_HOLD_MS;
+  private holdMs = DEFAULT_HOLD_MS;
   private server: Server | undefined;
   private bound: { host: string; port: number } | undefined;
   private closing: Promise<void> | undefined;
@@ -112,7 +112,7 @@ export class KvsServer implements SessionHost {
     }
     const secretDir = opts.secretDir ?? (opts.dataDir === undefined ? undefined : join(opts.dataDir, 'secrets'));
     const server = new KvsServer(store, adminSecret, secretDir, persistent, limits, log);
-    server.eventHoldMs = holdMs;
+    server.holdMs = holdMs;
     await server.exportSecrets();
     server.startLeases(opts.rankLeaseMs ?? 10_000);
     return server;
@@ -125,6 +125,11 @@ export class KvsServer implements SessionHost {
    * A Kvs for code running in this process (the daemon that serves the
    * KVS): the store itself, with no socket and no serialisation in between.
    */
+  /** How long change events that follow a send are held (fanout.ts). */
+  get eventHoldMs(): number {
+    return this.holdMs;
+  }
+
   localClient(): WatchableKvs {
     const server = this;
     return new (class extends MemoryKvs {
@@ -212,7 +217,7 @@ export class KvsServer implements SessionHost {
   subscribe(ns: string, session: Session): void {
     let hub = this.hubs.get(ns);
     if (hub === undefined) {
-      const fanout = new Fanout(ns, this.eventHoldMs);
+      const fanout = new Fanout(ns, this.holdMs);
       const unwatch = this.store.watch(ns, (ev) => this.fanOut(ns, ev));
       hub = {
         fanout,
