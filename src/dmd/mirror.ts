@@ -17,20 +17,20 @@ import { FATTR_ATIME, FATTR_GID, FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FATTR_UID,
 import { InodeTable } from '../fuse/inodes.js';
 import { native } from '../fuse/native.js';
 import type { FuseSession } from '../fuse/session.js';
-import type {
-  Attr,
-  AttrReply,
-  CreateReply,
-  DirEntry,
-  Entry,
-  FdSlice,
-  FileSystem,
-  OpenReply,
-  RequestContext,
-  SetAttrIn,
-  StatFs,
+import {
+  Refusal,
+  type Attr,
+  type AttrReply,
+  type CreateReply,
+  type DirEntry,
+  type Entry,
+  type FdSlice,
+  type FileSystem,
+  type OpenReply,
+  type RequestContext,
+  type SetAttrIn,
+  type StatFs,
 } from '../fuse/types.js';
-import { Refusal } from '../fuse/types.js';
 import { callerOf, type Caller } from '../fuse/caller.js';
 import { DyadError, errnos } from '../errors.js';
 import { Storage, fstat, lstat, lstatIfExists, toAttr } from './storage.js';
