@@ -121,15 +121,15 @@ export class KvsServer implements SessionHost {
   private readonly lastSeen = new Map<string, { ns: string; rank: number; at: number }>();
   private leaseTimer: NodeJS.Timeout | undefined;
 
-  /**
-   * A Kvs for code running in this process (the daemon that serves the
-   * KVS): the store itself, with no socket and no serialisation in between.
-   */
   /** How long change events that follow a send are held (fanout.ts). */
   get eventHoldMs(): number {
     return this.holdMs;
   }
 
+  /**
+   * A Kvs for code running in this process (the daemon that serves the
+   * KVS): the store itself, with no socket and no serialisation in between.
+   */
   localClient(): WatchableKvs {
     const server = this;
     return new (class extends MemoryKvs {
