@@ -13,7 +13,7 @@ import { unmount } from '../fuse/mount.js';
 import { ConfigError, DyadError } from '../errors.js';
 import { EmbeddedKvsClient, KvsServer, adminSecretPath, openKvs, type Kvs } from '../kvs/index.js';
 import { defaultKvsData, describeConfig, resolveConfig, type Flags } from '../node/config.js';
-import { addDyadOptions } from './options.js';
+import { addDyadOptions, positiveNumber } from './options.js';
 import { ucxInfo } from '../dtl/index.js';
 import { Logger } from '../node/log.js';
 
@@ -21,12 +21,6 @@ function fail(err: unknown): never {
   const msg = err instanceof Error ? err.message : String(err);
   process.stderr.write(`dyad: ${msg}\n`);
   process.exit(1);
-}
-
-function milliseconds(flag: string, v: string): number {
-  const n = Number(v);
-  if (v.trim() === '' || !Number.isFinite(n) || n < 0) throw new ConfigError(`${flag} ${v}: expected a number of milliseconds >= 0`);
-  return n;
 }
 
 const program = new Command('dyad').description('Manage dyad-fs mounts, namespaces and the embedded KVS.').showHelpAfterError();
@@ -49,8 +43,8 @@ kvs
   .option('--key-depth <n>', 'DYAD key hash levels (DYAD_KEY_DEPTH; default 3)')
   .option('--key-bins <n>', 'DYAD key bins per level (DYAD_KEY_BINS; default 1024)')
   .option('--no-fsync', 'acknowledge changes once written, before they are synced to disk (a process restart still loses nothing)')
-  .option('--event-hold <ms>', 'hold change events that follow a send within this long and send them to watchers together (default 5; 0 sends each at once; waits are never held)')
-  .action(async (o: { listen: string; data: string; keyDepth?: string; keyBins?: string; fsync: boolean; eventHold?: string }) => {
+  .option('--event-hold <ms>', 'hold change events that follow a send within this long and send them to watchers together (default 5; 0 sends each at once; waits are never held)', positiveNumber('--event-hold'))
+  .action(async (o: { listen: string; data: string; keyDepth?: string; keyBins?: string; fsync: boolean; eventHold?: number }) => {
     const cfg = resolveConfig(undefined, { keyDepth: o.keyDepth, keyBins: o.keyBins, kvsServe: o.listen });
     const log = new Logger('dyad-kvs');
     const i = o.listen.lastIndexOf(':');
@@ -58,7 +52,7 @@ kvs
     const server = await KvsServer.open({
       dataDir: path.resolve(o.data),
       fsync: o.fsync,
-      eventHoldMs: o.eventHold === undefined ? undefined : milliseconds('--event-hold', o.eventHold),
+      eventHoldMs: o.eventHold,
       keyDepth: cfg.keyDepth.value,
       keyBins: cfg.keyBins.value,
       log: (level, msg) => log[level](msg),

@@ -4,22 +4,14 @@
  * Runs in the foreground (what systemd, Slurm and Flux want); --background
  * starts a copy of itself and returns once the mount answers.
  */
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, Option } from 'commander';
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import { Daemon } from '../node/daemon.js';
 import { resolveConfig, type Flags } from '../node/config.js';
-import { addDyadOptions } from './options.js';
+import { addDyadOptions, positiveNumber } from './options.js';
 import { Logger, type Level } from '../node/log.js';
 import { DyadError } from '../errors.js';
-
-function positiveNumber(name: string) {
-  return (v: string): number => {
-    const n = Number(v);
-    if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`${name} must be a number >= 0`);
-    return n;
-  };
-}
 
 const program = addDyadOptions(
   new Command('dyad-mount')

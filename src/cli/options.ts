@@ -2,7 +2,16 @@
  * The DYAD settings shared by `dyad-mount` and `dyad config`, so both
  * accept the same flags and resolve them the same way (src/node/config.ts).
  */
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
+
+/** A commander parser for a flag taking a number >= 0 (seconds, milliseconds, microseconds). */
+export function positiveNumber(name: string) {
+  return (v: string): number => {
+    const n = Number(v);
+    if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`${name} must be a number >= 0`);
+    return n;
+  };
+}
 
 export function addDyadOptions(cmd: Command): Command {
   return cmd

@@ -64,7 +64,6 @@ export class KvsServer implements SessionHost {
   private readonly hubs = new Map<string, { fanout: Fanout; stop: () => void }>();
   /** The session whose request is being applied, while the store announces its change. */
   private origin: Session | undefined;
-  private holdMs = DEFAULT_HOLD_MS;
   private server: Server | undefined;
   private bound: { host: string; port: number } | undefined;
   private closing: Promise<void> | undefined;
@@ -76,6 +75,7 @@ export class KvsServer implements SessionHost {
     private readonly persistent: PersistentStore | undefined,
     limits: SessionLimits,
     private readonly logFn: (level: 'info' | 'warn', msg: string) => void,
+    private readonly holdMs: number,
   ) {
     this.limits = limits;
     store.onNamespaceRemoved((ns) => {
@@ -111,8 +111,7 @@ export class KvsServer implements SessionHost {
       adminSecret = parseSecret(opts.adminSecret ?? generateSecret(), 'the adminSecret option');
     }
     const secretDir = opts.secretDir ?? (opts.dataDir === undefined ? undefined : join(opts.dataDir, 'secrets'));
-    const server = new KvsServer(store, adminSecret, secretDir, persistent, limits, log);
-    server.holdMs = holdMs;
+    const server = new KvsServer(store, adminSecret, secretDir, persistent, limits, log, holdMs);
     await server.exportSecrets();
     server.startLeases(opts.rankLeaseMs ?? 10_000);
     return server;
