@@ -127,6 +127,23 @@ t.test('many concurrent consumers of one file cause one pull', async (t) => {
   t.equal(pulls(q.log), 1, 'exactly one pull');
 });
 
+t.test('readers racing for files already published cause one pull each', async (t) => {
+  // Unlike the test above, the name is published before the readers come:
+  // their LOOKUPs, not cached by the kernel, give each its own placeholder,
+  // and a late one may open after the first pull is done.
+  const c = await cluster(t, 2, ['--log-level', 'debug']);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const names = Array.from({ length: 8 }, (_, i) => `racy${i}.bin`);
+  for (const [i, n] of names.entries()) fs.writeFileSync(path.join(p.mnt, n), Buffer.alloc(1 << 20, i + 1));
+  for (const [i, n] of names.entries()) {
+    const results = await Promise.all(Array.from({ length: 8 }, () => exited(spawn('md5sum', [path.join(q.mnt, n)]))));
+    const want = createHash('md5').update(Buffer.alloc(1 << 20, i + 1)).digest('hex');
+    t.ok(results.every((r) => r.code === 0 && r.out.split(' ')[0] === want), `${n}: every reader read the producer's bytes`);
+  }
+  const perName = names.map((n) => fs.readFileSync(q.log, 'utf8').split('\n').filter((l) => l.includes(` pulled ${n} `)).length);
+  t.same(perName, names.map(() => 1), 'one pull per file');
+});
+
 t.test('nested directories that do not exist yet anywhere', async (t) => {
   const c = await cluster(t, 2);
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];

@@ -292,6 +292,16 @@ export class DmdFs extends MirrorFs {
     const upath = this.rel(node);
     const v = this.virtual.get(nodeid);
     if (v) {
+      // Names looked up while missing are not cached (TTL 0), so readers
+      // racing for one file can hold different placeholders for it: the
+      // file may have arrived, by another's open, after this one's LOOKUP.
+      // Fetching it again would copy or pull it a second time.
+      const here = lstatIfExists(this.abs(node));
+      if (here && !here.isDirectory()) {
+        this.materialize(node);
+        this.virtual.delete(nodeid);
+        return super.open(ctx, nodeid, flags);
+      }
       // An open right after the LOOKUP that found the name only in the origin
       // (the usual case) goes straight to the origin.
       const at = v.fromOriginAt;
