@@ -13,8 +13,9 @@
 //    went faster still, but every code path met later was optimised after
 //    a handful of calls, and those compiles (on V8's helper threads) took
 //    150-250 ms of CPU from each daemon during the first large pulls: the
-//    16 x 64 MiB pull ran at 1.30-1.46 GB/s against 1.50-1.64 at 8192,
-//    with the small-file figures no worse at 8192 (3 runs each).
+//    16 x 64 MiB pull ran at 1.30-1.46 GB/s (4 runs) against 1.50-1.64 at
+//    8192 (3 runs), with the small-file medians within the noise of each
+//    other (open-to-close 0.20-0.27 ms against 0.23-0.29).
 // (--no-concurrent-recompilation has no effect when set here: V8 reads it
 // when the isolate starts.)
 import v8 from 'node:v8';
