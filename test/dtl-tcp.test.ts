@@ -274,6 +274,36 @@ t.test('the receive thread: a peer that dies or stalls mid-body fails the pull, 
   t.notOk(existsSync(join(dir, 'f')));
 });
 
+t.test('the receive thread: a peer sending slowly but steadily is not taken for a stalled one', async (t) => {
+  // The thread sleeps until ~1 MiB has queued; a peer sending less than
+  // that per timeout must still get its pull through, however long it takes.
+  const dir = tmp(t);
+  const seen = threadTakeovers(t);
+  const data = randomBytes(2 << 20);
+  const req = { upath: 'slow', size: data.length, digest: formatDigest(crcUpdate('crc32c', 0, data), 'crc32c') };
+  const chunk = 64 << 10;
+  const peer = await fakePeer(t, {
+    onGet: (sock, id) => {
+      const head = Buffer.alloc(17);
+      writeDataHeader(head, id, data.length);
+      sock.write(head);
+      let off = 0;
+      const timer = setInterval(() => {
+        if (sock.destroyed || off >= data.length) return clearInterval(timer);
+        sock.write(data.subarray(off, off + chunk));
+        off += chunk;
+      }, 25);
+    },
+  });
+  const client = tcpBackend.client({ secret: SECRET });
+  t.teardown(() => client.close());
+  // 32 chunks 25 ms apart: about 0.8 s in all, 384 KiB per 150 ms timeout.
+  const r = await client.pull(peer, req, join(dir, 'slow'), { peerTimeoutMs: 150 });
+  t.equal(r.bytes, data.length);
+  t.ok(readFileSync(join(dir, 'slow')).equals(data), 'every byte, in order');
+  t.equal(seen.count, 1, 'the body was on the receive thread');
+});
+
 t.test('a file that shrinks while sendfile sends it fails the pull; the server keeps serving', async (t) => {
   const e = await setup(t);
   const { pull } = await sparsePullUnderway(e);

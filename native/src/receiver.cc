@@ -18,6 +18,17 @@ constexpr size_t kBuffer = 1 << 20;
 
 int Dup(int fd) { return fcntl(fd, F_DUPFD_CLOEXEC, 0); }
 
+// The thread sleeps in poll() until this much has queued (SO_RCVLOWAT),
+// not until the first segment: it then wakes, reads, checksums and writes
+// once per ~1 MiB instead of once per ~120 KB. Measured on the project VM,
+// 64 MiB pulls between two processes: 2.3-2.7 GB/s against 2.0-2.3 waking
+// per segment (6 alternating runs; 256 and 512 KiB in between). The kernel
+// grows the receive buffer to hold it, and still wakes a reader early when
+// the buffer runs short of memory.
+constexpr int kLowWater = 1 << 20;
+
+void SetLowWater(int sock, int bytes) { setsockopt(sock, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes); }
+
 }  // namespace
 
 Napi::Function FileReceiver::Init(Napi::Env env) {
@@ -113,12 +124,20 @@ void FileReceiver::Run() {
   uint32_t crc = crc_;
   int err = buf ? 0 : ENOMEM;
   bool file_err = false;
+  // The last bytes must wake the thread too: the mark never exceeds what is left.
+  int low = 1;
+  // A peer sending slower than the mark fills per stall_ms_ is not silent:
+  // a poll() that times out is followed by one more read before giving up.
+  bool quiet = false;
   while (err == 0 && got < length_) {
     if (cancelled_.load()) {
       err = ECANCELED;
       break;
     }
-    size_t want = size_t(length_ - got) < kBuffer ? size_t(length_ - got) : kBuffer;
+    int64_t left = length_ - got;
+    int mark = left < kLowWater ? int(left) : kLowWater;
+    if (mark != low) SetLowWater(sock_, low = mark);
+    size_t want = size_t(left) < kBuffer ? size_t(left) : kBuffer;
     ssize_t n = recv(sock_, buf, want, 0);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -126,13 +145,18 @@ void FileReceiver::Run() {
         err = errno;
         break;
       }
+      if (quiet) {
+        err = ETIMEDOUT;
+        break;
+      }
       // Non-blocking (Node set it): wait for bytes, at most stall_ms_.
       pollfd p{sock_, POLLIN, 0};
       int r = poll(&p, 1, stall_ms_ > 0 ? stall_ms_ : -1);
-      if (r == 0) err = ETIMEDOUT;
+      if (r == 0) quiet = true;
       else if (r < 0 && errno != EINTR) err = errno;
       continue;
     }
+    quiet = false;
     if (n == 0) {
       err = cancelled_.load() ? ECANCELED : ECONNRESET;
       break;
@@ -153,6 +177,8 @@ void FileReceiver::Run() {
       received_.store(got);
     }
   }
+  // The socket goes back to Node, whose reads expect the default mark.
+  if (low != 1) SetLowWater(sock_, 1);
   std::free(buf);
   crc_ = crc;
   err_ = err;
