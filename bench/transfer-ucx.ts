@@ -30,7 +30,7 @@ import { parseArgs } from 'node:util';
 import { digestBuffer, tcpBackend, Digester } from '../src/dtl/index.js';
 import type { PullRequest, TransferClient } from '../src/dtl/index.js';
 import { createUcxBackend, type UcxDataPath } from '../src/dtl/ucx/index.js';
-import { loadUcx } from '../src/dtl/ucx/native.js';
+import { loadUcx, withUcxDefaults } from '../src/dtl/ucx/native.js';
 import type { IoMode } from '../src/dtl/inline.js';
 import { ucxPerftest } from './lib.js';
 
@@ -238,7 +238,7 @@ async function main(): Promise<void> {
   for (let r = 0; r < Number(values.rounds); r++) {
     const line: string[] = [];
     if (values.perftest) {
-      const g = await ucxPerftest(process.env, 2000);
+      const g = await ucxPerftest(withUcxDefaults(process.env), 2000);
       perf.push(g);
       line.push(`perftest tag_bw ${g.toFixed(2)}`);
       const b = await rawBinding(ready.raw, 2000 << 20, 1 << 20, 8);

@@ -28,6 +28,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { compile, prefault, printTable, repoRoot, run, ucxPerftest, type Row } from './lib.js';
+import { withUcxDefaults } from '../src/dtl/ucx/native.js';
 
 interface Node {
   mnt: string;
@@ -245,7 +246,8 @@ export async function main(args: string[]): Promise<void> {
   console.log(`# UCX_TLS=${process.env.UCX_TLS}${process.env.UCX_NET_DEVICES ? ` UCX_NET_DEVICES=${process.env.UCX_NET_DEVICES}` : ''}`);
   const tcp = await measure('TCP', small, bigCount, bigMiB, files);
   prefault(bigCount * bigMiB * 2);
-  const perf = await ucxPerftest(process.env, 2000);
+  // With the daemons' UCX settings, so that the baseline moves data the same way.
+  const perf = await ucxPerftest(withUcxDefaults(process.env), 2000);
   prefault(bigCount * bigMiB * 2);
   const u = await measure('UCX', small, bigCount, bigMiB, files);
   const tcpPulled = await measure('TCP', small, bigCount, bigMiB, files, ['--push-max', '0']);
