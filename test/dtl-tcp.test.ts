@@ -281,7 +281,7 @@ t.test('the receive thread: a peer sending slowly but steadily is not taken for 
   const seen = threadTakeovers(t);
   const data = randomBytes(2 << 20);
   const req = { upath: 'slow', size: data.length, digest: formatDigest(crcUpdate('crc32c', 0, data), 'crc32c') };
-  const chunk = 64 << 10;
+  const chunk = 32 << 10;
   const peer = await fakePeer(t, {
     onGet: (sock, id) => {
       const head = Buffer.alloc(17);
@@ -297,8 +297,8 @@ t.test('the receive thread: a peer sending slowly but steadily is not taken for 
   });
   const client = tcpBackend.client({ secret: SECRET });
   t.teardown(() => client.close());
-  // 32 chunks 25 ms apart: about 0.8 s in all, 384 KiB per 150 ms timeout.
-  const r = await client.pull(peer, req, join(dir, 'slow'), { peerTimeoutMs: 150 });
+  // 64 chunks 25 ms apart: about 1.6 s in all, 512 KiB per 400 ms timeout.
+  const r = await client.pull(peer, req, join(dir, 'slow'), { peerTimeoutMs: 400 });
   t.equal(r.bytes, data.length);
   t.ok(readFileSync(join(dir, 'slow')).equals(data), 'every byte, in order');
   t.equal(seen.count, 1, 'the body was on the receive thread');

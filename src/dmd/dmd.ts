@@ -267,12 +267,8 @@ export class DmdFs extends MirrorFs {
     const v = this.virtual.get(nodeid);
     if (!v) return super.getattr(ctx, nodeid, fh);
     const node = this.node(nodeid);
-    if (fs.existsSync(this.abs(node))) {
-      // It arrived meanwhile (pulled, or created here): a normal node now.
-      this.materialize(node);
-      this.virtual.delete(nodeid);
-      return super.getattr(ctx, nodeid, fh);
-    }
+    // It arrived meanwhile (pulled, or created here): a normal node now.
+    if (this.arrived(nodeid, node, true)) return super.getattr(ctx, nodeid, fh);
     if (!v.rec && !v.isDir && callerOf(ctx.pid).exec) {
       // exec checks the execute bit before it opens (where readers wait):
       // a program not published yet is waited for here, so its mode is
@@ -287,6 +283,19 @@ export class DmdFs extends MirrorFs {
     return { attr: this.remoteAttr(v.rec, VIRTUAL_INO_BASE + nodeid, v.isDir), ttlMs: 0 };
   }
 
+  /**
+   * Makes a placeholder a normal node if its name is now in storage
+   * (pulled, copied or created here since its LOOKUP). A directory counts
+   * only if `dirs`: a name shown as a file is not opened as one.
+   */
+  private arrived(nodeid: number, node: Node, dirs: boolean): boolean {
+    const st = lstatIfExists(this.abs(node));
+    if (!st || (!dirs && st.isDirectory())) return false;
+    this.materialize(node, st);
+    this.virtual.delete(nodeid);
+    return true;
+  }
+
   override open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
     const upath = this.rel(node);
@@ -296,12 +305,7 @@ export class DmdFs extends MirrorFs {
       // racing for one file can hold different placeholders for it: the
       // file may have arrived, by another's open, after this one's LOOKUP.
       // Fetching it again would copy or pull it a second time.
-      const here = lstatIfExists(this.abs(node));
-      if (here && !here.isDirectory()) {
-        this.materialize(node);
-        this.virtual.delete(nodeid);
-        return super.open(ctx, nodeid, flags);
-      }
+      if (this.arrived(nodeid, node, false)) return super.open(ctx, nodeid, flags);
       // An open right after the LOOKUP that found the name only in the origin
       // (the usual case) goes straight to the origin.
       const at = v.fromOriginAt;

@@ -212,8 +212,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   }
 
   /** A virtual node whose file has arrived in storage becomes a normal one. */
-  protected materialize(node: Node): void {
-    const st = lstat(this.abs(node));
+  protected materialize(node: Node, st: fs.BigIntStats = lstat(this.abs(node))): void {
     node.ino = Number(st.ino);
     if (!this.byIno.has(node.ino)) this.byIno.set(node.ino, node);
   }

@@ -145,16 +145,19 @@ const SAFE_DEFAULTS = [
  * an operator's own values win, and every daemon sets the same ones, so the
  * two ends of a connection agree.
  */
-export const UCX_TUNED_DEFAULTS = [
+const UCX_TUNED_DEFAULTS = [
   ['UCX_TCP_RX_SEG_SIZE', '1m'],
   ['UCX_TCP_TX_SEG_SIZE', '1m'],
 ] as const;
 
 /** `env` with the UCX settings a daemon would use where `env` sets none (for tools compared against it, e.g. ucx_perftest). */
 export function withUcxDefaults(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  const out = { ...env };
-  for (const [k, v] of [...SAFE_DEFAULTS, ...UCX_TUNED_DEFAULTS]) if (out[k] === undefined) out[k] = v;
-  return out;
+  return fillUcxDefaults({ ...env });
+}
+
+function fillUcxDefaults(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  for (const [k, v] of [...SAFE_DEFAULTS, ...UCX_TUNED_DEFAULTS]) if (env[k] === undefined) env[k] = v;
+  return env;
 }
 
 let loaded: { addon: UcxAddon | null; error: string | null } | null = null;
@@ -162,7 +165,7 @@ let loaded: { addon: UcxAddon | null; error: string | null } | null = null;
 /** Loads the addon on first use (loading libucp is not free); null if it is not built. */
 export function loadUcx(): { addon: UcxAddon | null; error: string | null } {
   if (loaded) return loaded;
-  for (const [k, v] of [...SAFE_DEFAULTS, ...UCX_TUNED_DEFAULTS]) if (process.env[k] === undefined) process.env[k] = v;
+  fillUcxDefaults(process.env);
   try {
     loaded = { addon: createRequire(import.meta.url)(addonPath) as UcxAddon, error: null };
   } catch (err) {
