@@ -5,7 +5,9 @@
  *
  * (a) 1,000 × 4 KiB produced first, then consumed: open-to-close per file
  * (b) 16 × 64 MiB produced first: consumer GB/s, beside a raw Node TCP
- *     stream between the same two endpoints and a local read
+ *     stream between the same two endpoints, a local read, and the pull's
+ *     data path written in C (bench/pipeline.c), which says what the
+ *     machine itself gives
  * (c) consumer started first: producer start → consumer done, both sizes
  * (d) producer write + publish per file (close() returns after publishing),
  *     the first 1000 files after the daemons start and the 1000 after them
@@ -70,6 +72,12 @@ async function rawTcp(mib: number): Promise<number> {
   return Number(out.trim());
 }
 
+/** The C programs the workloads run: bench/files.c and bench/pipeline.c, compiled. */
+interface Tools {
+  files: string;
+  pipeline: string;
+}
+
 /** Every figure of one run of the workloads over one transport. */
 interface Figures {
   aLocal: Files;
@@ -77,6 +85,8 @@ interface Figures {
   aAgain: Files;
   bRemoteGBps: number;
   bLocalGBps: number;
+  /** The same bytes through bench/pipeline.c: sendfile → recv → pwrite → rename → read, in C. */
+  pipelineGBps: number;
   bWriteGBps: number;
   rawGBps: number;
   cSmallS: number;
@@ -97,9 +107,10 @@ interface PulledSmall {
 }
 
 /** Two daemons (node 0 serves the KVS) pulling over `dtl`; the workloads (a)-(d) and their baselines. */
-async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string): Promise<Figures>;
-async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string, smallOnlyWith: string[]): Promise<PulledSmall>;
-async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, files: string, smallOnlyWith?: string[]): Promise<Figures | PulledSmall> {
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools): Promise<Figures>;
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith: string[]): Promise<PulledSmall>;
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith?: string[]): Promise<Figures | PulledSmall> {
+  const { files } = tools;
   const daemonArgs = ['--dtl', dtl, ...(smallOnlyWith ?? [])];
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-xfer-'));
   const nodes: Node[] = [];
@@ -148,11 +159,16 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     prefault(bigCount * bigMiB * 2);
     const bRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'big'), 'b', String(bigCount)]));
     const bLocal = parseFiles(run(files, ['read', path.join(direct, 'big'), 'b', String(bigCount)]));
+    prefault(bigCount * bigMiB * 2);
+    const pipeDir = path.join(base, 'pipeline');
+    fs.mkdirSync(pipeDir);
+    const [, pipeS, pipeBytes] = run(tools.pipeline, [path.join(direct, 'big'), 'b', String(bigCount), pipeDir]).trim().split(/\s+/).map(Number);
+    fs.rmSync(pipeDir, { recursive: true });
 
     const cSmallS = await consumerFirst('c-small', small, 4096);
     prefault(bigCount * bigMiB * 2);
     const cBigS = await consumerFirst('c-big', bigCount, bigMiB << 20);
-    return { aLocal, aRemote, aAgain, bRemoteGBps: gbps(bRemote), bLocalGBps: gbps(bLocal), bWriteGBps: gbps(bWrite), rawGBps, cSmallS, cBigS, dDirect, dMount, dWarm };
+    return { aLocal, aRemote, aAgain, bRemoteGBps: gbps(bRemote), bLocalGBps: gbps(bLocal), pipelineGBps: pipeBytes! / pipeS! / 1e9, bWriteGBps: gbps(bWrite), rawGBps, cSmallS, cBigS, dDirect, dMount, dWarm };
   } finally {
     for (const n of nodes.reverse()) spawnSync('umount', [n.mnt]);
     await new Promise((r) => setTimeout(r, 500));
@@ -167,6 +183,7 @@ function transportRows(f: Figures, small: number, bigCount: number): Row[] {
     { what: `(a) remote 4 KiB open-to-close, p99`, value: f.aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.p99Us / 1000 }, better: 'lower' },
     { what: `(a) second read of the pulled files, median`, value: f.aAgain.medianUs / 1000, unit: 'ms', baseline: { name: 'local read', value: f.aLocal.medianUs / 1000 }, better: 'lower' },
     { what: `(b) ${bigCount} × 64 MiB pull`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'raw Node TCP stream', value: f.rawGBps }, better: 'higher', target: '≥ 1.7 GB/s and ≥ 0.6× raw TCP (DYAD 0.105 / 0.337)' },
+    { what: `(b) ${bigCount} × 64 MiB pull vs its data path in C (no FUSE, no checksum)`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'bench/pipeline.c', value: f.pipelineGBps }, better: 'higher' },
     { what: `(b) ${bigCount} × 64 MiB pull vs local read`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'local read', value: f.bLocalGBps }, better: 'higher' },
     { what: `(b) ${bigCount} × 64 MiB pull vs writing the same bytes locally`, value: f.bRemoteGBps, unit: 'GB/s', baseline: { name: 'local write', value: f.bWriteGBps }, better: 'higher' },
     { what: `(c) consumer first, ${small} × 4 KiB, producer start → consumer done`, value: f.cSmallS, unit: 's', better: 'lower', target: '≤ 1 s (DYAD 4.7 s)' },
@@ -207,6 +224,7 @@ function ucxRows(u: Figures, tcp: Figures, uPulled: PulledSmall, tcpPulled: Pull
   return [
     { what: `(b) ${bigCount} × 64 MiB pull over UCX (${tls})`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: `ucx_perftest tag_bw (${tls})`, value: perftestGBps }, better: 'higher', target: '≥ 0.8× ucx_perftest' },
     { what: `(b) ${bigCount} × 64 MiB pull over UCX vs DYAD's UCX DTL`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'DYAD UCX DTL (reference, not this run)', value: dyadUcx }, better: 'higher', target: '≥ 6×' },
+    { what: `(b) ${bigCount} × 64 MiB pull over UCX vs its data path in C (TCP, no FUSE, no checksum)`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'bench/pipeline.c', value: u.pipelineGBps }, better: 'higher' },
     { what: `(b) ${bigCount} × 64 MiB pull over UCX vs the TCP transport`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'TCP transport', value: tcp.bRemoteGBps }, better: 'higher' },
     { what: `(a) remote 4 KiB open-to-close over UCX, median`, value: u.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: 'TCP transport', value: tcp.aRemote.medianUs / 1000 }, better: 'lower', target: '≤ TCP transport' },
     { what: `(a) remote 4 KiB open-to-close over UCX, p99`, value: u.aRemote.p99Us / 1000, unit: 'ms', baseline: { name: 'TCP transport', value: tcp.aRemote.p99Us / 1000 }, better: 'lower' },
@@ -226,13 +244,13 @@ export async function main(args: string[]): Promise<void> {
   const small = quick ? 300 : 1000;
   const bigCount = quick ? 4 : 16;
   const bigMiB = 64;
-  const files = compile('files');
+  const tools: Tools = { files: compile('files'), pipeline: compile('pipeline') };
   console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, two daemons on this machine`);
   console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
   if (!dtl.startsWith('U')) {
-    const f = await measure(dtl, small, bigCount, bigMiB, files);
-    const pulled = await measure(dtl, small, bigCount, bigMiB, files, ['--push-max', '0']);
-    const spun = await measure(dtl, small, bigCount, bigMiB, files, ['--spin', '100']);
+    const f = await measure(dtl, small, bigCount, bigMiB, tools);
+    const pulled = await measure(dtl, small, bigCount, bigMiB, tools, ['--push-max', '0']);
+    const spun = await measure(dtl, small, bigCount, bigMiB, tools, ['--spin', '100']);
     printTable(`Transfer (${dtl})`, transportRows(f, small, bigCount));
     printTable(`Small files without --push-max (${dtl}, same run)`, pulledRows(pulled, f, small, ''));
     printTable(`Small files with --spin 100 (${dtl}, same run)`, spinRows(spun, f, small));
@@ -244,14 +262,14 @@ export async function main(args: string[]): Promise<void> {
   process.env.UCX_TLS = tls === 'shm' ? 'sm,self' : tls;
   if (tls === 'tcp') process.env.UCX_NET_DEVICES = 'lo';
   console.log(`# UCX_TLS=${process.env.UCX_TLS}${process.env.UCX_NET_DEVICES ? ` UCX_NET_DEVICES=${process.env.UCX_NET_DEVICES}` : ''}`);
-  const tcp = await measure('TCP', small, bigCount, bigMiB, files);
+  const tcp = await measure('TCP', small, bigCount, bigMiB, tools);
   prefault(bigCount * bigMiB * 2);
   // With the daemons' UCX settings, so that the baseline moves data the same way.
   const perf = await ucxPerftest(withUcxDefaults(process.env), 2000);
   prefault(bigCount * bigMiB * 2);
-  const u = await measure('UCX', small, bigCount, bigMiB, files);
-  const tcpPulled = await measure('TCP', small, bigCount, bigMiB, files, ['--push-max', '0']);
-  const uPulled = await measure('UCX', small, bigCount, bigMiB, files, ['--push-max', '0']);
+  const u = await measure('UCX', small, bigCount, bigMiB, tools);
+  const tcpPulled = await measure('TCP', small, bigCount, bigMiB, tools, ['--push-max', '0']);
+  const uPulled = await measure('UCX', small, bigCount, bigMiB, tools, ['--push-max', '0']);
   printTable(`Transfer (TCP transport, same run)`, transportRows(tcp, small, bigCount));
   printTable(`Small files without --push-max (TCP transport, same run)`, pulledRows(tcpPulled, tcp, small, ''));
   printTable(`Transfer (UCX over ${tls}) beside the TCP transport and ucx_perftest`, ucxRows(u, tcp, uPulled, tcpPulled, perf, tls, small, bigCount));
