@@ -95,14 +95,20 @@ function freePort(): Promise<number> {
   });
 }
 
-/** ucx_perftest tag_bw 1 MiB between a server and a client process; GB/s (10^9 B/s). */
-export async function ucxPerftest(env: NodeJS.ProcessEnv, iters: number): Promise<number> {
+/**
+ * ucx_perftest tag_bw 1 MiB between a server and a client process; GB/s
+ * (10^9 B/s). `between`: run the server on one host and the client on
+ * another (command prefixes entering each, and the server's address).
+ */
+export async function ucxPerftest(env: NodeJS.ProcessEnv, iters: number, between?: { enter: [string[], string[]]; addr: string }): Promise<number> {
   const port = await freePort();
-  const server = spawn('ucx_perftest', ['-p', String(port)], { env, stdio: 'ignore' });
+  const [serverCmd, ...serverArgs] = [...(between?.enter[0] ?? []), 'ucx_perftest', '-p', String(port)];
+  const server = spawn(serverCmd!, serverArgs, { env, stdio: 'ignore' });
+  const [clientCmd, ...clientPrefix] = [...(between?.enter[1] ?? []), 'ucx_perftest'];
   try {
     for (let i = 0; i < 50; i++) {
       await new Promise((r) => setTimeout(r, 100));
-      const r = spawnSync('ucx_perftest', ['127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)], { env, encoding: 'utf8' });
+      const r = spawnSync(clientCmd!, [...clientPrefix, between?.addr ?? '127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)], { env, encoding: 'utf8' });
       const line = r.stdout.split('\n').find((l) => l.includes('Final:'));
       if (!line) continue;
       // Final: iters, latency typical/avg/overall, bandwidth (MiB/s) avg/overall, msg rate avg/overall

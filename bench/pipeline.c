@@ -1,8 +1,11 @@
 /* What the machine gives a large-file pull, with no FUSE and no daemon.
  *
- *   pipeline SRC_DIR PREFIX N DST_DIR
+ *   pipeline SRC_DIR PREFIX N DST_DIR [SENDER_NETNS ADDR]
  *
- * A forked sender and this process talk over loopback TCP. For each file
+ * A forked sender and this process talk over loopback TCP; or, given a
+ * network namespace (/run/netns/NAME) for the sender and this process's
+ * address, between two test hosts: the sender enters that namespace and
+ * connects to ADDR. For each file
  * SRC_DIR/<PREFIX><i> the receiver asks for it, the sender sendfile()s it,
  * the receiver recv()s it in 1 MiB reads and pwrite()s them into a temp
  * file in DST_DIR, renames that into place, then opens the result and reads
@@ -25,6 +28,7 @@
 #include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sched.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -65,15 +69,25 @@ int main(int argc, char **argv) {
     return 2;
   }
   const char *src = argv[1], *prefix = argv[2], *dst = argv[4];
+  const char *sender_ns = argc > 6 ? argv[5] : NULL;
   int n = atoi(argv[3]);
   int ls = socket(AF_INET, SOCK_STREAM, 0);
   struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+  if (sender_ns && inet_pton(AF_INET, argv[6], &addr.sin_addr) != 1) {
+    fprintf(stderr, "pipeline: bad address %s\n", argv[6]);
+    return 2;
+  }
   socklen_t len = sizeof addr;
   if (ls < 0 || bind(ls, (struct sockaddr *)&addr, sizeof addr) < 0 || listen(ls, 1) < 0 ||
       getsockname(ls, (struct sockaddr *)&addr, &len) < 0)
     die("listen");
   pid_t child = fork();
   if (child == 0) {
+    if (sender_ns) {
+      int ns = open(sender_ns, O_RDONLY | O_CLOEXEC);
+      if (ns < 0 || setns(ns, CLONE_NEWNET) < 0) die(sender_ns);
+      close(ns);
+    }
     int s = socket(AF_INET, SOCK_STREAM, 0);
     if (connect(s, (struct sockaddr *)&addr, sizeof addr) < 0) die("connect");
     serve(s, src, prefix, n);

@@ -24,6 +24,11 @@
  * --dtl ucx [--tls tcp|shm]: the same workloads over the TCP transport and
  * then over UCX, with ucx_perftest tag_bw between two processes on the same
  * transport, all in one run.
+ *
+ * Where the two nodes are: on loopback by default; with --netns (the default
+ * for --dtl ucx over tcp, whose targets were set there; --loopback turns it
+ * off) on two test hosts, network namespaces joined by veth links and a
+ * bridge. Every baseline then runs between the same two hosts.
  */
 import fs from 'node:fs';
 import os from 'node:os';
@@ -31,6 +36,7 @@ import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
 import { compile, prefault, printTable, repoRoot, run, ucxPerftest, type Row } from './lib.js';
 import { withUcxDefaults } from '../src/dtl/ucx/native.js';
+import { network } from '../test/helpers/netns.js';
 
 interface Node {
   mnt: string;
@@ -53,29 +59,53 @@ function parseFiles(out: string): Files {
 
 const mountBin = path.join(repoRoot, 'bin', 'dyad-mount.js');
 
-function startNode(base: string, rank: number, kvsArgs: string[], extra: string[]): Node {
+function startNode(base: string, rank: 0 | 1, hosts: Hosts, kvsArgs: string[], extra: string[]): Node {
   const mnt = path.join(base, `n${rank}`);
   const storage = path.join(base, `s${rank}`);
   fs.mkdirSync(mnt);
   fs.mkdirSync(storage);
   const log = `${mnt}.log`;
-  run(process.execPath, [mountBin, '--background', '--log', log, '--storage', storage, '--rank', String(rank), ...kvsArgs, ...extra, mnt]);
+  runOn(hosts.enter[rank], process.execPath, [mountBin, '--background', '--log', log, '--storage', storage, '--rank', String(rank), '--listen', `${hosts.addr[rank]}:0`, ...kvsArgs, ...extra, mnt]);
   return { mnt, storage, log };
 }
 
-async function rawTcp(mib: number): Promise<number> {
+async function rawTcp(mib: number, hosts: Hosts): Promise<number> {
   const script = path.join(repoRoot, 'dist', 'bench', 'rawtcp.js');
-  const server = spawn(process.execPath, [script, 'serve', '127.0.0.1', '0', String(mib)]);
+  const serve = [...hosts.enter[0], process.execPath, script, 'serve', hosts.addr[0], '0', String(mib)];
+  const server = spawn(serve[0]!, serve.slice(1));
   const port = await new Promise<string>((resolve) => server.stdout.once('data', (d: Buffer) => resolve(d.toString().trim())));
-  const out = run(process.execPath, [script, 'recv', '127.0.0.1', port]);
+  const out = runOn(hosts.enter[1], process.execPath, [script, 'recv', hosts.addr[0], port]);
   server.kill();
   return Number(out.trim());
 }
 
-/** The C programs the workloads run: bench/files.c and bench/pipeline.c, compiled. */
+/**
+ * Where the two nodes are: both on loopback, or (--netns) each in a network
+ * namespace of its own, joined by veth links and a bridge, as two test
+ * hosts (test/helpers/netns.ts). Host 0 is the producer, host 1 the consumer.
+ */
+interface Hosts {
+  addr: [string, string];
+  /** Command prefix that runs a program on host 0 / host 1 (empty on loopback). */
+  enter: [string[], string[]];
+  /** Host 0's network namespace, for bench/pipeline.c's sender; none on loopback. */
+  ns0?: string;
+  /** The interface UCX must use (UCX_NET_DEVICES). */
+  device: string;
+}
+
+const loopback: Hosts = { addr: ['127.0.0.1', '127.0.0.1'], enter: [[], []], device: 'lo' };
+
+/** Runs `cmd args` on a host: through its enter prefix when it has one. */
+function runOn(enter: string[], cmd: string, args: string[]): string {
+  return enter.length > 0 ? run(enter[0]!, [...enter.slice(1), cmd, ...args]) : run(cmd, args);
+}
+
+/** The C programs the workloads run (bench/files.c, bench/pipeline.c, compiled) and where the nodes are. */
 interface Tools {
   files: string;
   pipeline: string;
+  hosts: Hosts;
 }
 
 /** Every figure of one run of the workloads over one transport. */
@@ -115,10 +145,11 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-xfer-'));
   const nodes: Node[] = [];
   try {
-    const n0 = startNode(base, 0, ['--kvs-serve', '127.0.0.1:0', '--kvs-data', path.join(base, 'kvs')], daemonArgs);
+    const { hosts } = tools;
+    const n0 = startNode(base, 0, hosts, ['--kvs-serve', `${hosts.addr[0]}:0`, '--kvs-data', path.join(base, 'kvs')], daemonArgs);
     nodes.push(n0);
     const url = /serving the embedded KVS at (dyad:\/\/\S+)/.exec(fs.readFileSync(n0.log, 'utf8'))![1]!;
-    const n1 = startNode(base, 1, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], daemonArgs);
+    const n1 = startNode(base, 1, hosts, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], daemonArgs);
     nodes.push(n1);
     const direct = path.join(base, 'direct');
     for (const d of ['small', 'small-warm', 'big', 'c-small', 'c-big']) fs.mkdirSync(path.join(n0.mnt, d));
@@ -155,14 +186,15 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     prefault(bigCount * bigMiB * 2);
     // What a consumer must at least pay: writing the bytes into local storage.
     const bWrite = parseFiles(run(files, ['write', path.join(direct, 'big'), 'b', String(bigCount), String(bigMiB << 20)]));
-    const rawGBps = await rawTcp(bigCount * bigMiB);
+    const rawGBps = await rawTcp(bigCount * bigMiB, hosts);
     prefault(bigCount * bigMiB * 2);
     const bRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'big'), 'b', String(bigCount)]));
     const bLocal = parseFiles(run(files, ['read', path.join(direct, 'big'), 'b', String(bigCount)]));
     prefault(bigCount * bigMiB * 2);
     const pipeDir = path.join(base, 'pipeline');
     fs.mkdirSync(pipeDir);
-    const [, pipeS, pipeBytes] = run(tools.pipeline, [path.join(direct, 'big'), 'b', String(bigCount), pipeDir]).trim().split(/\s+/).map(Number);
+    const across = hosts.ns0 ? [hosts.ns0, hosts.addr[1]] : [];
+    const [, pipeS, pipeBytes] = runOn(hosts.enter[1], tools.pipeline, [path.join(direct, 'big'), 'b', String(bigCount), pipeDir, ...across]).trim().split(/\s+/).map(Number);
     fs.rmSync(pipeDir, { recursive: true });
 
     const cSmallS = await consumerFirst('c-small', small, 4096);
@@ -219,10 +251,11 @@ function spinRows(p: PulledSmall, f: Figures, small: number): Row[] {
 }
 
 /** UCX beside the TCP transport and ucx_perftest, all from the same run. */
-function ucxRows(u: Figures, tcp: Figures, uPulled: PulledSmall, tcpPulled: PulledSmall, perftestGBps: number, tls: string, small: number, bigCount: number): Row[] {
+function ucxRows(u: Figures, tcp: Figures, uPulled: PulledSmall, tcpPulled: PulledSmall, perftest: { tuned: number; plain: number }, tls: string, small: number, bigCount: number): Row[] {
   const dyadUcx = 0.337;
   return [
-    { what: `(b) ${bigCount} × 64 MiB pull over UCX (${tls})`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: `ucx_perftest tag_bw (${tls})`, value: perftestGBps }, better: 'higher', target: '≥ 0.8× ucx_perftest' },
+    { what: `(b) ${bigCount} × 64 MiB pull over UCX (${tls})`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: `ucx_perftest tag_bw (${tls}), the daemons' UCX settings`, value: perftest.tuned }, better: 'higher', target: '≥ 0.8× ucx_perftest' },
+    { what: `(b) ${bigCount} × 64 MiB pull over UCX (${tls}) vs ucx_perftest with UCX's own defaults`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: `ucx_perftest tag_bw (${tls}), UCX defaults`, value: perftest.plain }, better: 'higher' },
     { what: `(b) ${bigCount} × 64 MiB pull over UCX vs DYAD's UCX DTL`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'DYAD UCX DTL (reference, not this run)', value: dyadUcx }, better: 'higher', target: '≥ 6×' },
     { what: `(b) ${bigCount} × 64 MiB pull over UCX vs its data path in C (TCP, no FUSE, no checksum)`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'bench/pipeline.c', value: u.pipelineGBps }, better: 'higher' },
     { what: `(b) ${bigCount} × 64 MiB pull over UCX vs the TCP transport`, value: u.bRemoteGBps, unit: 'GB/s', baseline: { name: 'TCP transport', value: tcp.bRemoteGBps }, better: 'higher' },
@@ -244,8 +277,28 @@ export async function main(args: string[]): Promise<void> {
   const small = quick ? 300 : 1000;
   const bigCount = quick ? 4 : 16;
   const bigMiB = 64;
-  const tools: Tools = { files: compile('files'), pipeline: compile('pipeline') };
-  console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, two daemons on this machine`);
+  const ucx = dtl.startsWith('U');
+  const tls = tlsIdx >= 0 ? args[tlsIdx + 1]! : 'tcp';
+  // The UCX targets were set between network namespaces over tcp, so that is
+  // where --dtl ucx runs unless told --loopback; the TCP bench runs on
+  // loopback unless told --netns. Shared memory needs no network.
+  const netns = tls === 'tcp' && (args.includes('--netns') || (ucx && !args.includes('--loopback')));
+  const scope = { fns: [] as Array<() => unknown>, teardown(fn: () => unknown) { this.fns.push(fn); } };
+  try {
+    const net = netns ? network(scope, 2) : null;
+    const hosts: Hosts = net
+      ? { addr: [net.hosts[0]!.addr, net.hosts[1]!.addr], enter: [net.hosts[0]!.enter, net.hosts[1]!.enter], ns0: `/run/netns/${net.hosts[0]!.ns}`, device: 'eth0' }
+      : loopback;
+    await runAll({ dtl, tls, small, bigCount, bigMiB, tools: { files: compile('files'), pipeline: compile('pipeline'), hosts } });
+  } finally {
+    for (const fn of scope.fns.reverse()) await fn();
+  }
+}
+
+async function runAll(o: { dtl: string; tls: string; small: number; bigCount: number; bigMiB: number; tools: Tools }): Promise<void> {
+  const { dtl, tls, small, bigCount, bigMiB, tools } = o;
+  const where = tools.hosts.ns0 ? `two test hosts (network namespaces, ${tools.hosts.addr.join(' and ')})` : 'two daemons on loopback';
+  console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, ${where}`);
   console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
   if (!dtl.startsWith('U')) {
     const f = await measure(dtl, small, bigCount, bigMiB, tools);
@@ -256,16 +309,18 @@ export async function main(args: string[]): Promise<void> {
     printTable(`Small files with --spin 100 (${dtl}, same run)`, spinRows(spun, f, small));
     return;
   }
-  // Two daemons on one machine: without these UCX would pick shared memory.
-  // --tls shm measures that path instead (perftest then uses it too).
-  const tls = tlsIdx >= 0 ? args[tlsIdx + 1]! : 'tcp';
+  // Two daemons on one machine: without these UCX would pick shared memory
+  // (even between namespaces). --tls shm measures that path instead
+  // (perftest then uses it too).
   process.env.UCX_TLS = tls === 'shm' ? 'sm,self' : tls;
-  if (tls === 'tcp') process.env.UCX_NET_DEVICES = 'lo';
+  if (tls === 'tcp') process.env.UCX_NET_DEVICES = tools.hosts.device;
   console.log(`# UCX_TLS=${process.env.UCX_TLS}${process.env.UCX_NET_DEVICES ? ` UCX_NET_DEVICES=${process.env.UCX_NET_DEVICES}` : ''}`);
   const tcp = await measure('TCP', small, bigCount, bigMiB, tools);
   prefault(bigCount * bigMiB * 2);
-  // With the daemons' UCX settings, so that the baseline moves data the same way.
-  const perf = await ucxPerftest(withUcxDefaults(process.env), 2000);
+  // With the daemons' UCX settings, so that the baseline moves data the same
+  // way, and with UCX's own defaults.
+  const between = { enter: tools.hosts.enter, addr: tools.hosts.addr[0] };
+  const perf = { tuned: await ucxPerftest(withUcxDefaults(process.env), 2000, between), plain: await ucxPerftest(process.env, 2000, between) };
   prefault(bigCount * bigMiB * 2);
   const u = await measure('UCX', small, bigCount, bigMiB, tools);
   const tcpPulled = await measure('TCP', small, bigCount, bigMiB, tools, ['--push-max', '0']);
