@@ -1,7 +1,8 @@
 /**
  * Mount lifecycle through the CLI: the default storage is the mountpoint's
  * own directory, files survive unmount and remount, a daemon killed with -9
- * leaves a dead mount that the next start clears, and bad arguments give one
+ * leaves a dead mount that the next start clears, node's own options given
+ * to a --background launcher reach the daemon, and bad arguments give one
  * clear line and a non-zero exit.
  */
 import t from 'tap';
@@ -35,6 +36,22 @@ t.test('SIGTERM unmounts cleanly', async (t) => {
   await waitExit(m.pid);
   t.notOk(isMountedAt(mnt));
   t.match(fs.readFileSync(m.log, 'utf8'), /SIGTERM: unmounting/);
+});
+
+t.test('--background: node options given to the launcher hold for the daemon', async (t) => {
+  const mnt = path.join(tmpdir(t), 'dmd');
+  fs.mkdirSync(mnt);
+  const log = `${mnt}.log`;
+  const { stdout } = await exec(process.execPath, ['--max-old-space-size=321', dyadMountBin, '--background', '--log', log, '--kvs-data', `${mnt}.kvs`, mnt]);
+  const pid = Number(/pid (\d+)/.exec(stdout)?.[1]);
+  t.teardown(async () => {
+    if (isMountedAt(mnt)) await exec(process.execPath, [dyadBin, 'umount', mnt]).catch(() => exec('umount', ['-l', mnt]));
+    await waitExit(pid);
+  });
+  t.ok(isMountedAt(mnt), 'mounted');
+  const argv = fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').split('\0');
+  t.ok(argv.includes('--max-old-space-size=321'), `daemon runs with the launcher's node options: ${argv.join(' ')}`);
+  t.notOk(argv.includes('--background'), 'and in the foreground itself');
 });
 
 t.test('stale mount after kill -9 is cleared at the next start', async (t) => {

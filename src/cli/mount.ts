@@ -59,7 +59,8 @@ async function background(): Promise<void> {
   const args = process.argv.slice(2).filter((a) => a !== '--background');
   const logFd = opts.log ? fs.openSync(opts.log, 'a') : 'ignore';
   if (!opts.log) process.stderr.write(`dyad-mount: no --log given: the background daemon's log lines are discarded\n`);
-  const child = spawn(process.execPath, [process.argv[1]!, ...args], {
+  // Flags given to node itself (heap sizes, V8 options) hold for the daemon too.
+  const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...args], {
     detached: true,
     stdio: ['ignore', logFd, logFd === 'ignore' ? 'pipe' : logFd, 'ipc'],
     env: { ...process.env, DYAD_MOUNT_READY_IPC: '1' },
