@@ -25,6 +25,27 @@ export function run(cmd: string, args: string[], opts: { cwd?: string } = {}): s
   return r.stdout + r.stderr;
 }
 
+/** `cmd args` as run on a test host: behind the prefix that enters it (e.g. nsenter --net=...), if any. */
+export function onHost(enter: string[], cmd: string, args: string[]): [string, string[]] {
+  const [c, ...rest] = [...enter, cmd, ...args] as [string, ...string[]];
+  return [c, rest];
+}
+
+/** What a benchmark created (network namespaces, mounts), undone in reverse order by `close`; shaped like tap's `t` for test helpers. */
+export interface Teardown {
+  fns: Array<() => unknown>;
+  teardown(fn: () => unknown): void;
+}
+
+export function scope(): Teardown {
+  const t: Teardown = { fns: [], teardown: (fn) => void t.fns.push(fn) };
+  return t;
+}
+
+export async function close(t: Teardown): Promise<void> {
+  for (const fn of t.fns.reverse()) await fn();
+}
+
 /** Compiles bench/<name>.c into a temp binary. */
 export function compile(name: string): string {
   const out = path.join(os.tmpdir(), `dyadfs-bench-${name}-${process.pid}`);
@@ -102,13 +123,12 @@ function freePort(): Promise<number> {
  */
 export async function ucxPerftest(env: NodeJS.ProcessEnv, iters: number, between?: { enter: [string[], string[]]; addr: string }): Promise<number> {
   const port = await freePort();
-  const [serverCmd, ...serverArgs] = [...(between?.enter[0] ?? []), 'ucx_perftest', '-p', String(port)];
-  const server = spawn(serverCmd!, serverArgs, { env, stdio: 'ignore' });
-  const [clientCmd, ...clientPrefix] = [...(between?.enter[1] ?? []), 'ucx_perftest'];
+  const server = spawn(...onHost(between?.enter[0] ?? [], 'ucx_perftest', ['-p', String(port)]), { env, stdio: 'ignore' });
   try {
     for (let i = 0; i < 50; i++) {
       await new Promise((r) => setTimeout(r, 100));
-      const r = spawnSync(clientCmd!, [...clientPrefix, between?.addr ?? '127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)], { env, encoding: 'utf8' });
+      const client = onHost(between?.enter[1] ?? [], 'ucx_perftest', [between?.addr ?? '127.0.0.1', '-p', String(port), '-t', 'tag_bw', '-s', '1048576', '-n', String(iters)]);
+      const r = spawnSync(...client, { env, encoding: 'utf8' });
       const line = r.stdout.split('\n').find((l) => l.includes('Final:'));
       if (!line) continue;
       // Final: iters, latency typical/avg/overall, bandwidth (MiB/s) avg/overall, msg rate avg/overall

@@ -16,28 +16,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { compile, median, prefault, printTable, repoRoot, type Row } from './lib.js';
+import { close, compile, median, onHost, prefault, printTable, repoRoot, scope, type Row } from './lib.js';
 import { netCluster, network, type NetCluster } from '../test/helpers/netns.js';
 import { startEtcd } from '../test/helpers/etcd.js';
 
-interface Teardown {
-  fns: Array<() => unknown>;
-  teardown(fn: () => unknown): void;
-}
-
-function scope(): Teardown {
-  const t: Teardown = { fns: [], teardown: (fn) => void t.fns.push(fn) };
-  return t;
-}
-
-async function close(t: Teardown): Promise<void> {
-  for (const fn of t.fns.reverse()) await fn();
-}
-
 function runIn(enter: string[], cmd: string, args: string[]): Promise<string> {
   return new Promise((resolve, reject) => {
-    const [c, ...rest] = [...enter, cmd, ...args] as [string, ...string[]];
-    const p = spawn(c, rest, { stdio: ['ignore', 'pipe', 'pipe'] });
+    const p = spawn(...onHost(enter, cmd, args), { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
     p.stdout.on('data', (d: Buffer) => (out += d));

@@ -34,7 +34,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { spawn, spawnSync } from 'node:child_process';
-import { compile, prefault, printTable, repoRoot, run, ucxPerftest, type Row } from './lib.js';
+import { close, compile, onHost, prefault, printTable, repoRoot, run, scope, ucxPerftest, type Row } from './lib.js';
 import { withUcxDefaults } from '../src/dtl/ucx/native.js';
 import { network } from '../test/helpers/netns.js';
 
@@ -71,8 +71,7 @@ function startNode(base: string, rank: 0 | 1, hosts: Hosts, kvsArgs: string[], e
 
 async function rawTcp(mib: number, hosts: Hosts): Promise<number> {
   const script = path.join(repoRoot, 'dist', 'bench', 'rawtcp.js');
-  const serve = [...hosts.enter[0], process.execPath, script, 'serve', hosts.addr[0], '0', String(mib)];
-  const server = spawn(serve[0]!, serve.slice(1));
+  const server = spawn(...onHost(hosts.enter[0], process.execPath, [script, 'serve', hosts.addr[0], '0', String(mib)]));
   const port = await new Promise<string>((resolve) => server.stdout.once('data', (d: Buffer) => resolve(d.toString().trim())));
   const out = runOn(hosts.enter[1], process.execPath, [script, 'recv', hosts.addr[0], port]);
   server.kill();
@@ -96,9 +95,9 @@ interface Hosts {
 
 const loopback: Hosts = { addr: ['127.0.0.1', '127.0.0.1'], enter: [[], []], device: 'lo' };
 
-/** Runs `cmd args` on a host: through its enter prefix when it has one. */
+/** Runs `cmd args` on a host and returns its output. */
 function runOn(enter: string[], cmd: string, args: string[]): string {
-  return enter.length > 0 ? run(enter[0]!, [...enter.slice(1), cmd, ...args]) : run(cmd, args);
+  return run(...onHost(enter, cmd, args));
 }
 
 /** The C programs the workloads run (bench/files.c, bench/pipeline.c, compiled) and where the nodes are. */
@@ -140,12 +139,11 @@ interface PulledSmall {
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools): Promise<Figures>;
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith: string[]): Promise<PulledSmall>;
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith?: string[]): Promise<Figures | PulledSmall> {
-  const { files } = tools;
+  const { files, hosts } = tools;
   const daemonArgs = ['--dtl', dtl, ...(smallOnlyWith ?? [])];
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-xfer-'));
   const nodes: Node[] = [];
   try {
-    const { hosts } = tools;
     const n0 = startNode(base, 0, hosts, ['--kvs-serve', `${hosts.addr[0]}:0`, '--kvs-data', path.join(base, 'kvs')], daemonArgs);
     nodes.push(n0);
     const url = /serving the embedded KVS at (dyad:\/\/\S+)/.exec(fs.readFileSync(n0.log, 'utf8'))![1]!;
@@ -283,15 +281,15 @@ export async function main(args: string[]): Promise<void> {
   // where --dtl ucx runs unless told --loopback; the TCP bench runs on
   // loopback unless told --netns. Shared memory needs no network.
   const netns = tls === 'tcp' && (args.includes('--netns') || (ucx && !args.includes('--loopback')));
-  const scope = { fns: [] as Array<() => unknown>, teardown(fn: () => unknown) { this.fns.push(fn); } };
+  const t = scope();
   try {
-    const net = netns ? network(scope, 2) : null;
+    const net = netns ? network(t, 2) : null;
     const hosts: Hosts = net
       ? { addr: [net.hosts[0]!.addr, net.hosts[1]!.addr], enter: [net.hosts[0]!.enter, net.hosts[1]!.enter], ns0: `/run/netns/${net.hosts[0]!.ns}`, device: 'eth0' }
       : loopback;
     await runAll({ dtl, tls, small, bigCount, bigMiB, tools: { files: compile('files'), pipeline: compile('pipeline'), hosts } });
   } finally {
-    for (const fn of scope.fns.reverse()) await fn();
+    await close(t);
   }
 }
 
