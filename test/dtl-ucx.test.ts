@@ -472,6 +472,28 @@ function suites(): void {
     t.same(parts(threaded.out), [], 'a digest mismatch found by the thread leaves no temp file');
   });
 
+  t.test('the movers start with the daemon and hold their first transfer\'s buffers before any pull', async (t) => {
+    const dir = tmp(t);
+    mkdirSync(join(dir, 'root'));
+    const owner = createUcxBackend({ config: TCP });
+    const consumer = createUcxBackend({ config: TCP });
+    const server = await owner.serve({ root: join(dir, 'root'), host: '127.0.0.1', port: 0, secret: SECRET });
+    const client = consumer.client({ secret: SECRET });
+    t.teardown(async () => {
+      await client.close();
+      await server.close();
+    });
+    // The threads fill them in the background: wait for them (no time is asserted).
+    const buffers = () => ({ tx: owner.stats()?.movers?.tx?.buffers ?? 0, rx: consumer.stats()?.movers?.rx?.buffers ?? 0 });
+    for (let i = 0; i < 200 && (buffers().tx < 8 || buffers().rx < 10); i++) await sleep(25);
+    t.same(buffers(), { tx: 8, rx: 10 }, 'the owner holds its window (8), the consumer one pull (10), before any transfer');
+    const data = randomBytes((3 << 20) + 7);
+    writeFileSync(join(dir, 'root', 'f'), data);
+    await client.pull(server.address, { upath: 'f', size: data.length, digest: digestBuffer(data) }, join(dir, 'f'));
+    t.ok(readFileSync(join(dir, 'f')).equals(data), 'the pull arrived intact');
+    t.same(buffers(), { tx: 8, rx: 10 }, 'the first pull found its buffers ready and allocated none');
+  });
+
   t.test('a full disk under the receive thread: ENOSPC, nothing left, the next pull works', async (t) => {
     const e = await setup(t, TCP, 'am');
     const req = e.put('f', randomBytes(5 << 20));

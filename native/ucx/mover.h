@@ -78,11 +78,13 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
     bool send;        // a send job's result
   };
   struct Command {
-    enum Kind { kStart, kCancel, kSend, kCancelSend } kind;
+    enum Kind { kStart, kCancel, kSend, kCancelSend, kReserve } kind;
     std::shared_ptr<Job> job;       // kStart
     std::shared_ptr<SendJob> sjob;  // kSend
     uint64_t token;
     bool force;  // kCancelSend: also close the peer's endpoint (it stopped taking chunks)
+    size_t bytes = 0;     // kReserve: buffer size
+    unsigned count = 0;   // kReserve: how many
   };
 
   // JS API
@@ -93,6 +95,7 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   Napi::Value Send(const Napi::CallbackInfo& info);
   Napi::Value CancelSend(const Napi::CallbackInfo& info);
   Napi::Value Sent(const Napi::CallbackInfo& info);
+  Napi::Value Reserve(const Napi::CallbackInfo& info);
   template <typename Jobs>
   Napi::Value Forget(const Napi::CallbackInfo& info, Jobs& jobs, int kind, bool force);
   template <typename Jobs, typename Field>
@@ -130,6 +133,8 @@ class ChunkMover : public Napi::ObjectWrap<ChunkMover> {
   static void OnPeerError(void* arg, ucp_ep_h ep, ucs_status_t status);
   void ReleaseLater(void* desc) { to_release_.push_back(desc); }
   Buf* TakeBuf(size_t size);
+  Buf* NewBuf(size_t size);
+  void ReserveBufs(size_t size, unsigned count);
   void GiveBuf(Buf* b);
   void Post(Result r);
   void Enqueue(Command c);  // JS -> thread

@@ -33,6 +33,7 @@ import type { IoMode } from '../inline.js';
 import type { PullOptions, PullRequest, PullResult, TransferClient } from '../types.js';
 import { isUcxError, type UcxChunkMover, type UcxRemoteKey } from './native.js';
 import {
+  DEFAULT_CHUNK_BYTES,
   FRAME_HEADER_BYTES,
   FrameType,
   INLINE_MAX,
@@ -697,6 +698,8 @@ export class UcxTransferClient implements TransferClient {
       receiveThread: opts.receiveThread ?? receiveThreadAvailable(),
       maxBulkPerPeer: Math.max(0, opts.maxBulkPerPeer ?? 2),
     };
+    // The receive thread and one pull's buffers, for the chunk size owners use unless configured otherwise.
+    if (this.s.mode === Mode.am && this.s.receiveThread) rt.prepareMover('rx', DEFAULT_CHUNK_BYTES, this.s.buffersPerPull);
   }
 
   private connection(address: string, upath: string, timeoutMs: number): ControlConn {

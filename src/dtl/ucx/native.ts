@@ -85,6 +85,8 @@ export interface UcxChunkMover {
   sent(token: Buffer): number;
   /** ucp_ep_print_info of each peer it has sent to. */
   endpoints(): string[];
+  /** Has the thread allocate and touch `count` buffers of `bytes` now, for the first jobs (kept within the idle-buffer bound). */
+  reserve(bytes: number, count: number): void;
   /** Counters; `receiving`/`sending`: chunk operations UCX holds now (their buffers are in use). */
   stats(): { wakeups: number; chunks: number; dropped: number; buffers: number; jobs: number; sends: number; receiving: number; sending: number };
   close(): void;

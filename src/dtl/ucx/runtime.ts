@@ -189,6 +189,11 @@ export class UcxRuntime {
     return this.movers[role] ?? null;
   }
 
+  /** Starts a mover now and has it ready `count` buffers of `bytes`, so the first transfer pays for neither. */
+  prepareMover(role: MoverRole, bytes: number, count: number): void {
+    this.mover(role)?.reserve(bytes, count);
+  }
+
   /** The movers' counters, for those that were started. */
   moverStats(): { rx?: ReturnType<UcxChunkMover['stats']>; tx?: ReturnType<UcxChunkMover['stats']> } {
     return { rx: this.movers.rx?.stats(), tx: this.movers.tx?.stats() };

@@ -40,6 +40,8 @@ import type { ServeOptions, TransferServer } from '../types.js';
 import type { UcxRegion } from './native.js';
 import {
   AM_CHUNK,
+  DEFAULT_CHUNK_BYTES,
+  DEFAULT_WINDOW,
   FrameReader,
   FrameType,
   INLINE_MAX,
@@ -123,16 +125,6 @@ interface Request {
 }
 
 const MAPPING_GRACE_MS = 10_000;
-
-/**
- * 512 KiB x 8 in flight measured best on the project VM (bench/transfer-ucx.ts:
- * 1.2x the TCP backend, against 0.65x for 1 MiB x 8 and ~0.6x for 4 MiB x 4
- * in the same runs): the consumer digests each chunk while it is still in
- * cache, and its event loop is never blocked for long by one chunk's digest
- * and write. On InfiniBand 512 KiB messages already run near line rate.
- */
-export const DEFAULT_CHUNK_BYTES = 512 << 10;
-export const DEFAULT_WINDOW = 8;
 
 class ServerConnection {
   private readonly reader = new FrameReader();
@@ -520,6 +512,8 @@ export class UcxTransferServer implements TransferServer {
       maxQueued: opts.maxQueuedRequests ?? 256,
       log: opts.log ?? (() => {}),
     };
+    // The send thread and its first transfer's buffers are made now, not in the first pull's path.
+    if (s.sendThread) rt.prepareMover('tx', chunkBytes, s.window);
     const slots = new Slots(opts.maxActive ?? 16);
     const server = net.createServer({ noDelay: true });
     server.maxConnections = opts.maxConnections ?? 1024;
