@@ -50,16 +50,25 @@ t.test('a host killed during pulls: errors, no partial files', async (t) => {
   // Files large enough that pulls are in flight when the owner dies.
   for (let i = 0; i < 6; i++) fs.writeFileSync(path.join(owner.mnt, `big${i}`), Buffer.alloc(48 << 20, i));
   const pulls = Array.from({ length: 6 }, (_, i) => sh(`cat ${path.join(cons.mnt, `big${i}`)} | wc -c`, { timeoutMs: 120_000 }));
-  await sleep(150);
+  // Kill it once a pull is under way (its temporary file exists): a fixed
+  // delay was sometimes too late, and then nothing failed at all.
+  const underWay = () => fs.readdirSync(cons.storage).some((f) => f.startsWith('.dyad-part'));
+  for (let i = 0; i < 20_000 && !underWay(); i++) await sleep(1);
+  t.ok(underWay(), 'a pull was under way when the owner was killed');
   process.kill(owner.pid, 'SIGKILL');
   const results = await Promise.all(pulls);
+  const eio = (r: { stdout: string; stderr: string }) => Number(r.stdout.trim()) === 0 && /Input\/output error/.test(r.stderr);
   for (const [i, r] of results.entries()) {
     const got = Number(r.stdout.trim());
-    t.ok(got === 48 << 20 || (got === 0 && /Input\/output error/.test(r.stderr)), `big${i}: whole file or EIO (${got} bytes, ${r.stderr.trim()})`);
+    t.ok(got === 48 << 20 || eio(r), `big${i}: whole file or EIO (${got} bytes, ${r.stderr.trim()})`);
   }
+  t.ok(results.some(eio), 'the pulls the owner did not finish failed with EIO');
   const left = fs.readdirSync(cons.storage);
   t.equal(left.filter((f) => f.startsWith('.dyad-part')).length, 0, 'no temporary files left');
-  for (const f of left) if (f.startsWith('big')) t.equal(fs.statSync(path.join(cons.storage, f)).size, 48 << 20, `${f} is whole`);
+  for (let i = 0; i < 6; i++) {
+    const size = left.includes(`big${i}`) ? fs.statSync(path.join(cons.storage, `big${i}`)).size : null;
+    t.ok(size === null || size === 48 << 20, `big${i} in storage is whole or absent (${size ?? 'absent'})`);
+  }
 });
 
 t.test('a restarted daemon republishes what its storage holds', async (t) => {
