@@ -30,7 +30,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { errnos } from '../src/errors.js';
 import { PART_PREFIX, digestBuffer, tcpBackend, Digester } from '../src/dtl/index.js';
 import { sendfileAvailable, setSendfileEnabled } from '../src/dtl/sendfile.js';
-import { receiveChannel, receiveThreadAvailable, setReceiveThreadEnabled } from '../src/dtl/receive.js';
+import { prepareReceiveBuffers, receiveChannel, receiveThreadAvailable, setReceiveThreadEnabled } from '../src/dtl/receive.js';
 import { crcUpdate, formatDigest } from '../src/dtl/digest.js';
 import type { PullRequest, PullResult, TransferClient, TransferServer } from '../src/dtl/index.js';
 import {
@@ -222,6 +222,7 @@ function threadTakeovers(t: Teardown): { count: number } {
 t.test('bodies received on the receive thread and on the event loop are the same bytes', async (t) => {
   const e = await setup(t);
   t.ok(receiveThreadAvailable(), 'the addon provides the receive thread on this machine');
+  t.ok(prepareReceiveBuffers(0) >= 1, 'a client keeps a receive buffer ready from its start');
   const seen = threadTakeovers(t);
   const data = randomBytes((3 << 20) + 12345);
   const req = e.put('f', data);

@@ -16,6 +16,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("FuseDevice", FuseDevice::Init(env));
   exports.Set("FileSender", FileSender::Init(env));
   exports.Set("FileReceiver", FileReceiver::Init(env));
+  exports.Set("reserveReceiveBuffers", Napi::Function::New(env, ReserveReceiveBuffers));
   exports.Set("openDevice", Napi::Function::New(env, OpenDevice));
   exports.Set("mount", Napi::Function::New(env, Mount));
   exports.Set("umount", Napi::Function::New(env, Umount));

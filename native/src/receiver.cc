@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <vector>
@@ -65,6 +66,22 @@ void GiveBack(uint8_t* b) {
 }
 
 }  // namespace
+
+// reserveReceiveBuffers(n) -> buffers now kept: fills the keep list with up
+// to n touched buffers, so a daemon's first pull does not fault its buffer
+// in (256 faults, about 3.7 ms on the project VM) while the consumer waits.
+Napi::Value ReserveReceiveBuffers(const Napi::CallbackInfo& info) {
+  size_t want = info.Length() > 0 && info[0].IsNumber() ? size_t(std::max(0.0, info[0].As<Napi::Number>().DoubleValue())) : 1;
+  want = std::min(want, kKeptBuffers);
+  std::lock_guard<std::mutex> g(kept_mu);
+  while (kept.size() < want) {
+    auto* b = static_cast<uint8_t*>(std::malloc(kBuffer));
+    if (!b) break;
+    for (size_t i = 0; i < kBuffer; i += 4096) b[i] = 0;
+    kept.push_back(b);
+  }
+  return Napi::Number::New(info.Env(), double(kept.size()));
+}
 
 Napi::Function FileReceiver::Init(Napi::Env env) {
   return DefineClass(env, "FileReceiver",

@@ -53,3 +53,6 @@ class FileReceiver : public Napi::ObjectWrap<FileReceiver> {
   Napi::FunctionReference on_done_;
   Napi::AsyncContext* async_ = nullptr;
 };
+
+// Keeps up to n receive buffers ready (touched) for the pulls to come; returns how many are kept.
+Napi::Value ReserveReceiveBuffers(const Napi::CallbackInfo& info);

@@ -46,6 +46,8 @@ export interface FileReceiverConstructor {
 export interface DtlAddon {
   FileSender?: FileSenderConstructor;
   FileReceiver?: FileReceiverConstructor;
+  /** Keeps up to `n` touched receive buffers for the pulls to come; returns how many are kept. */
+  reserveReceiveBuffers?: (n: number) => number;
   /** CRC-32C of `data` chained from `crc`; `portable` skips the CPU instruction. */
   crc32c?: (data: Uint8Array, crc?: number, portable?: boolean) => number;
 }

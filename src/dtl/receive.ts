@@ -34,6 +34,15 @@ export function receiveThreadAvailable(): boolean {
   return enabled;
 }
 
+/**
+ * Has `n` receive buffers ready before the first pull (a fresh one is
+ * faulted in page by page on its first fill); returns how many are kept,
+ * 0 without the thread.
+ */
+export function prepareReceiveBuffers(n = 1): number {
+  return enabled ? (addon.reserveReceiveBuffers?.(n) ?? 0) : 0;
+}
+
 /** How a range ended: `errno` 0 means every byte was written and `crc` covers them. */
 export interface ReceiveOutcome {
   errno: number;

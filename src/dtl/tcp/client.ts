@@ -33,7 +33,7 @@ import { BufferPool } from '../buffers.js';
 import { MAX_UPATH_BYTES, refused } from '../confine.js';
 import { assertDigest } from '../digest.js';
 import { abortError, authError, digestError, peerError, remoteError } from '../errors.js';
-import { receiveChannel, receiveRange, type RangeReceive, type ReceiveOutcome } from '../receive.js';
+import { prepareReceiveBuffers, receiveChannel, receiveRange, type RangeReceive, type ReceiveOutcome } from '../receive.js';
 import { FileSink, type WriteMode } from '../sink.js';
 import type { PullOptions, PullRequest, PullResult, TransferClient } from '../types.js';
 import {
@@ -578,6 +578,8 @@ export class TcpTransferClient implements TransferClient {
       writeMode: opts.writeMode ?? 'adaptive',
       pool: new BufferPool(bufferBytes, 32),
     };
+    // The receive thread's buffer is faulted in now, not during the first pull.
+    prepareReceiveBuffers(1);
   }
 
   private poolFor(address: string, upath: string): PeerPool {
