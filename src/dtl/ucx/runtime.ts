@@ -168,7 +168,8 @@ export class UcxRuntime {
 
   /**
    * The native chunk movers (each a worker of its own on a thread of its
-   * own, native/ucx/mover.h), created on first use: 'rx' receives this
+   * own, native/ucx/mover.h), created on first use (a client and a server
+   * start theirs when they are made, see prepareMover): 'rx' receives this
    * process's pulls, 'tx' sends what its server serves. Two, so a node that
    * both serves and pulls (all-to-all) uses a core for each direction. Null
    * where the addon lacks them or one cannot start (the caller then uses
