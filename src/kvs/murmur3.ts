@@ -12,7 +12,7 @@
  * The helpers below return through a two-word register (R) to avoid
  * allocating a pair per operation. It is a Uint32Array, not two module-level
  * `let`s: a number above 2^31 stored in a module variable is boxed, so each
- * store allocated (about 4 KiB of garbage per key, measured with V8's
+ * store allocated (about 4 KiB of garbage per published file, measured with V8's
  * sampling heap profiler on a publishing daemon).
  */
 
