@@ -287,18 +287,18 @@ export async function main(args: string[]): Promise<void> {
     const hosts: Hosts = net
       ? { addr: [net.hosts[0]!.addr, net.hosts[1]!.addr], enter: [net.hosts[0]!.enter, net.hosts[1]!.enter], ns0: `/run/netns/${net.hosts[0]!.ns}`, device: 'eth0' }
       : loopback;
-    await runAll({ dtl, tls, small, bigCount, bigMiB, tools: { files: compile('files'), pipeline: compile('pipeline'), hosts } });
+    await runAll({ dtl, ucx, tls, small, bigCount, bigMiB, tools: { files: compile('files'), pipeline: compile('pipeline'), hosts } });
   } finally {
     await close(t);
   }
 }
 
-async function runAll(o: { dtl: string; tls: string; small: number; bigCount: number; bigMiB: number; tools: Tools }): Promise<void> {
-  const { dtl, tls, small, bigCount, bigMiB, tools } = o;
+async function runAll(o: { dtl: string; ucx: boolean; tls: string; small: number; bigCount: number; bigMiB: number; tools: Tools }): Promise<void> {
+  const { dtl, ucx, tls, small, bigCount, bigMiB, tools } = o;
   const where = tools.hosts.ns0 ? `two test hosts (network namespaces, ${tools.hosts.addr.join(' and ')})` : 'two daemons on loopback';
   console.log(`# dyad-fs transfer benchmark (${dtl}): ${small} × 4 KiB, ${bigCount} × ${bigMiB} MiB, ${where}`);
   console.log(`# ${os.cpus().length} CPUs, kernel ${os.release()}, node ${process.version}`);
-  if (!dtl.startsWith('U')) {
+  if (!ucx) {
     const f = await measure(dtl, small, bigCount, bigMiB, tools);
     const pulled = await measure(dtl, small, bigCount, bigMiB, tools, ['--push-max', '0']);
     const spun = await measure(dtl, small, bigCount, bigMiB, tools, ['--spin', '100']);

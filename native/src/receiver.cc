@@ -73,13 +73,19 @@ void GiveBack(uint8_t* b) {
 Napi::Value ReserveReceiveBuffers(const Napi::CallbackInfo& info) {
   size_t want = info.Length() > 0 && info[0].IsNumber() ? size_t(std::max(0.0, info[0].As<Napi::Number>().DoubleValue())) : 1;
   want = std::min(want, kKeptBuffers);
-  std::lock_guard<std::mutex> g(kept_mu);
-  while (kept.size() < want) {
+  size_t have;
+  {
+    std::lock_guard<std::mutex> g(kept_mu);
+    have = kept.size();
+  }
+  // Touched outside the lock, so a receive thread ending meanwhile is not held up.
+  for (; have < want; have++) {
     auto* b = static_cast<uint8_t*>(std::malloc(kBuffer));
     if (!b) break;
     for (size_t i = 0; i < kBuffer; i += 4096) b[i] = 0;
-    kept.push_back(b);
+    GiveBack(b);
   }
+  std::lock_guard<std::mutex> g(kept_mu);
   return Napi::Number::New(info.Env(), double(kept.size()));
 }
 
