@@ -30,6 +30,7 @@ import {
   authMac,
   decodeAuth,
   decodeGet,
+  encodeData,
   encodeFrame,
   encodeHello,
   encodeStart,
@@ -191,12 +192,16 @@ function childConsumer(t: Teardown, address: string, req: PullRequest, dest: str
  * A scripted owner on the control connection: HELLO/WELCOME with the real
  * MACs (or silence), then hands each GET to `onGet`.
  */
-async function fakeOwner(t: Teardown, opts: { silent?: boolean; onGet?: (sock: net.Socket, id: number) => void }): Promise<string> {
+async function fakeOwner(
+  t: Teardown,
+  opts: { silent?: boolean; onGet?: (sock: net.Socket, id: number) => void; onClose?: () => void },
+): Promise<string> {
   const sockets = new Set<net.Socket>();
   const fakeWorker = randomBytes(50);
   const srv = net.createServer((sock) => {
     sockets.add(sock);
     sock.on('error', () => {});
+    if (opts.onClose) sock.on('close', opts.onClose);
     if (opts.silent) return;
     const nonce = randomBytes(32);
     sock.write(encodeHello(nonce));
@@ -431,6 +436,36 @@ function suites(): void {
     const garbage = await fakeOwner(t, { onGet: (sock) => sock.write(encodeFrame(FrameType.hello, Buffer.alloc(3))) });
     await t.rejects(client.pull(garbage, req, join(dir, 'f'), { peerTimeoutMs: 2000 }), { code: 'DYAD_EPEER', message: /protocol error/ }, 'garbage reply');
     t.same(parts(dir), []);
+  });
+
+  t.test('an unused control connection is closed after idleTimeoutMs, a used one is kept', async (t) => {
+    const dir = tmp(t);
+    const body = Buffer.from('four');
+    const req = { upath: 'f', size: body.length, digest: digestBuffer(body, 'crc32') };
+    let closes = 0;
+    let closed: () => void = () => {};
+    const gone = new Promise<void>((r) => (closed = r));
+    const owner = await fakeOwner(t, {
+      onGet: (sock, id) => sock.write(encodeData(id, body)),
+      onClose: () => {
+        closes++;
+        closed();
+      },
+    });
+    const client = createUcxBackend({ config: TCP }).client({ secret: SECRET, idleTimeoutMs: 1000 });
+    t.teardown(() => client.close());
+    // Pulls closer together than the idle timeout keep the one connection.
+    for (let i = 0; i < 4; i++) {
+      await client.pull(owner, req, join(dir, `f${i}`));
+      await sleep(100);
+    }
+    t.equal(closes, 0, 'still open between pulls');
+    const stop = setTimeout(() => closed(), 10_000);
+    await gone;
+    clearTimeout(stop);
+    t.equal(closes, 1, 'closed once left unused');
+    await client.pull(owner, req, join(dir, 'again'));
+    t.ok(readFileSync(join(dir, 'again')).equals(body), 'a later pull connects again');
   });
 
   t.test('a pull queued behind a busy owner is kept alive by WAIT, not timed out', async (t) => {
