@@ -93,6 +93,57 @@ t.test('a producer writes into a directory that only another node has made', asy
   t.match(miss.stderr, /No such file or directory/, 'a directory no node has: ENOENT, at once');
 });
 
+t.test('mkdir, symlink, link, rename and mknod into directories only another node has made', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  // One directory per call, so that each call is the first on node 1 to
+  // look its directory up (these calls, unlike open, name their path in
+  // arguments the daemon does not read for every system call).
+  for (const d of ['mk', 'sym', 'hard', 'mv', 'nod']) {
+    fs.mkdirSync(path.join(p.mnt, d));
+    fs.writeFileSync(path.join(p.mnt, d, 'seed'), d);
+  }
+  fs.writeFileSync(path.join(q.mnt, 'local1'), 'l1');
+  fs.writeFileSync(path.join(q.mnt, 'local2'), 'l2');
+  const calls: [string, string][] = [
+    ['mkdir', `mkdir ${path.join(q.mnt, 'mk', 'sub')}`],
+    ['symlink', `ln -s seed ${path.join(q.mnt, 'sym', 'link')}`],
+    ['link', `ln ${path.join(q.mnt, 'local1')} ${path.join(q.mnt, 'hard', 'again')}`],
+    ['rename', `mv ${path.join(q.mnt, 'local2')} ${path.join(q.mnt, 'mv', 'moved')}`],
+    ['mknod', `python3 -c 'import os, stat; os.mknod("${path.join(q.mnt, 'nod', 'plain')}", stat.S_IFREG | 0o644)'`],
+  ];
+  for (const [what, cmd] of calls) {
+    const r = await sh(cmd, { timeoutMs: 20_000 });
+    t.equal(r.code, 0, `${what}: ${r.stderr}`);
+  }
+  t.ok(fs.statSync(path.join(q.storage, 'mk', 'sub')).isDirectory(), 'mkdir: made in node 1 storage');
+  t.equal(fs.readlinkSync(path.join(q.storage, 'sym', 'link')), 'seed', 'symlink: made in node 1 storage');
+  t.equal(fs.readFileSync(path.join(q.storage, 'hard', 'again'), 'utf8'), 'l1', 'link: made in node 1 storage');
+  t.equal(fs.readFileSync(path.join(q.storage, 'mv', 'moved'), 'utf8'), 'l2', 'rename: moved in node 1 storage');
+  t.ok(fs.statSync(path.join(q.storage, 'nod', 'plain')).isFile(), 'mknod: made in node 1 storage');
+  const miss = await sh(`mkdir ${path.join(q.mnt, 'nowhere', 'sub')}`);
+  t.match(miss.stderr, /No such file or directory/, 'a directory no node has: ENOENT, at once');
+});
+
+t.test('renaming a directory publishes its files under the new name, and withdraws the old', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.mkdirSync(path.join(p.mnt, 'tmp', 'sub'), { recursive: true });
+  fs.writeFileSync(path.join(p.mnt, 'tmp', 'a'), 'aaa');
+  fs.writeFileSync(path.join(p.mnt, 'tmp', 'sub', 'b'), Buffer.alloc(100_000, 3));
+  // A reader on the other node waits for a name that only the rename makes.
+  const cons = sh(`timeout 20 cat ${path.join(q.mnt, 'done', 'sub', 'b')} | md5sum; exit \${PIPESTATUS[0]}`, { timeoutMs: 30_000 });
+  await sleep(300);
+  fs.renameSync(path.join(p.mnt, 'tmp'), path.join(p.mnt, 'done'));
+  const r = await cons;
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout.split(' ')[0], createHash('md5').update(Buffer.alloc(100_000, 3)).digest('hex'), 'the waiting reader got the file under its new name');
+  const a = await sh(`timeout 10 cat ${path.join(q.mnt, 'done', 'a')}`, { timeoutMs: 20_000 });
+  t.equal(a.stdout, 'aaa', 'the other file too');
+  const old = await sh(`stat ${path.join(q.mnt, 'tmp', 'a')}`);
+  t.match(old.stderr, /No such file or directory/, 'the old name is gone on the other node');
+});
+
 t.test('creates by relative path, through directories only another node has, one name repeated', async (t) => {
   const c = await cluster(t, 2);
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
@@ -201,12 +252,15 @@ t.test('shared storage: synchronise only, never transfer', async (t) => {
   t.notMatch(fs.readFileSync(b.log, 'utf8'), /transfer service/, 'no transfer service in shared mode');
 });
 
-t.test('a dead node\'s rank lease expires: readers fail at once', async (t) => {
+t.test('a dead node\'s rank lease expires: readers fail at once, also those that pulled from it before', async (t) => {
   // --push-max 0: the file's bytes must not travel with its publication, or the reader would not need the owner.
   // Every daemon gets the short lease, so the live ones renew often enough (a third of it) not to expire.
   const c = await cluster(t, 3, ['--peer-timeout', '30', '--push-max', '0', '--rank-lease', '1']);
   const [, p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
   fs.writeFileSync(path.join(p.mnt, 'gone.txt'), 'x');
+  fs.writeFileSync(path.join(p.mnt, 'before.txt'), 'b');
+  // The reader has pulled from the owner before, so it knows its address.
+  t.equal(fs.readFileSync(path.join(q.mnt, 'before.txt'), 'utf8'), 'b');
   process.kill(p.pid, 'SIGKILL');
   // Only an expiry logged after the kill counts.
   const from = fs.readFileSync(c.nodes[0]!.log, 'utf8').length;
@@ -290,6 +344,11 @@ t.test('small files travel with their publication: readers need no transfer', as
   t.equal(r.stdout.split('\n')[1], '640', 'with its mode');
   t.match(fs.readFileSync(q.log, 'utf8'), /small\.bin \(10248 B\) came with rank 1's publication/);
   t.equal(pulls(q.log), 0, 'nothing was pulled');
+  // Node 0 serves the KVS in-process: the bytes reach it too.
+  const k = c.nodes[0]!;
+  const rk = await sh(`md5sum < ${path.join(k.mnt, 'small.bin')}`, { timeoutMs: 30_000 });
+  t.equal(rk.stdout.split(' ')[0], want, 'the node serving the KVS got it too');
+  t.match(fs.readFileSync(k.log, 'utf8'), /small\.bin \(10248 B\) came with rank 1's publication/);
   const b = await sh(`cat ${path.join(q.mnt, 'bigger.bin')} > /dev/null`, { timeoutMs: 60_000 });
   t.match(b.stderr, /Input\/output error/, 'a file over --push-max still needs its owner');
   t.equal(fs.readdirSync(q.storage).filter((n) => n.startsWith('.dyad-part')).length, 0, 'no temp file');

@@ -127,8 +127,11 @@ export class DmdFs extends MirrorFs {
       // Creating never waits, whatever is published under that name: a new
       // local file shadows it. But a directory on the way to the created
       // name may be one that holds files published elsewhere (or the
-      // origin's): those exist on every node.
-      if (this.createsInside(caller, upath) !== 'inner') return NO_ENTRY;
+      // origin's): those exist on every node. Where the caller's path is
+      // not known (link, rename and symlink name two paths; /proc may be
+      // unreadable) the name may be either, so a published directory is
+      // shown: right on the way, and as on every node at the end (EEXIST).
+      if (this.createsInside(caller, upath) === 'last') return NO_ENTRY;
       return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
         if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
         const inOrigin = rec ? undefined : this.origin?.stat(upath);
@@ -168,13 +171,11 @@ export class DmdFs extends MirrorFs {
   }
 
   /**
-   * componentOf for a create, where 'last' and 'unknown' mean the same (the
-   * name is created here, so the lookup says ENOENT at once). A path whose
-   * last component is the name looked up, and that names it nowhere else
-   * and has no '.' or '..', is the name itself wherever it starts: that
-   * spares reading the caller's cwd link, a /proc round trip on every
-   * create. Whatever a symlink on the way expands to, such a path cannot
-   * make 'inner' true.
+   * componentOf for a create. A path whose last component is the name
+   * looked up, and that names it nowhere else and has no '.' or '..', is the
+   * name itself wherever it starts: that spares reading the caller's cwd
+   * link, a /proc round trip on every create. Whatever a symlink on the way
+   * expands to, such a path cannot make 'inner' true.
    */
   private createsInside(caller: Caller, upath: string): 'last' | 'inner' | 'unknown' {
     const raw = callerRawPath(caller);
@@ -529,12 +530,53 @@ export class DmdFs extends MirrorFs {
     return this.unpublish(rel);
   }
 
+  /**
+   * A renamed file we published is published under its new name, before
+   * rename() returns; so is every file we published inside a renamed
+   * directory (a workflow that fills a directory and then renames it to
+   * say it is complete has readers waiting on the new names).
+   */
   protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {
-    if (node?.isDir) this.fetcher.forgetDirs();
-    if (!this.published.delete(fromRel)) return;
-    return this.unpublish(fromRel).then(() => {
-      if (node && !node.isDir) return this.publish(toRel).catch(() => undefined);
-    });
+    if (node?.isDir) {
+      this.fetcher.forgetDirs();
+      const inside = [...this.published.keys()].filter((k) => k.startsWith(`${fromRel}/`));
+      if (inside.length === 0) return;
+      return (async () => {
+        for (const k of inside) await this.movePublished(k, toRel + k.slice(fromRel.length));
+      })();
+    }
+    if (node) return this.movePublished(fromRel, toRel);
+    if (this.published.delete(fromRel)) return this.unpublish(fromRel);
+  }
+
+  /**
+   * One published file's record moves to its new name. A rename does not
+   * change the content, so while the file is as it was published the old
+   * record's digest is kept instead of reading the file again.
+   */
+  private async movePublished(fromRel: string, toRel: string): Promise<void> {
+    const stamp = this.published.get(fromRel);
+    if (stamp === undefined) return;
+    this.published.delete(fromRel);
+    const old = await this.o.kvs.lookup(this.o.ns, fromRel).catch(() => undefined);
+    await this.unpublish(fromRel);
+    let st: fs.BigIntStats | undefined;
+    try {
+      st = lstatIfExists(this.storage.abs(toRel));
+    } catch {
+      st = undefined; // moved on again meanwhile: whatever happened to it next publishes it
+    }
+    if (!st?.isFile()) return;
+    if (old?.kind !== 'file' || old.owner !== this.o.rank || `${st.mtimeNs}:${st.size}` !== stamp) {
+      return this.publish(toRel).catch(() => undefined); // publish() logged it
+    }
+    try {
+      const rec = await this.o.kvs.publish(this.o.ns, toRel, { owner: this.o.rank, size: old.size, mode: Number(st.mode), mtimeMs: old.mtimeMs, digest: old.digest });
+      this.published.set(toRel, stamp);
+      if (publishChannel.hasSubscribers) publishChannel.publish({ upath: toRel, record: rec });
+    } catch (err) {
+      this.o.log.error(`publish of ${toRel} (renamed from ${fromRel}) failed: ${(err as Error).message}`);
+    }
   }
 
   private unpublish(rel: string): Promise<void> {

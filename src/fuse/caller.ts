@@ -46,11 +46,11 @@ const X86_64: Record<number, Rule> = {
   437: { kind: 'open', how: true, pathArg: 1, dirfd: true }, // openat2
   59: { kind: 'open', pathArg: 0, exec: true }, // execve
   322: { kind: 'open', exec: true }, // execveat
-  85: { kind: 'create' }, // creat
-  83: { kind: 'create' }, // mkdir
-  258: { kind: 'create' }, // mkdirat
-  133: { kind: 'create' }, // mknod
-  259: { kind: 'create' }, // mknodat
+  85: { kind: 'create', pathArg: 0 }, // creat
+  83: { kind: 'create', pathArg: 0 }, // mkdir
+  258: { kind: 'create', pathArg: 1, dirfd: true }, // mkdirat
+  133: { kind: 'create', pathArg: 0 }, // mknod
+  259: { kind: 'create', pathArg: 1, dirfd: true }, // mknodat
   88: { kind: 'create' }, // symlink
   266: { kind: 'create' }, // symlinkat
   86: { kind: 'create' }, // link
@@ -66,8 +66,8 @@ const AARCH64: Record<number, Rule> = {
   437: { kind: 'open', how: true, pathArg: 1, dirfd: true }, // openat2
   221: { kind: 'open', pathArg: 0, exec: true }, // execve
   281: { kind: 'open', exec: true }, // execveat
-  34: { kind: 'create' }, // mkdirat
-  33: { kind: 'create' }, // mknodat
+  34: { kind: 'create', pathArg: 1, dirfd: true }, // mkdirat
+  33: { kind: 'create', pathArg: 1, dirfd: true }, // mknodat
   36: { kind: 'create' }, // symlinkat
   37: { kind: 'create' }, // linkat
   38: { kind: 'create' }, // renameat
