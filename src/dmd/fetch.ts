@@ -60,10 +60,13 @@ interface Flight {
 /** Copy records wait at most this long, or until this many are pending. */
 const REPLICA_DELAY_MS = 20;
 const REPLICA_BATCH = 256;
+/** How long a rank's address is used before the registry is asked again. */
+const ADDRESS_TTL_MS = 1000;
 
 export class Fetcher {
   private readonly flights = new Map<string, Flight>();
-  private readonly addresses = new Map<number, string>();
+  /** Ranks' transfer addresses, and when the registry gave them (performance.now()). */
+  private readonly addresses = new Map<number, { address: string; at: number }>();
   private readonly copies = new Map<string, PublishInput>();
   private copyTimer: NodeJS.Timeout | undefined;
 
@@ -306,12 +309,21 @@ export class Fetcher {
     this.dirs.add(dir);
   }
 
+  /**
+   * A rank's address, asked of the registry again once it is a second old:
+   * a node whose lease ran out (it died) must fail readers at once, not make
+   * them wait out a connection to it.
+   */
   private async addressOf(rank: number): Promise<string> {
     const known = this.addresses.get(rank);
-    if (known) return known;
+    const now = performance.now();
+    if (known && now - known.at < ADDRESS_TTL_MS) return known.address;
     const info = await this.o.kvs.lookupRank(this.o.ns, rank);
-    if (!info) throw new DyadError('DYAD_ENORANK', errnos.EIO, `rank ${rank} has no transfer address registered`);
-    this.addresses.set(rank, info.address);
+    if (!info) {
+      this.addresses.delete(rank);
+      throw new DyadError('DYAD_ENORANK', errnos.EIO, `rank ${rank} has no transfer address registered`);
+    }
+    this.addresses.set(rank, { address: info.address, at: now });
     return info.address;
   }
 }

@@ -144,8 +144,13 @@ export class Daemon {
       }
     }
     if (this.kvsServer) {
-      // Serving it here: use the store directly, no loopback socket.
-      this.kvs = this.kvsServer.localClient();
+      // Serving it here: use the store directly, no loopback socket. The
+      // cache is what keeps the small files other nodes push with their
+      // publications; its records are exact (the store tells it of every
+      // change before answering anyone).
+      const cached = new CachedKvs(this.kvsServer.localClient());
+      this.kvs = cached;
+      if (!(await cached.watching(ns))) throw new Error(`kvs: cannot watch namespace ${ns} of the KVS served here`);
     } else {
       const url = cfg.kvs.value!;
       const rankLeaseTtlSec = Math.max(1, Math.ceil((this.opts.rankLeaseMs ?? 10_000) / 1000));
