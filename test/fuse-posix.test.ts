@@ -115,6 +115,23 @@ for (const mode of ['auto', 'off'] as const) {
       t.equal(fs.statSync(P('a.txt')).nlink, 1);
     });
 
+    t.test('stat and listings give the storage\'s inode numbers, on every page of a large directory', async (t) => {
+      fs.mkdirSync(P('many'));
+      for (let i = 0; i < 300; i++) fs.writeFileSync(P(`many/f${i}`), '');
+      fs.mkdirSync(P('many/sub'));
+      fs.symlinkSync('f0', P('many/ln'));
+      t.equal(fs.statSync(P('a.txt')).ino, fs.statSync(S('a.txt')).ino, 'stat');
+      // os.scandir reports getdents' d_ino. After the first page the kernel
+      // asks with plain READDIR, whose entries carry no attributes.
+      const r = await sh(`python3 -c 'import os; [print(e.name, e.inode(), "d" if e.is_dir(follow_symlinks=False) else "l" if e.is_symlink() else "f") for e in os.scandir("${P('many')}")]'`);
+      const listed = r.stdout.trim().split('\n').map((l) => l.split(' '));
+      t.equal(listed.length, 302, r.stderr);
+      const wrong = listed.filter(([name, ino]) => Number(ino) !== fs.lstatSync(S(`many/${name}`)).ino);
+      t.same(wrong, [], 'every entry\'s d_ino is the storage\'s');
+      const types = Object.fromEntries(listed.map(([name, , type]) => [name, type]));
+      t.same([types['sub'], types['ln'], types['f7']], ['d', 'l', 'f'], 'and its type');
+    });
+
     t.test('chmod and utimens with nanoseconds', async (t) => {
       fs.chmodSync(P('a.txt'), 0o640);
       t.equal(fs.statSync(P('a.txt')).mode & 0o7777, 0o640);

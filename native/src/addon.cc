@@ -24,6 +24,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fusermountMount", Napi::Function::New(env, FusermountMount));
   exports.Set("fallocate", Napi::Function::New(env, Fallocate));
   exports.Set("lseek", Napi::Function::New(env, Lseek));
+  exports.Set("readDir", Napi::Function::New(env, ReadDir));
   exports.Set("utimens", Napi::Function::New(env, Utimens));
   exports.Set("fdsLinkingTo", Napi::Function::New(env, FdsLinkingTo));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));

@@ -4,5 +4,6 @@
 
 Napi::Value Fallocate(const Napi::CallbackInfo& info);
 Napi::Value Lseek(const Napi::CallbackInfo& info);
+Napi::Value ReadDir(const Napi::CallbackInfo& info);
 Napi::Value Utimens(const Napi::CallbackInfo& info);
 Napi::Value FdsLinkingTo(const Napi::CallbackInfo& info);

@@ -580,9 +580,14 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       { name: '.', mode: S_IFDIR, ino: node.ino },
       { name: '..', mode: S_IFDIR, ino: node.parent?.ino ?? node.ino },
     ];
-    for (const d of fs.readdirSync(p, { withFileTypes: true })) {
-      if (this.hidden(d.name)) continue;
-      entries.push({ name: d.name, mode: direntMode(d), ino: 0 });
+    // With the storage's inode numbers: plain READDIR (the kernel's choice
+    // after the first page of a large directory) gives no others.
+    const listed = native.readDir(p);
+    if (typeof listed === 'number') throw new DyadError('DYAD_EREADDIR', -listed, `cannot list ${this.rel(node) || '/'}`);
+    for (let i = 0; i < listed.names.length; i++) {
+      const name = listed.names[i]!;
+      if (this.hidden(name)) continue;
+      entries.push({ name, mode: listed.types[i]! << 12, ino: listed.inos[i]! });
     }
     const open = (): OpenReply => {
       const fh = this.nextFh++;
@@ -670,17 +675,6 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   protected afterRemove(rel: string): void | Promise<void> {}
 
   protected afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {}
-}
-
-function direntMode(d: fs.Dirent): number {
-  if (d.isDirectory()) return S_IFDIR;
-  if (d.isSymbolicLink()) return 0o120000;
-  if (d.isFile()) return 0o100000;
-  if (d.isFIFO()) return 0o010000;
-  if (d.isSocket()) return 0o140000;
-  if (d.isCharacterDevice()) return 0o020000;
-  if (d.isBlockDevice()) return 0o060000;
-  return 0;
 }
 
 function zeroAttr() {

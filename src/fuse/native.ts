@@ -40,6 +40,8 @@ export interface NativeAddon {
   fusermountMount(helper: string, mountpoint: string, options: string): number;
   fallocate(fd: number, mode: number, offset: number, length: number): number;
   lseek(fd: number, offset: number, whence: number): number;
+  /** A directory's entries but . and .., with their types (S_IFMT >> 12) and inode numbers, or -errno. */
+  readDir(path: string): { names: string[]; types: Uint8Array; inos: Float64Array } | number;
   /** nsec -1 = UTIME_NOW, -2 = UTIME_OMIT. */
   utimens(path: string, atimeSec: number, atimeNsec: number, mtimeSec: number, mtimeNsec: number, nofollow: boolean): number;
   /** How many descriptors of process pid (and its descendants) link to exactly `target` (by /proc readlink), or -errno. */
