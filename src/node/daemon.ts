@@ -150,7 +150,7 @@ export class Daemon {
       // change before answering anyone).
       const cached = new CachedKvs(this.kvsServer.localClient());
       this.kvs = cached;
-      if (!(await cached.watching(ns))) throw new Error(`kvs: cannot watch namespace ${ns} of the KVS served here`);
+      if (!(await cached.watching(ns))) throw new DyadError('DYAD_EKVS', errnos.EIO, `kvs: cannot watch namespace ${ns} of the KVS served here`);
     } else {
       const url = cfg.kvs.value!;
       const rankLeaseTtlSec = Math.max(1, Math.ceil((this.opts.rankLeaseMs ?? 10_000) / 1000));

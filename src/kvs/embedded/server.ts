@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { debuglog } from 'node:util';
 import { ConfigError, errnoOf } from '../../errors.js';
 import { keyParamsFromEnv, checkKeyParams } from '../key.js';
-import type { KvsWatchEvent, KvsWatchListener, RankInfo, WatchableKvs } from '../types.js';
+import type { KvsChange, KvsWatchEvent, KvsWatchListener, RankInfo, WatchableKvs } from '../types.js';
 import { MemoryKvs } from '../memory.js';
 import { openPersistentStore, type PersistentStore } from './persist.js';
 import { encodeFrame, SERVER_MAX_FRAME_BYTES, toWireError, type EventFrame } from './protocol.js';
@@ -135,6 +135,7 @@ export class KvsServer implements SessionHost {
   localClient(): WatchableKvs {
     const server = this;
     const own = new Set<number>();
+    const ownBytes = (c: KvsChange): boolean => c.content !== undefined && own.has(c.record?.owner ?? -1);
     return new (class extends MemoryKvs {
       override async registerRank(ns: string, info: RankInfo): Promise<void> {
         await super.registerRank(ns, info);
@@ -144,8 +145,8 @@ export class KvsServer implements SessionHost {
 
       override watch(ns: string, listener: KvsWatchListener): Promise<() => void> {
         return super.watch(ns, (ev) => {
-          if (ev.type !== 'change' || !ev.changes.some((c) => c.content !== undefined && own.has(c.record?.owner ?? -1))) return listener(ev);
-          listener({ ...ev, changes: ev.changes.map((c) => (c.content !== undefined && own.has(c.record?.owner ?? -1) ? { upath: c.upath, record: c.record } : c)) });
+          if (ev.type !== 'change' || !ev.changes.some(ownBytes)) return listener(ev);
+          listener({ ...ev, changes: ev.changes.map((c) => (ownBytes(c) ? { upath: c.upath, record: c.record } : c)) });
         });
       }
     })(this.store);
