@@ -144,6 +144,26 @@ t.test('renaming a directory publishes its files under the new name, and withdra
   t.match(old.stderr, /No such file or directory/, 'the old name is gone on the other node');
 });
 
+t.test('a node keeps the copy it pulled (write-once); removing a file withdraws it from the other nodes', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'x'), 'v1');
+  const first = await sh(`timeout 10 cat ${path.join(q.mnt, 'x')}`, { timeoutMs: 20_000 });
+  t.equal(first.stdout, 'v1');
+  fs.writeFileSync(path.join(p.mnt, 'x'), 'version two');
+  await sleep(300);
+  const again = await sh(`timeout 10 cat ${path.join(q.mnt, 'x')}`, { timeoutMs: 20_000 });
+  t.equal(again.stdout, 'v1', 'the copy already held is kept');
+  fs.writeFileSync(path.join(p.mnt, 'y'), 'y');
+  await sleep(300);
+  const seen = await sh(`stat -c %s ${path.join(q.mnt, 'y')}`);
+  t.equal(seen.stdout.trim(), '1', 'published: the other node shows it');
+  fs.unlinkSync(path.join(p.mnt, 'y'));
+  await sleep(300);
+  const gone = await sh(`stat -c %s ${path.join(q.mnt, 'y')}`);
+  t.match(gone.stderr, /No such file or directory/, 'removed: the other node no longer shows it');
+});
+
 t.test('creates by relative path, through directories only another node has, one name repeated', async (t) => {
   const c = await cluster(t, 2);
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];

@@ -74,6 +74,8 @@ export interface DmdOptions extends MirrorOptions {
   /** Read-through directory for files no node has (absolute, outside mount and storage). */
   origin?: string;
   peerTimeoutMs: number;
+  /** How long a rank not renewed stays registered (--rank-lease); default 10 s. */
+  rankLeaseMs?: number;
   log: DmdLog;
 }
 
@@ -109,6 +111,7 @@ export class DmdFs extends MirrorFs {
       transfer: o.transfer,
       storage,
       peerTimeoutMs: o.peerTimeoutMs,
+      rankLeaseMs: o.rankLeaseMs,
       log: o.log,
     });
   }

@@ -46,6 +46,8 @@ export interface FetcherOptions {
   transfer?: TransferClient;
   storage: Storage;
   peerTimeoutMs: number;
+  /** The registry's rank lease (--rank-lease); default 10 s. */
+  rankLeaseMs?: number;
   /** Where a file no node has is copied from (then published as ours). */
   origin?: Origin;
   log: FetchLog;
@@ -60,7 +62,7 @@ interface Flight {
 /** Copy records wait at most this long, or until this many are pending. */
 const REPLICA_DELAY_MS = 20;
 const REPLICA_BATCH = 256;
-/** How long a rank's address is used before the registry is asked again. */
+/** How long a rank's address is used before the registry is asked again, at most (see addressOf). */
 const ADDRESS_TTL_MS = 1000;
 
 export class Fetcher {
@@ -310,14 +312,15 @@ export class Fetcher {
   }
 
   /**
-   * A rank's address, asked of the registry again once it is a second old:
-   * a node whose lease ran out (it died) must fail readers at once, not make
-   * them wait out a connection to it.
+   * A rank's address, asked of the registry again once it is a second old
+   * (a quarter of the rank lease, if that is shorter): a node whose lease
+   * ran out (it died) must fail readers at once, not make them wait out a
+   * connection to it.
    */
   private async addressOf(rank: number): Promise<string> {
     const known = this.addresses.get(rank);
     const now = performance.now();
-    if (known && now - known.at < ADDRESS_TTL_MS) return known.address;
+    if (known && now - known.at < Math.min(ADDRESS_TTL_MS, (this.o.rankLeaseMs ?? 10_000) / 4)) return known.address;
     const info = await this.o.kvs.lookupRank(this.o.ns, rank);
     if (!info) {
       this.addresses.delete(rank);

@@ -210,6 +210,7 @@ export class Daemon {
       fsyncWrite: cfg.fsyncWrite.value,
       waitTimeoutMs: cfg.waitTimeoutMs.value,
       peerTimeoutMs: cfg.peerTimeoutMs.value,
+      rankLeaseMs: this.opts.rankLeaseMs,
       pushMaxBytes: cfg.pushMaxBytes.value,
       origin,
       log,
