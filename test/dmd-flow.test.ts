@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { cFixture, cluster, mountCli, sh } from './helpers/mount.js';
+import { cFixture, cluster, mountCli, sh, tmpdir } from './helpers/mount.js';
 
 const exited = (c: ChildProcess) =>
   new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
@@ -162,6 +162,35 @@ t.test('a node keeps the copy it pulled (write-once); removing a file withdraws 
   await sleep(300);
   const gone = await sh(`stat -c %s ${path.join(q.mnt, 'y')}`);
   t.match(gone.stderr, /No such file or directory/, 'removed: the other node no longer shows it');
+});
+
+t.test('locks stay on their node', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'lk'), 'l');
+  await sleep(300);
+  // Node 0 holds an exclusive lock for a while: a second taker on node 0 is refused, one on node 1 is not.
+  const holder = sh(`flock -x ${path.join(p.mnt, 'lk')} -c 'sleep 3'`, { timeoutMs: 20_000 });
+  await sleep(500);
+  const here = await sh(`flock -n -x ${path.join(p.mnt, 'lk')} -c true`);
+  t.not(here.code, 0, 'the same node: refused while held');
+  const there = await sh(`timeout 10 flock -n -x ${path.join(q.mnt, 'lk')} -c true`);
+  t.equal(there.code, 0, `another node: its own lock (${there.stderr})`);
+  await holder;
+});
+
+t.test('ranks that share a node (DYAD_SERVICE_MUX) and its storage never transfer between them', async (t) => {
+  const shared = tmpdir(t, 'dyadfs-mux-');
+  // Ranks 0 and 1 are one node with mux 2, and so are ranks 2 and 3: only the second pair shares a storage here.
+  const c = await cluster(t, 4, ['--service-mux', '2', '--log-level', 'debug'], (rank) => (rank >= 2 ? ['--storage', shared] : []));
+  const [, , r2, r3] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const cons = sh(`timeout 20 cat ${path.join(r3.mnt, 'm.txt')}`, { timeoutMs: 30_000 });
+  await sleep(500);
+  fs.writeFileSync(path.join(r2.mnt, 'm.txt'), 'same node');
+  const r = await cons;
+  t.equal(r.stdout, 'same node', `the waiting reader on the other rank of the node read it (${r.stderr})`);
+  t.equal(pulls(r3.log), 0, 'without a transfer');
+  t.same(fs.readdirSync(shared).filter((n) => n.startsWith('.dyad-part')), [], 'and no temp file');
 });
 
 t.test('creates by relative path, through directories only another node has, one name repeated', async (t) => {
