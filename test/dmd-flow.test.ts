@@ -181,8 +181,10 @@ t.test('locks stay on their node', async (t) => {
 
 t.test('ranks that share a node (DYAD_SERVICE_MUX) and its storage never transfer between them', async (t) => {
   const shared = tmpdir(t, 'dyadfs-mux-');
-  // Ranks 0 and 1 are one node with mux 2, and so are ranks 2 and 3: only the second pair shares a storage here.
-  const c = await cluster(t, 4, ['--service-mux', '2', '--log-level', 'debug'], (rank) => (rank >= 2 ? ['--storage', shared] : []));
+  // Ranks 0 and 1 are one node with mux 2, and so are ranks 2 and 3: only
+  // the second pair shares a storage here. --push-max 0: bytes pushed with
+  // the publication would also spare the transfer, whatever the mux.
+  const c = await cluster(t, 4, ['--service-mux', '2', '--log-level', 'debug', '--push-max', '0'], (rank) => (rank >= 2 ? ['--storage', shared] : []));
   const [, , r2, r3] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
   const cons = sh(`timeout 20 cat ${path.join(r3.mnt, 'm.txt')}`, { timeoutMs: 30_000 });
   await sleep(500);
