@@ -49,6 +49,37 @@ Napi::Value Utimens(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
 }
 
+// Calls fn(entry) for each entry of an open directory but "." and "..".
+// Returns 0 or -errno. `lastWhenShort`: procfs fills a getdents buffer
+// until the directory ends or the buffer is full, so a buffer returned with
+// room to spare was the last one; that saves the empty call that would say
+// so (system calls cost several microseconds on the project VM, and the
+// /proc scan runs on every close() of a file written on a mount). Other
+// file systems may return less than fits before the end.
+template <typename Fn>
+static int ForEachDirent(int dfd, bool lastWhenShort, Fn fn) {
+  alignas(8) char ents[32768];
+  for (;;) {
+    long n = syscall(SYS_getdents64, dfd, ents, sizeof ents);
+    if (n < 0) return -errno;
+    for (long off = 0; off < n;) {
+      auto* d = reinterpret_cast<struct dirent64*>(ents + off);
+      off += d->d_reclen;
+      const char* name = d->d_name;
+      if (name[0] == '.' && (name[1] == 0 || (name[1] == '.' && name[2] == 0))) continue;
+      fn(d);
+    }
+    if (n == 0 || (lastWhenShort && n < long(sizeof ents) - 512)) return 0;
+  }
+}
+
+// Calls fn(dirfd, name) for each entry of an open /proc directory (whose
+// entries never start with '.').
+template <typename Fn>
+static int ForEachProcEntry(int dfd, Fn fn) {
+  return ForEachDirent(dfd, true, [&](const struct dirent64* d) { fn(dfd, d->d_name); });
+}
+
 // readDir(path): the entries of a directory but "." and "..", as
 // { names, types, inos } (types: the S_IFMT bits >> 12), or -errno. Node's
 // readdir drops getdents' inode numbers, and a listing must give the ones
@@ -62,34 +93,21 @@ Napi::Value ReadDir(const Napi::CallbackInfo& info) {
   std::vector<std::string> names;
   std::vector<uint8_t> types;
   std::vector<double> inos;
-  alignas(8) char ents[32768];
-  for (;;) {
-    long n = syscall(SYS_getdents64, dfd, ents, sizeof ents);
-    if (n < 0) {
-      int e = errno;
-      close(dfd);
-      return Napi::Number::New(env, -e);
+  int rc = ForEachDirent(dfd, false, [&](const struct dirent64* d) {
+    uint8_t type = d->d_type;
+    uint64_t ino = d->d_ino;
+    if (type == DT_UNKNOWN) {
+      struct stat st;
+      if (fstatat(dfd, d->d_name, &st, AT_SYMLINK_NOFOLLOW) < 0) return;
+      type = uint8_t((st.st_mode & S_IFMT) >> 12);
+      ino = st.st_ino;
     }
-    if (n == 0) break;
-    for (long off = 0; off < n;) {
-      auto* d = reinterpret_cast<struct dirent64*>(ents + off);
-      off += d->d_reclen;
-      const char* name = d->d_name;
-      if (name[0] == '.' && (name[1] == 0 || (name[1] == '.' && name[2] == 0))) continue;
-      uint8_t type = d->d_type;
-      uint64_t ino = d->d_ino;
-      if (type == DT_UNKNOWN) {
-        struct stat st;
-        if (fstatat(dfd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) continue;
-        type = uint8_t((st.st_mode & S_IFMT) >> 12);
-        ino = st.st_ino;
-      }
-      names.emplace_back(name);
-      types.push_back(type);
-      inos.push_back(double(ino));
-    }
-  }
+    names.emplace_back(d->d_name);
+    types.push_back(type);
+    inos.push_back(double(ino));
+  });
   close(dfd);
+  if (rc < 0) return Napi::Number::New(env, rc);
   Napi::Object out = Napi::Object::New(env);
   Napi::Array jsNames = Napi::Array::New(env, names.size());
   Napi::Uint8Array jsTypes = Napi::Uint8Array::New(env, types.size());
@@ -103,27 +121,6 @@ Napi::Value ReadDir(const Napi::CallbackInfo& info) {
   out.Set("types", jsTypes);
   out.Set("inos", jsInos);
   return out;
-}
-
-// Calls fn(dirfd, name) for each entry of an open /proc directory but "."
-// and "..". Returns 0 or -errno. procfs fills a getdents buffer until the
-// directory ends or the buffer is full, so a buffer returned with room to
-// spare was the last one: that saves the empty call that would say so
-// (system calls cost several microseconds on the project VM, and this runs
-// on every close() of a file written on a mount).
-template <typename Fn>
-static int ForEachProcEntry(int dfd, Fn fn) {
-  alignas(8) char ents[8192];
-  for (;;) {
-    long n = syscall(SYS_getdents64, dfd, ents, sizeof ents);
-    if (n < 0) return -errno;
-    for (long off = 0; off < n;) {
-      auto* d = reinterpret_cast<struct dirent64*>(ents + off);
-      off += d->d_reclen;
-      if (d->d_name[0] != '.') fn(dfd, d->d_name);
-    }
-    if (n == 0 || n < long(sizeof ents) - 512) return 0;
-  }
 }
 
 // The /proc descriptors of the last few processes asked about, kept open.

@@ -25,7 +25,7 @@ import { Origin, type OriginStat } from './origin.js';
 import { Storage, fstat, lstat, lstatIfExists } from './storage.js';
 import { callerOf, callerPath, callerRawPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, Refusal, RequestContext } from '../fuse/types.js';
-import type { FileRecord, Kvs } from '../kvs/types.js';
+import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX } from '../dtl/part.js';
@@ -463,20 +463,7 @@ export class DmdFs extends MirrorFs {
       // Small files: one synchronous read beats three thread-pool round trips.
       const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs, Number(before.size)) : await digestLarge(abs);
       const pushIt = push && data !== undefined && size <= this.o.pushMaxBytes && !this.o.sharedStorage;
-      const rec = await this.o.kvs.publish(
-        this.o.ns,
-        upath,
-        {
-          owner: this.o.rank,
-          size,
-          mode: Number(before.mode),
-          mtimeMs: Number(before.mtimeNs / 1_000_000n),
-          digest,
-        },
-        pushIt ? { content: data } : undefined,
-      );
-      this.published.set(upath, stamp);
-      if (publishChannel.hasSubscribers) publishChannel.publish({ upath, record: rec });
+      await this.putRecord(upath, stamp, { size, mode: Number(before.mode), mtimeMs: Number(before.mtimeNs / 1_000_000n), digest }, pushIt ? data : undefined);
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code === 'ENOENT') return; // removed before we got to it
       this.o.log.error(`publish of ${upath} failed: ${(err as Error).message}`);
@@ -574,12 +561,17 @@ export class DmdFs extends MirrorFs {
       return this.publish(toRel).catch(() => undefined); // publish() logged it
     }
     try {
-      const rec = await this.o.kvs.publish(this.o.ns, toRel, { owner: this.o.rank, size: old.size, mode: Number(st.mode), mtimeMs: old.mtimeMs, digest: old.digest });
-      this.published.set(toRel, stamp);
-      if (publishChannel.hasSubscribers) publishChannel.publish({ upath: toRel, record: rec });
+      await this.putRecord(toRel, stamp, { size: old.size, mode: Number(st.mode), mtimeMs: old.mtimeMs, digest: old.digest });
     } catch (err) {
       this.o.log.error(`publish of ${toRel} (renamed from ${fromRel}) failed: ${(err as Error).message}`);
     }
+  }
+
+  /** Publishes our record of upath; `stamp` is the file as recorded (see publish). */
+  private async putRecord(upath: string, stamp: string, rec: Omit<PublishInput, 'owner'>, content?: Uint8Array): Promise<void> {
+    const out = await this.o.kvs.publish(this.o.ns, upath, { owner: this.o.rank, ...rec }, content ? { content } : undefined);
+    this.published.set(upath, stamp);
+    if (publishChannel.hasSubscribers) publishChannel.publish({ upath, record: out });
   }
 
   private unpublish(rel: string): Promise<void> {

@@ -146,8 +146,8 @@ export class Daemon {
     if (this.kvsServer) {
       // Serving it here: use the store directly, no loopback socket. The
       // cache is what keeps the small files other nodes push with their
-      // publications; its records are exact (the store tells it of every
-      // change before answering anyone).
+      // publications (it drops the bytes of our own at once); its records
+      // are exact (the store tells it of every change before answering anyone).
       const cached = new CachedKvs(this.kvsServer.localClient());
       this.kvs = cached;
       if (!(await cached.watching(ns))) throw new DyadError('DYAD_EKVS', errnos.EIO, `kvs: cannot watch namespace ${ns} of the KVS served here`);

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import { debuglog } from 'node:util';
 import { ConfigError, errnoOf } from '../../errors.js';
 import { keyParamsFromEnv, checkKeyParams } from '../key.js';
-import type { KvsChange, KvsWatchEvent, KvsWatchListener, RankInfo, WatchableKvs } from '../types.js';
+import type { KvsWatchEvent, RankInfo, WatchableKvs } from '../types.js';
 import { MemoryKvs } from '../memory.js';
 import { openPersistentStore, type PersistentStore } from './persist.js';
 import { encodeFrame, SERVER_MAX_FRAME_BYTES, toWireError, type EventFrame } from './protocol.js';
@@ -128,26 +128,13 @@ export class KvsServer implements SessionHost {
   /**
    * A Kvs for code running in this process (the daemon that serves the
    * KVS): the store itself, with no socket and no serialisation in between.
-   * Its watchers get the bytes other ranks push with their publications, as
-   * a remote client's do, and not those of the ranks registered through it
-   * (its own files, which it has).
    */
   localClient(): WatchableKvs {
     const server = this;
-    const own = new Set<number>();
-    const ownBytes = (c: KvsChange): boolean => c.content !== undefined && own.has(c.record?.owner ?? -1);
     return new (class extends MemoryKvs {
       override async registerRank(ns: string, info: RankInfo): Promise<void> {
         await super.registerRank(ns, info);
-        own.add(info.rank);
         server.rankSeen(ns, info.rank);
-      }
-
-      override watch(ns: string, listener: KvsWatchListener): Promise<() => void> {
-        return super.watch(ns, (ev) => {
-          if (ev.type !== 'change' || !ev.changes.some(ownBytes)) return listener(ev);
-          listener({ ...ev, changes: ev.changes.map((c) => (ownBytes(c) ? { upath: c.upath, record: c.record } : c)) });
-        });
       }
     })(this.store);
   }
