@@ -7,8 +7,8 @@ import t from 'tap';
 import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
-import { spawn, type ChildProcess } from 'node:child_process';
-import { cFixture, cluster, mountCli, sh, tmpdir } from './helpers/mount.js';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { cFixture, cluster, mountCli, sh, tmpdir, waitExit, type Cluster } from './helpers/mount.js';
 
 const exited = (c: ChildProcess) =>
   new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
@@ -448,4 +448,125 @@ t.test('bytes written through a mapping after close() are published again when t
   }
   t.equal(seen, mtime, 'node 1 sees the version written through the mapping');
   t.equal(fs.readFileSync(path.join(q.mnt, 'mapped.txt'), 'utf8'), 'mapped-bytes');
+});
+
+/** Starts another node of cluster c; `env` (NAME=value) goes to its daemon, as a job script would set DYAD_* variables. */
+async function joinNode(t: Parameters<typeof mountCli>[0], c: Cluster, rank: number, env: string[] = [], args: string[] = []) {
+  const mnt = path.join(c.base, `j${rank}`);
+  const storage = path.join(c.base, `js${rank}`);
+  fs.mkdirSync(mnt);
+  fs.mkdirSync(storage);
+  const m = await mountCli(t, mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', String(rank), '--storage', storage, ...args], env.length ? ['env', ...env] : []);
+  return { ...m, storage, rank };
+}
+
+/** A Python program writing `bytes` to a file and closing it; prints "closed" once close() has returned without error. */
+const writeAndClose = (file: string, bytes: number) =>
+  `python3 -c 'import sys\nwith open(sys.argv[1], "wb") as f: f.write(bytes(i % 251 for i in range(${bytes})))\nprint("closed")' ${file}`;
+const md5Of = (bytes: number) => createHash('md5').update(Buffer.from(Array.from({ length: bytes }, (_, i) => i % 251))).digest('hex');
+
+t.test('DYAD_ASYNC_PUBLISH: close() does not wait for the publication, which still happens', async (t) => {
+  const c = await cluster(t, 1);
+  const kvs = c.nodes[0]!;
+  const p = await joinNode(t, c, 1, ['DYAD_ASYNC_PUBLISH=1']);
+  const q = await joinNode(t, c, 2);
+  // With the daemon serving the KVS stopped, a publication cannot complete:
+  // a close() that waited for it would not return.
+  process.kill(kvs.pid, 'SIGSTOP');
+  t.teardown(() => process.kill(kvs.pid, 'SIGCONT'));
+  const w = await sh(`timeout 10 ${writeAndClose(path.join(p.mnt, 'async.bin'), 100_000)}`, { timeoutMs: 20_000 });
+  process.kill(kvs.pid, 'SIGCONT');
+  t.equal(w.code, 0, w.stderr);
+  t.equal(w.stdout, 'closed\n', 'close() returned while the KVS could not be reached');
+  // The publication went ahead in the background once the KVS answered.
+  const r = await sh(`timeout 20 md5sum < ${path.join(q.mnt, 'async.bin')}`, { timeoutMs: 30_000 });
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout.split(' ')[0], md5Of(100_000), 'a reader on another node got the bytes');
+});
+
+const noStrace = spawnSync('strace', ['-V']).error ? 'strace is not installed' : false;
+
+t.test('DYAD_FSYNC_WRITE: the file is fsynced before its record goes to the KVS', { skip: noStrace }, async (t) => {
+  const c = await cluster(t, 1);
+  const p = await joinNode(t, c, 1, ['DYAD_FSYNC_WRITE=1']);
+  const kvsPort = new URL(c.kvsUrl).port;
+  // -yy names each descriptor: the file's storage path, or the TCP endpoints of the KVS connection.
+  const out = path.join(c.base, 'strace.out');
+  const tracer = spawn('strace', ['-f', '-yy', '-s', '4096', '-e', 'trace=fsync,fdatasync,write,writev,sendto,sendmsg', '-o', out, '-p', String(p.pid)], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const traced = exited(tracer);
+  t.teardown(() => tracer.kill('SIGKILL'));
+  let err = '';
+  tracer.stderr?.on('data', (d: Buffer) => (err += d));
+  for (let i = 0; i < 200 && !err.includes(`Process ${p.pid} attached`); i++) await sleep(50);
+  t.match(err, `Process ${p.pid} attached`, 'strace is attached to the daemon');
+  const w = await sh(`timeout 20 ${writeAndClose(path.join(p.mnt, 'fsynced.bin'), 100_000)}`, { timeoutMs: 30_000 });
+  t.equal(w.stdout, 'closed\n', w.stderr);
+  tracer.kill('SIGINT');
+  await traced;
+  const lines = fs.readFileSync(out, 'utf8').split('\n');
+  const file = path.join(p.storage, 'fsynced.bin');
+  const synced = lines.findIndex((l) => l.includes(`fsync(`) && l.includes(`<${file}>`));
+  const sent = lines.findIndex((l) => /(write|writev|sendto|sendmsg)\(\d+<TCP:\[/.test(l) && l.includes(`:${kvsPort}]>`) && l.includes('fsynced.bin'));
+  t.ok(synced >= 0, `the daemon fsynced ${file}`);
+  t.ok(sent >= 0, 'the daemon sent its record to the KVS');
+  t.ok(synced >= 0 && synced < sent, 'the fsync came first');
+  const r = await sh(`timeout 20 md5sum < ${path.join(c.nodes[0]!.mnt, 'fsynced.bin')}`, { timeoutMs: 30_000 });
+  t.equal(r.stdout.split(' ')[0], md5Of(100_000), `a reader on another node got the bytes (${r.stderr})`);
+});
+
+t.test('a pull into a full storage: ENOSPC for the opener, nothing left behind', async (t) => {
+  const small = path.join(tmpdir(t, 'dyadfs-full-'), 'storage');
+  fs.mkdirSync(small);
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'dyad-test', small], { stdio: 'ignore' });
+  } catch {
+    t.comment('cannot mount a tmpfs here (not root?): skipped');
+    return;
+  }
+  t.teardown(() => execFileSync('umount', ['-l', small]));
+  const c = await cluster(t, 2, [], (rank) => (rank === 1 ? ['--storage', small] : []));
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'big.bin'), Buffer.alloc(2 << 20, 5));
+  // open() is where the pull happens: Python names the errno it failed with.
+  const open = `import errno, sys\ntry:\n    open(sys.argv[1], "rb")\n    print("opened")\nexcept OSError as e:\n    print(errno.errorcode[e.errno])`;
+  const r = await sh(`timeout 20 python3 -c '${open}' ${path.join(q.mnt, 'big.bin')}`, { timeoutMs: 30_000 });
+  t.equal(r.stdout.trim(), 'ENOSPC', `open() failed with ENOSPC (${r.stderr})`);
+  const c2 = await sh(`timeout 20 cat ${path.join(q.mnt, 'big.bin')} > /dev/null`, { timeoutMs: 30_000 });
+  t.match(c2.stderr, /No space left on device/, 'and so does cat');
+  const leftovers = (dir: string) => fs.readdirSync(dir).filter((n) => n.startsWith('.dyad-part') || n === 'big.bin');
+  t.same(leftovers(small), [], 'neither a temporary file nor the file in storage');
+  t.same(fs.readdirSync(q.mnt).filter((n) => n.startsWith('.dyad-part')), [], 'no temporary file through the mount');
+  t.match(fs.readFileSync(q.log, 'utf8'), /pull of big\.bin from rank 0 .*failed: .*no space left/i, 'the log names the file and the owner');
+  // The failed pull holds no space: a file that fits still comes through.
+  fs.writeFileSync(path.join(p.mnt, 'fits.bin'), Buffer.alloc(100_000, 6));
+  t.same(fs.readFileSync(path.join(q.mnt, 'fits.bin')), Buffer.alloc(100_000, 6), 'a file that fits is pulled');
+});
+
+t.test('a restarted daemon removes the temporary files of pulls that died with the last one, and never shows them', async (t) => {
+  const c = await cluster(t, 2);
+  const [o, p] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.mkdirSync(path.join(p.mnt, 'sub'));
+  fs.writeFileSync(path.join(p.mnt, 'sub', 'kept.txt'), 'kept');
+  // What a pull leaves when its daemon is killed mid-transfer: a file named
+  // as partPathFor names it (the daemon's pid first), beside its destination.
+  // Made by hand: killing a daemon while a pull is under way is a race.
+  const parts = [`.dyad-part-${p.pid}-0123abcd-1`, `sub/.dyad-part-${p.pid}-0123abcd-2`];
+  for (const n of parts) fs.writeFileSync(path.join(p.storage, n), 'half a file');
+  const shown = async (mnt: string) => {
+    const r = await sh(`timeout 10 ls -aR ${mnt}; for f in ${parts.map((n) => path.join(mnt, n)).join(' ')}; do timeout 10 stat $f > /dev/null 2>&1 && echo "stat $f"; done`, { timeoutMs: 30_000 });
+    return r.stdout.split('\n').filter((l) => l.includes('.dyad-part'));
+  };
+  t.same(await shown(p.mnt), [], 'not shown by the daemon that made them');
+  process.kill(p.pid, 'SIGKILL');
+  await waitExit(p.pid);
+  const again = await mountCli(t, p.mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', '1', '--storage', p.storage]);
+  t.same(await shown(again.mnt), [], 'nor by the next one, while it scans its storage');
+  // The scan runs in the background once the mount answers.
+  const left = () => parts.filter((n) => fs.existsSync(path.join(p.storage, n)));
+  for (let i = 0; i < 200 && left().length > 0; i++) await sleep(50);
+  t.same(left(), [], 'the next daemon removed them from storage, in subdirectories too');
+  t.same(await shown(o.mnt), [], 'and no other node shows them');
+  t.equal(fs.readFileSync(path.join(p.storage, 'sub', 'kept.txt'), 'utf8'), 'kept', 'the files beside them stay');
+  const r = await sh(`timeout 20 cat ${path.join(o.mnt, 'sub', 'kept.txt')}`, { timeoutMs: 30_000 });
+  t.equal(r.stdout, 'kept', `and are served again (${r.stderr})`);
 });

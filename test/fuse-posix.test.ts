@@ -261,3 +261,36 @@ parentPort.postMessage(ok);`;
     });
   });
 }
+
+t.test('--attr-timeout: changes made in storage behind the mount show at once with 0, late with the default 60 s', async (t) => {
+  const base = tmpdir(t);
+  const mount = async (name: string, args: string[]) => {
+    const mnt = path.join(base, `${name}-mnt`);
+    const storage = path.join(base, `${name}-storage`);
+    fs.mkdirSync(mnt);
+    fs.mkdirSync(storage);
+    await mountCli(t, mnt, ['--storage', storage, ...args]);
+    return { mnt, storage };
+  };
+  const fresh = await mount('fresh', ['--attr-timeout', '0']);
+  const cached = await mount('cached', []);
+  // stat(1), a program of its own, so nothing in this process caches.
+  const statSize = async (p: string): Promise<string> => {
+    const r = await sh(`timeout 10 stat -c %s ${p}`);
+    return r.code === 0 ? r.stdout.trim() : r.stderr;
+  };
+  for (const m of [fresh, cached]) {
+    fs.writeFileSync(path.join(m.storage, 'grows'), 'hello');
+    fs.writeFileSync(path.join(m.storage, 'goes'), 'bye');
+    // The first stat looks the names up: the kernel now holds them and their attributes.
+    t.equal(await statSize(path.join(m.mnt, 'grows')), '5');
+    t.equal(await statSize(path.join(m.mnt, 'goes')), '3');
+    fs.appendFileSync(path.join(m.storage, 'grows'), ' world!');
+    fs.unlinkSync(path.join(m.storage, 'goes'));
+  }
+  t.equal(await statSize(path.join(fresh.mnt, 'grows')), '12', '0: a size changed in storage is seen at once');
+  t.match(await statSize(path.join(fresh.mnt, 'goes')), /No such file or directory/, '0: a name removed in storage is gone at once');
+  // The whole test takes far less than 60 s, so the kernel still trusts what it cached.
+  t.equal(await statSize(path.join(cached.mnt, 'grows')), '5', 'default: the cached size is shown');
+  t.equal(await statSize(path.join(cached.mnt, 'goes')), '3', 'default: the cached name is shown');
+});
