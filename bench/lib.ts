@@ -19,8 +19,8 @@ export function percentile(xs: number[], p: number): number {
   return s[Math.min(s.length - 1, Math.floor((p / 100) * s.length))]!;
 }
 
-export function run(cmd: string, args: string[], opts: { cwd?: string } = {}): string {
-  const r = spawnSync(cmd, args, { encoding: 'utf8', cwd: opts.cwd });
+export function run(cmd: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): string {
+  const r = spawnSync(cmd, args, { encoding: 'utf8', cwd: opts.cwd, env: opts.env });
   if (r.status !== 0) throw new Error(`${cmd} ${args.join(' ')} failed: ${r.stderr}`);
   return r.stdout + r.stderr;
 }

@@ -20,6 +20,8 @@
  * pulled through the transport; and (a), (c), (d) once more with --spin 100,
  * where the daemons poll /dev/fuse briefly after each request instead of
  * sleeping (a wake-up costs tens of microseconds on the project VM).
+ * (d) also from a program holding 256 more descriptors (a publishing close()
+ * looks at each), and with --async-publish, which skips that.
  *
  * --dtl ucx [--tls tcp|shm]: the same workloads over the TCP transport and
  * then over UCX, with ucx_perftest tag_bw between two processes on the same
@@ -124,7 +126,12 @@ interface Figures {
   dMount: Files;
   /** The next 1000 files, from the same daemons: what a long-running producer node sees. */
   dWarm: Files;
+  /** The same writes from a program holding MANY_FDS more descriptors. */
+  dMany: Files;
 }
+
+/** Descriptors a process of a large parallel program may hold (sockets, shared memory, devices). */
+const MANY_FDS = 256;
 
 const gbps = (f: Files) => f.bytes / f.seconds / 1e9;
 
@@ -132,6 +139,7 @@ const gbps = (f: Files) => f.bytes / f.seconds / 1e9;
 interface PulledSmall {
   aRemote: Files;
   dMount: Files;
+  dMany: Files;
   cSmallS: number;
 }
 
@@ -145,7 +153,7 @@ function meanPulled(runs: PulledSmall[]): PulledSmall {
     p99Us: mean((p) => f(p).p99Us),
     bytes: mean((p) => f(p).bytes),
   });
-  return { aRemote: files((p) => p.aRemote), dMount: files((p) => p.dMount), cSmallS: mean((p) => p.cSmallS) };
+  return { aRemote: files((p) => p.aRemote), dMount: files((p) => p.dMount), dMany: files((p) => p.dMany), cSmallS: mean((p) => p.cSmallS) };
 }
 
 /** Two daemons (node 0 serves the KVS) pulling over `dtl`; the workloads (a)-(d) and their baselines. */
@@ -163,7 +171,7 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     const n1 = startNode(base, 1, hosts, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], daemonArgs);
     nodes.push(n1);
     const direct = path.join(base, 'direct');
-    for (const d of ['small', 'small-warm', 'big', 'c-small', 'c-big']) fs.mkdirSync(path.join(n0.mnt, d));
+    for (const d of ['small', 'small-warm', 'small-many', 'big', 'c-small', 'c-big']) fs.mkdirSync(path.join(n0.mnt, d));
     fs.mkdirSync(path.join(direct, 'small'), { recursive: true });
     fs.mkdirSync(path.join(direct, 'big'), { recursive: true });
 
@@ -174,6 +182,7 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     // (code compiled on first use, caches filling), which a producer node
     // pays once per job, not per file.
     const dWarm = parseFiles(run(files, ['write', path.join(n0.mnt, 'small-warm'), 'f', String(small), '4096']));
+    const dMany = parseFiles(run(files, ['write', path.join(n0.mnt, 'small-many'), 'f', String(small), '4096'], { env: { ...process.env, FILES_EXTRA_FDS: String(MANY_FDS) } }));
     // (a) consume what was produced, beside a local read of the same files.
     const aLocal = parseFiles(run(files, ['read', path.join(direct, 'small'), 'f', String(small)]));
     const aRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'small'), 'f', String(small)]));
@@ -189,7 +198,7 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
       await done;
       return Number(process.hrtime.bigint() - t0) / 1e9;
     };
-    if (smallOnlyWith) return { aRemote, dMount, cSmallS: await consumerFirst('c-small', small, 4096) };
+    if (smallOnlyWith) return { aRemote, dMount, dMany, cSmallS: await consumerFirst('c-small', small, 4096) };
 
     // (b) big files produced first.
     prefault(bigCount * bigMiB * 2);
@@ -211,7 +220,7 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     const cSmallS = await consumerFirst('c-small', small, 4096);
     prefault(bigCount * bigMiB * 2);
     const cBigS = await consumerFirst('c-big', bigCount, bigMiB << 20);
-    return { aLocal, aRemote, aAgain, bRemoteGBps: gbps(bRemote), bLocalGBps: gbps(bLocal), pipelineGBps: pipeBytes! / pipeS! / 1e9, bWriteGBps: gbps(bWrite), rawGBps, cSmallS, cBigS, dDirect, dMount, dWarm };
+    return { aLocal, aRemote, aAgain, bRemoteGBps: gbps(bRemote), bLocalGBps: gbps(bLocal), pipelineGBps: pipeBytes! / pipeS! / 1e9, bWriteGBps: gbps(bWrite), rawGBps, cSmallS, cBigS, dDirect, dMount, dWarm, dMany };
   } finally {
     for (const n of nodes.reverse()) spawnSync('umount', [n.mnt]);
     await new Promise((r) => setTimeout(r, 500));
@@ -258,6 +267,19 @@ function spinRows(p: PulledSmall, f: Figures, small: number): Row[] {
     { what: `(c) consumer first, ${small} × 4 KiB with --spin 100`, value: p.cSmallS, unit: 's', baseline: { name: base, value: f.cSmallS }, better: 'lower', target: '≤ 1 s' },
     { what: `(d) producer write + publish per 4 KiB file with --spin 100, median`, value: p.dMount.medianUs / 1000, unit: 'ms', baseline: { name: base, value: f.dMount.medianUs / 1000 }, better: 'lower', target: '≤ 0.3 ms' },
     { what: `(d) producer write + publish per 4 KiB file with --spin 100, p99`, value: p.dMount.p99Us / 1000, unit: 'ms', baseline: { name: base, value: f.dMount.p99Us / 1000 }, better: 'lower' },
+  ];
+}
+
+/**
+ * A publishing close() reads each of the closer's descriptors from /proc (to
+ * know whether more writes may follow); --async-publish publishes at the last
+ * release instead and skips that.
+ */
+function manyFdsRows(a: PulledSmall, f: Figures, small: number): Row[] {
+  return [
+    { what: `(d) producer holding ${MANY_FDS} more descriptors, per 4 KiB file, median`, value: f.dMany.medianUs / 1000, unit: 'ms', baseline: { name: `the ${small} files before, same daemons`, value: f.dWarm.medianUs / 1000 }, better: 'lower' },
+    { what: `(d) the same with --async-publish, median`, value: a.dMany.medianUs / 1000, unit: 'ms', baseline: { name: 'close() waiting for the publication', value: f.dMany.medianUs / 1000 }, better: 'lower' },
+    { what: `(d) producer write + publish per 4 KiB file with --async-publish, median`, value: a.dMount.medianUs / 1000, unit: 'ms', baseline: { name: 'close() waiting for the publication', value: f.dMount.medianUs / 1000 }, better: 'lower' },
   ];
 }
 
@@ -315,9 +337,11 @@ async function runAll(o: { dtl: string; ucx: boolean; tls: string; small: number
     const f = await measure(dtl, small, bigCount, bigMiB, tools);
     const pulled = await measure(dtl, small, bigCount, bigMiB, tools, ['--push-max', '0']);
     const spun = await measure(dtl, small, bigCount, bigMiB, tools, ['--spin', '100']);
+    const async = await measure(dtl, small, bigCount, bigMiB, tools, ['--async-publish']);
     printTable(`Transfer (${dtl})`, transportRows(f, small, bigCount));
     printTable(`Small files without --push-max (${dtl}, same run)`, pulledRows(pulled, f, small, ''));
     printTable(`Small files with --spin 100 (${dtl}, same run)`, spinRows(spun, f, small));
+    printTable(`A producer holding many descriptors, and --async-publish (${dtl}, same run)`, manyFdsRows(async, f, small));
     return;
   }
   // Two daemons on one machine: without these UCX would pick shared memory

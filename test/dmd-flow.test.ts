@@ -484,6 +484,42 @@ t.test('DYAD_ASYNC_PUBLISH: close() does not wait for the publication, which sti
   t.equal(r.stdout.split(' ')[0], md5Of(100_000), 'a reader on another node got the bytes');
 });
 
+/** close(2)'s number, to see a program blocked in it through /proc/PID/syscall. */
+const closeNr: Record<string, number> = { x64: 3, arm64: 57 };
+
+t.test('a close() waiting for its publication lets a signalled program go, and the publication still happens', { skip: closeNr[process.arch] === undefined && `no close(2) number for ${process.arch}` }, async (t) => {
+  const c = await cluster(t, 1);
+  const kvs = c.nodes[0]!;
+  const p = await joinNode(t, c, 1);
+  const q = await joinNode(t, c, 2);
+  const file = path.join(p.mnt, 'interrupted.bin');
+  // The daemon serving the KVS stopped: the publication inside close() cannot complete.
+  process.kill(kvs.pid, 'SIGSTOP');
+  t.teardown(() => process.kill(kvs.pid, 'SIGCONT'));
+  const prog = `import sys\nf = open(sys.argv[1], "wb")\nf.write(bytes(i % 251 for i in range(100000)))\nprint("closing", flush=True)\nf.close()\nprint("closed", flush=True)`;
+  const w = spawn('python3', ['-c', prog, file], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const done = exited(w);
+  t.teardown(() => w.kill('SIGKILL'));
+  const inClose = () => {
+    try {
+      return Number(fs.readFileSync(`/proc/${w.pid}/syscall`, 'utf8').split(' ')[0]) === closeNr[process.arch];
+    } catch {
+      return false;
+    }
+  };
+  for (let i = 0; i < 400 && !inClose(); i++) await sleep(50);
+  t.ok(inClose(), 'the writer is blocked in close()');
+  w.kill('SIGTERM');
+  const gone = await Promise.race([done.then((r) => r), sleep(10_000).then(() => undefined)]);
+  t.ok(gone, 'SIGTERM ended the writer while the KVS was still stopped');
+  t.equal(gone?.out, 'closing\n', 'its close() did not return as if the file were published');
+  process.kill(kvs.pid, 'SIGCONT');
+  // The publication carried on once the KVS answered.
+  const r = await sh(`timeout 20 md5sum < ${path.join(q.mnt, 'interrupted.bin')}`, { timeoutMs: 30_000 });
+  t.equal(r.code, 0, r.stderr);
+  t.equal(r.stdout.split(' ')[0], md5Of(100_000), 'a reader on another node got the bytes');
+});
+
 const noStrace = spawnSync('strace', ['-V']).error ? 'strace is not installed' : false;
 
 t.test('DYAD_FSYNC_WRITE: the file is fsynced before its record goes to the KVS', { skip: noStrace }, async (t) => {
@@ -552,6 +588,12 @@ t.test('a restarted daemon removes the temporary files of pulls that died with t
   // Made by hand: killing a daemon while a pull is under way is a race.
   const parts = [`.dyad-part-${p.pid}-0123abcd-1`, `sub/.dyad-part-${p.pid}-0123abcd-2`];
   for (const n of parts) fs.writeFileSync(path.join(p.storage, n), 'half a file');
+  // And one of a pull under way by another daemon sharing this storage
+  // (DYAD_SERVICE_MUX): a live process's pid.
+  const sibling = spawn('sleep', ['600'], { stdio: 'ignore' });
+  t.teardown(() => sibling.kill('SIGKILL'));
+  const siblings = `sub/.dyad-part-${sibling.pid}-89abcdef-3`;
+  fs.writeFileSync(path.join(p.storage, siblings), 'a pull under way');
   const shown = async (mnt: string) => {
     const r = await sh(`timeout 10 ls -aR ${mnt}; for f in ${parts.map((n) => path.join(mnt, n)).join(' ')}; do timeout 10 stat $f > /dev/null 2>&1 && echo "stat $f"; done`, { timeoutMs: 30_000 });
     return r.stdout.split('\n').filter((l) => l.includes('.dyad-part'));
@@ -559,12 +601,16 @@ t.test('a restarted daemon removes the temporary files of pulls that died with t
   t.same(await shown(p.mnt), [], 'not shown by the daemon that made them');
   process.kill(p.pid, 'SIGKILL');
   await waitExit(p.pid);
+  const scans = () => fs.readFileSync(p.log, 'utf8').split('\n').filter((l) => l.includes('storage scan:')).length;
+  const scansBefore = scans();
   const again = await mountCli(t, p.mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', '1', '--storage', p.storage]);
   t.same(await shown(again.mnt), [], 'nor by the next one, while it scans its storage');
-  // The scan runs in the background once the mount answers.
+  // The scan runs in the background once the mount answers, and logs when done.
+  for (let i = 0; i < 200 && scans() === scansBefore; i++) await sleep(50);
+  t.ok(scans() > scansBefore, 'the next daemon scanned its storage');
   const left = () => parts.filter((n) => fs.existsSync(path.join(p.storage, n)));
-  for (let i = 0; i < 200 && left().length > 0; i++) await sleep(50);
   t.same(left(), [], 'the next daemon removed them from storage, in subdirectories too');
+  t.ok(fs.existsSync(path.join(p.storage, siblings)), "but not a live daemon's pull under way");
   t.same(await shown(o.mnt), [], 'and no other node shows them');
   t.equal(fs.readFileSync(path.join(p.storage, 'sub', 'kept.txt'), 'utf8'), 'kept', 'the files beside them stay');
   const r = await sh(`timeout 20 cat ${path.join(o.mnt, 'sub', 'kept.txt')}`, { timeoutMs: 30_000 });

@@ -28,7 +28,7 @@ import type { Attr, AttrReply, Entry, OpenReply, Refusal, RequestContext } from 
 import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
-import { PART_PREFIX } from '../dtl/part.js';
+import { PART_PREFIX, isStalePart } from '../dtl/part.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
@@ -412,12 +412,18 @@ export class DmdFs extends MirrorFs {
   override flush(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
     const h = this.handle(fh);
     if (!h.writable || !ctx.pid || !h.opener) return;
+    // close() does not wait for an asynchronous publication, so nothing is
+    // gained by starting it here rather than at the last RELEASE, which the
+    // kernel sends moments later; waiting for that spares the descriptor
+    // scan below, whose cost grows with the closer's open descriptors.
+    if (this.o.asyncPublish) return;
     // A process that inherited the descriptor (a child of the opener) closing its copy.
     if (!sameProcess(h.opener, ctx.pid)) return;
     const mine = path.posix.join(this.o.mountpoint, this.rel(h.node));
     // Cannot tell (no /proc): leave it to the last RELEASE.
     if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
-    return this.publishSoon(h.node, fstat(h.fd));
+    const p = this.publishSoon(h.node, fstat(h.fd));
+    return p && untilInterrupted(p, ctx.signal);
   }
 
   protected override afterWriteClose(node: Node, h: Handle, st: fs.BigIntStats): void | Promise<void> {
@@ -490,8 +496,9 @@ export class DmdFs extends MirrorFs {
         const upath = rel === '' ? e.name : `${rel}/${e.name}`;
         if (e.isDirectory()) await walk(upath);
         if (e.isFile() && e.name.startsWith(PART_PREFIX)) {
-          // Left by a pull that died with a previous daemon.
-          fs.rmSync(this.storage.abs(upath), { force: true });
+          // Left by a pull that died with a previous daemon; another daemon
+          // on this storage may have one under way.
+          if (isStalePart(e.name)) fs.rmSync(this.storage.abs(upath), { force: true });
           continue;
         }
         if (!e.isFile()) continue;
@@ -602,6 +609,21 @@ function openNoatime(p: string): number {
 }
 
 /** `expected`: the size just seen, so one read usually does (a file that grew since is read whole). */
+/**
+ * A close() waiting for its publication (say, for a KVS that stopped
+ * answering) must not hold a program that was sent a signal: on INTERRUPT
+ * the close() returns EINTR (the descriptor is closed all the same) and the
+ * publication carries on in the background, as with DYAD_ASYNC_PUBLISH.
+ */
+function untilInterrupted(p: Promise<void>, signal: AbortSignal): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const onAbort = () => reject(signal.reason);
+    if (signal.aborted) onAbort();
+    else signal.addEventListener('abort', onAbort, { once: true });
+    void p.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+  });
+}
+
 function digestSmall(p: string, expected: number): { digest: string; size: number; data: Buffer } {
   const fd = openNoatime(p);
   try {

@@ -25,6 +25,30 @@ export function partPathFor(destPath: string): string {
   return join(dirname(destPath), `${PART_PREFIX}${process.pid}-${instance}-${++seq}`);
 }
 
+const PART_NAME = /^\.dyad-part-(\d+)-([0-9a-f]+)-\d+$/;
+
+/**
+ * Was this ".dyad-part-*" name left by a pull that can no longer finish?
+ * Several daemons may share one storage (DYAD_SERVICE_MUX), so only a name
+ * whose daemon (the pid in it) is gone is stale; a name of this very daemon
+ * is a pull under way. A dead daemon's pid taken by another live process
+ * keeps the file, hidden, until that process ends: the safe mistake.
+ */
+export function isStalePart(name: string): boolean {
+  const m = PART_NAME.exec(name);
+  if (!m) return true;
+  if (m[2] === instance) return false;
+  const pid = Number(m[1]);
+  // Our pid with another instance: an earlier daemon whose pid we were given.
+  if (pid === process.pid) return true;
+  try {
+    process.kill(pid, 0);
+    return false;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'ESRCH';
+  }
+}
+
 function fsyncAsync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fsFsync(fd, (err) => (err ? reject(err) : resolve())));
 }
