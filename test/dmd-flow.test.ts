@@ -3,7 +3,7 @@
  * daemon over its own storage, node 0 serving the embedded KVS. Programs are
  * plain shell tools: nothing is preloaded.
  */
-import t from 'tap';
+import t, { type Test } from 'tap';
 import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
@@ -303,6 +303,67 @@ t.test('shared storage: synchronise only, never transfer', async (t) => {
   t.notMatch(fs.readFileSync(b.log, 'utf8'), /transfer service/, 'no transfer service in shared mode');
 });
 
+/**
+ * A reader on node `q` of a file that node `p`'s program is rewriting: it
+ * must wait for the rewrite's close, and then get the new bytes whole.
+ */
+async function readDuringRewrite(t: Test, pFile: string, qFile: string): Promise<void> {
+  // Rewrites in place, in two halves, and holds the file open between them until told to go on.
+  const prog = `import sys\nf = open(sys.argv[1], "r+b")\nf.truncate(0)\nf.write(b"version 2, first half; ")\nf.flush()\nprint("writing", flush=True)\nsys.stdin.readline()\nf.write(b"second half")\nf.close()\nprint("closed", flush=True)`;
+  const w = spawn('python3', ['-c', prog, pFile], { stdio: ['pipe', 'pipe', 'pipe'] });
+  t.teardown(() => w.kill('SIGKILL'));
+  const wDone = exited(w);
+  let wOut = '';
+  w.stdout!.on('data', (d: Buffer) => (wOut += d));
+  for (let i = 0; i < 400 && !wOut.includes('writing'); i++) await sleep(50);
+  t.equal(wOut, 'writing\n', 'the producer is half way through its rewrite');
+  const r = spawn('python3', ['-c', 'import sys\nsys.stdout.write(open(sys.argv[1]).read())', qFile], { stdio: ['ignore', 'pipe', 'pipe'] });
+  t.teardown(() => r.kill('SIGKILL'));
+  let rExited = false;
+  const rDone = exited(r).then((x) => ((rExited = true), x));
+  // Either the reader is done (it read the file mid-rewrite: wrong), or it
+  // waits in open() for the publication.
+  const waiting = () => {
+    try {
+      return fs.readFileSync(`/proc/${r.pid}/wchan`, 'utf8') !== '0' && fs.readFileSync(`/proc/${r.pid}/syscall`, 'utf8').split(' ')[0] === String(openatNr[process.arch]);
+    } catch {
+      return false;
+    }
+  };
+  for (let i = 0; i < 400 && !rExited && !waiting(); i++) await sleep(50);
+  w.stdin!.end('go on\n');
+  t.equal((await wDone).out, 'writing\nclosed\n', 'the producer closed its rewrite');
+  const got = await rDone;
+  t.equal(got.out, 'version 2, first half; second half', `the reader waited, then read the rewrite whole (${got.err})`);
+}
+
+/** openat(2)'s number: a program waiting in it for a publication. */
+const openatNr: Record<string, number> = { x64: 257, arm64: 56 };
+
+t.test('a file rewritten after its publication is withdrawn until closed: readers elsewhere wait for it', { skip: openatNr[process.arch] === undefined && `no openat(2) number for ${process.arch}` }, async (t) => {
+  t.test('shared storage: the reader does not see the file half rewritten', async (t) => {
+    const c = await cluster(t, 1, ['--shared-storage']);
+    const shared = c.nodes[0]!.storage;
+    const q = await joinNode(t, c, 1, [], ['--shared-storage', '--storage', shared]);
+    const p = c.nodes[0]!;
+    fs.writeFileSync(path.join(p.mnt, 'v.txt'), 'version 1');
+    const r1 = await sh(`timeout 20 cat ${path.join(q.mnt, 'v.txt')}`, { timeoutMs: 30_000 });
+    t.equal(r1.stdout, 'version 1', r1.stderr);
+    await readDuringRewrite(t, path.join(p.mnt, 'v.txt'), path.join(q.mnt, 'v.txt'));
+  });
+  t.test('storage per node: a first reader elsewhere does not pull the file half rewritten', async (t) => {
+    const c = await cluster(t, 2, ['--push-max', '0']);
+    const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+    fs.writeFileSync(path.join(p.mnt, 'v.txt'), 'version 1');
+    // Known on the other node (listed), not yet pulled.
+    t.ok(fs.readdirSync(q.mnt).includes('v.txt'), 'published');
+    await readDuringRewrite(t, path.join(p.mnt, 'v.txt'), path.join(q.mnt, 'v.txt'));
+    // Opened for writing and closed unchanged: published again, the same file.
+    const same = await sh(`python3 -c 'open("${path.join(p.mnt, 'v.txt')}", "r+b").close()' && timeout 20 cat ${path.join(c.nodes[1]!.mnt, 'v.txt')}`, { timeoutMs: 30_000 });
+    t.equal(same.stdout, 'version 2, first half; second half', same.stderr);
+  });
+});
+
 t.test('a dead node\'s rank lease expires: readers fail at once, also those that pulled from it before', async (t) => {
   // --push-max 0: the file's bytes must not travel with its publication, or the reader would not need the owner.
   // Every daemon gets the short lease, so the live ones renew often enough (a third of it) not to expire.
@@ -482,6 +543,31 @@ t.test('DYAD_ASYNC_PUBLISH: close() does not wait for the publication, which sti
   const r = await sh(`timeout 20 md5sum < ${path.join(q.mnt, 'async.bin')}`, { timeoutMs: 30_000 });
   t.equal(r.code, 0, r.stderr);
   t.equal(r.stdout.split(' ')[0], md5Of(100_000), 'a reader on another node got the bytes');
+});
+
+t.test('a file whose writer is killed while it is open is not published; one left open at a plain exit is', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  // Killed with the file open (as by the OOM killer, or a job's time limit):
+  // the kernel closes it, and the bytes so far are all there is.
+  const killed = `import os, signal, sys\nf = open(sys.argv[1], "wb")\nf.write(b"x" * 100000)\nf.flush()\nos.kill(os.getpid(), signal.SIGKILL)`;
+  const k = await sh(`python3 -c '${killed}' ${path.join(p.mnt, 'torn.bin')}; echo $?`, { timeoutMs: 30_000 });
+  t.equal(k.stdout, '137\n', 'the writer was killed');
+  // Exiting with the file still open, and with another thread alive (the
+  // thread that closes the files is then not always the one calling exit).
+  const exits = `import os, sys, threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\nfd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\nos.write(fd, b"y" * 100000)\nos._exit(3)`;
+  const e = await sh(`python3 -c '${exits}' ${path.join(p.mnt, 'exited.bin')}`, { timeoutMs: 30_000 });
+  t.equal(e.code, 3, 'the other writer exited without closing');
+  // Published after both: once the other node has it, whatever the producer
+  // published before is in the KVS too.
+  fs.writeFileSync(path.join(p.mnt, 'after.txt'), 'after');
+  const r = await sh(`timeout 20 cat ${path.join(q.mnt, 'after.txt')}`, { timeoutMs: 30_000 });
+  t.equal(r.stdout, 'after', r.stderr);
+  t.equal(fs.statSync(path.join(p.storage, 'torn.bin')).size, 100000, 'the torn file stays in its node\'s storage');
+  t.notOk(fs.existsSync(path.join(q.mnt, 'torn.bin')), 'but no other node sees it');
+  t.match(fs.readFileSync(p.log, 'utf8'), /torn\.bin not published: its writer \(pid \d+\) was killed by a signal/, 'the log says why');
+  const x = await sh(`timeout 20 md5sum < ${path.join(q.mnt, 'exited.bin')}`, { timeoutMs: 30_000 });
+  t.equal(x.stdout.split(' ')[0], createHash('md5').update(Buffer.alloc(100000, 'y')).digest('hex'), `the file left open at exit was published (${x.stderr})`);
 });
 
 /** close(2)'s number, to see a program blocked in it through /proc/PID/syscall. */

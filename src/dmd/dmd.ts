@@ -23,7 +23,7 @@ import { MirrorFs, NO_ENTRY, type Handle, type ListedEntry, type MirrorOptions, 
 import { Fetcher, REPLICAS } from './fetch.js';
 import { Origin, type OriginStat } from './origin.js';
 import { Storage, fstat, lstat, lstatIfExists } from './storage.js';
-import { callerOf, callerPath, callerRawPath, holdsDescriptorOn, sameProcess, type Caller } from '../fuse/caller.js';
+import { callerOf, callerPath, callerRawPath, holdsDescriptorOn, killedBySignal, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, Refusal, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
@@ -95,6 +95,10 @@ export class DmdFs extends MirrorFs {
   private readonly virtual = new Map<number, Virtual>();
   /** What we last published per upath (mtime:size), so FLUSH and RELEASE publish once. */
   private readonly published = new Map<string, string>();
+  /** Files a writer was killed holding: whatever they hold is not what it meant to write. */
+  private readonly torn = new Map<Node, number>();
+  /** Our records withdrawn while their files are open for writing, by path: the file as recorded, and the record. */
+  private readonly withdrawn = new Map<string, { stamp: string; rec: FileRecord }>();
   readonly fetcher: Fetcher;
   private readonly origin: Origin | undefined;
 
@@ -332,11 +336,13 @@ export class DmdFs extends MirrorFs {
         return super.open(ctx, nodeid, flags);
       });
     }
-    if (this.o.sharedStorage && (flags & 3) === fs.constants.O_RDONLY) {
+    const reading = (flags & 3) === fs.constants.O_RDONLY;
+    if (this.o.sharedStorage && reading) {
       // Shared storage: the file may be there while its producer still writes
       // it on another node; a reader waits for the publication.
       return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => super.open(ctx, nodeid, flags));
     }
+    if (!reading && (this.published.has(upath) || this.o.sharedStorage)) return this.withdrawForRewrite(upath).then(() => super.open(ctx, nodeid, flags));
     return super.open(ctx, nodeid, flags);
   }
 
@@ -411,7 +417,16 @@ export class DmdFs extends MirrorFs {
    */
   override flush(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
     const h = this.handle(fh);
-    if (!h.writable || !ctx.pid || !h.opener) return;
+    if (!h.writable || !ctx.pid) return;
+    // The kernel closing the descriptors of a process a signal killed: its
+    // file may be cut anywhere, and publishing it would hand readers a torn
+    // copy as if complete (DYAD, whose close() is never called, publishes
+    // nothing either). It stays unpublished, local to this node.
+    if (killedBySignal(ctx.pid)) {
+      this.torn.set(h.node, ctx.pid);
+      return;
+    }
+    if (!h.opener) return;
     // close() does not wait for an asynchronous publication, so nothing is
     // gained by starting it here rather than at the last RELEASE, which the
     // kernel sends moments later; waiting for that spares the descriptor
@@ -431,6 +446,12 @@ export class DmdFs extends MirrorFs {
     // sharing the open is closed (a shell's `>` dup2s and closes one early,
     // which is why FLUSH is too soon).
     if (this.writersOf(node) > 0) return;
+    const killed = this.torn.get(node);
+    if (killed !== undefined) {
+      this.torn.delete(node);
+      this.o.log.warn(`${this.rel(node)} not published: its writer (pid ${killed}) was killed by a signal while it had the file open`);
+      return;
+    }
     return this.publishSoon(node, st);
   }
 
@@ -465,6 +486,13 @@ export class DmdFs extends MirrorFs {
       if (before.nlink === 0n) return;
       const stamp = `${before.mtimeNs}:${before.size}`;
       if (this.published.get(upath) === stamp || !before.isFile()) return;
+      const was = this.withdrawn.get(upath);
+      this.withdrawn.delete(upath);
+      if (was?.stamp === stamp) {
+        // Opened for writing and left as it was: its old record, unread.
+        const { size, mtimeMs, digest } = was.rec;
+        return await this.putRecord(upath, stamp, { size, mode: Number(before.mode), mtimeMs, digest });
+      }
       if (this.o.fsyncWrite) fsyncPath(abs);
       // Small files: one synchronous read beats three thread-pool round trips.
       const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs, Number(before.size)) : await digestLarge(abs);
@@ -523,6 +551,7 @@ export class DmdFs extends MirrorFs {
   /** A file we published is gone: so is its record, before unlink() returns. */
   protected override afterRemove(rel: string): void | Promise<void> {
     this.fetcher.forgetDirs();
+    this.withdrawn.delete(rel);
     if (!this.published.delete(rel)) return;
     return this.unpublish(rel);
   }
@@ -579,6 +608,23 @@ export class DmdFs extends MirrorFs {
     const out = await this.o.kvs.publish(this.o.ns, upath, { owner: this.o.rank, ...rec }, content ? { content } : undefined);
     this.published.set(upath, stamp);
     if (publishChannel.hasSubscribers) publishChannel.publish({ upath, record: out });
+  }
+
+  /**
+   * A published file opened for writing is withdrawn before the open
+   * returns, and published again at its close: until then a reader
+   * elsewhere waits for it, instead of reading (on shared storage) or
+   * pulling (and failing its digest) a file being rewritten. On shared
+   * storage the record may be another node's; it is withdrawn all the same.
+   */
+  private async withdrawForRewrite(upath: string): Promise<void> {
+    const stamp = this.published.get(upath);
+    this.published.delete(upath);
+    // Opened for writing is not always written (HDF5's read-write opens):
+    // keep what an unchanged file needs to be published again unread.
+    const rec = stamp === undefined ? undefined : await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
+    if (stamp !== undefined && rec?.kind === 'file' && rec.owner === this.o.rank) this.withdrawn.set(upath, { stamp, rec });
+    await this.unpublish(upath);
   }
 
   private unpublish(rel: string): Promise<void> {

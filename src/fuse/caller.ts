@@ -220,3 +220,29 @@ export function holdsDescriptorOn(pid: number, file: string): boolean | undefine
 export function sameProcess(tid: number, other: number): boolean {
   return tid === other || fs.existsSync(`/proc/${tid}/task/${other}`);
 }
+
+// The closing thread's /proc/<tid>/stat, kept per thread like the syscall file.
+const statFds = new Map<number, number>();
+const statBuf = Buffer.alloc(1024);
+const PF_EXITING = 0x4;
+
+/**
+ * Is thread `tid` exiting because a signal killed its process? Asked at the
+ * FLUSH of a descriptor the kernel closes for a dying process: its stat shows
+ * PF_EXITING, and the wait status it will report is set before its
+ * descriptors are closed; a signal's number there means killed, not exit().
+ * The last thread of a group to go closes the files; in a normal exit it
+ * carries the group's exit status too. Undefined when /proc cannot tell.
+ */
+export function killedBySignal(tid: number): boolean | undefined {
+  const n = readProc(statFds, tid, 'stat', statBuf, 0);
+  if (n === undefined) return undefined;
+  const text = statBuf.toString('latin1', 0, n);
+  // Fields after the command name, which may hold spaces and parentheses:
+  // state is field 3, flags field 9, exit_code field 52.
+  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
+  const flags = Number(fields[9 - 3]);
+  const exitCode = Number(fields[52 - 3]);
+  if (!Number.isInteger(flags) || !Number.isInteger(exitCode)) return undefined;
+  return (flags & PF_EXITING) !== 0 && (exitCode & 0x7f) !== 0;
+}
