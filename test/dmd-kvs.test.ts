@@ -62,6 +62,42 @@ t.test('KVS restart: no publication lost, waits resume', async (t) => {
   kvs.kill('SIGTERM');
 });
 
+t.test('a publication the KVS failed is tried again until it lands', async (t) => {
+  const base = tmpdir(t);
+  const data = path.join(base, 'kvs');
+  const port = await freePort();
+  const url = `dyad://127.0.0.1:${port}`;
+  let kvs = await startKvs(t, port, data);
+  await exec(process.execPath, [dyadBin, 'namespace', 'create', 'wf', '--kvs', url, '--data', data]);
+  const secret = path.join(data, 'secrets', 'wf.secret');
+  const nodes = [];
+  for (const rank of [0, 1]) {
+    const mnt = path.join(base, `n${rank}`);
+    const storage = path.join(base, `s${rank}`);
+    fs.mkdirSync(mnt);
+    fs.mkdirSync(storage);
+    // The writer's node publishes in the background (--async-publish): one
+    // attempt, at the last release, that nobody waits for; only trying
+    // again can publish the file. (A close() that waits tries at FLUSH and
+    // again at RELEASE, 30 s each.)
+    const args = rank === 0 ? ['--async-publish'] : [];
+    nodes.push({ ...(await mountCli(t, mnt, ['--kvs', url, '--secret-file', secret, '--namespace', 'wf', '--rank', String(rank), '--storage', storage, ...args])), storage });
+  }
+  const [p, q] = nodes as [(typeof nodes)[0], (typeof nodes)[0]];
+  kvs.kill('SIGKILL');
+  await new Promise((r) => kvs.on('exit', r));
+  const w = await sh(`echo during the outage > ${path.join(p.mnt, 'during.txt')}`, { timeoutMs: 30_000 });
+  t.equal(w.code, 0, 'the writer finished');
+  // The KVS client gives up after its request timeout (30 s).
+  const failed = () => /publish of during\.txt failed: .*; trying again in/.test(fs.readFileSync(p.log, 'utf8'));
+  for (let i = 0; i < 1200 && !failed(); i++) await sleep(100);
+  t.ok(failed(), 'the publication failed, and the log says it will be tried again');
+  kvs = await startKvs(t, port, data);
+  const r = await sh(`timeout 120 cat ${path.join(q.mnt, 'during.txt')}`, { timeoutMs: 150_000 });
+  t.equal(r.stdout, 'during the outage\n', `a reader on another node got it once the KVS was back (${r.stderr})`);
+  kvs.kill('SIGTERM');
+});
+
 t.test('configuration errors stop the start with one line', async (t) => {
   const base = tmpdir(t);
   const mnt = path.join(base, 'm');

@@ -38,6 +38,9 @@ const O_DIRECTORY = fs.constants.O_DIRECTORY;
 const S_IFREG = 0o100000;
 /** Files up to this size are digested with one synchronous read. */
 const SMALL_FILE = 256n * 1024n;
+/** Publications the KVS failed: the first wait before trying again, and the longest. */
+const RETRY_FIRST_MS = 1000;
+const RETRY_MAX_MS = 60_000;
 /** An open this soon after its LOOKUP saw no record does not ask the KVS again. */
 const ORIGIN_FRESH_MS = 1000;
 /** Marks listed entries that only the origin has. */
@@ -99,6 +102,9 @@ export class DmdFs extends MirrorFs {
   private readonly torn = new Map<Node, number>();
   /** Our records withdrawn while their files are open for writing, by path: the file as recorded, and the record. */
   private readonly withdrawn = new Map<string, { stamp: string; rec: FileRecord }>();
+  /** Publications the KVS failed, by path: the last wait before trying again. */
+  private readonly retries = new Map<string, { delayMs: number; timer: NodeJS.Timeout }>();
+  private stopped = false;
   readonly fetcher: Fetcher;
   private readonly origin: Origin | undefined;
 
@@ -480,6 +486,9 @@ export class DmdFs extends MirrorFs {
    */
   async publish(upath: string, push = false, st?: fs.BigIntStats): Promise<void> {
     const abs = this.storage.abs(upath);
+    // Set before the record goes to the KVS: a failure after it is the KVS's.
+    let atKvs = false;
+    let failedAtKvs = false;
     try {
       const before = st ?? lstat(abs);
       // Removed while open: nothing to publish (as the path's ENOENT says, below).
@@ -491,18 +500,56 @@ export class DmdFs extends MirrorFs {
       if (was?.stamp === stamp) {
         // Opened for writing and left as it was: its old record, unread.
         const { size, mtimeMs, digest } = was.rec;
+        atKvs = true;
         return await this.putRecord(upath, stamp, { size, mode: Number(before.mode), mtimeMs, digest });
       }
       if (this.o.fsyncWrite) fsyncPath(abs);
       // Small files: one synchronous read beats three thread-pool round trips.
       const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs, Number(before.size)) : await digestLarge(abs);
       const pushIt = push && data !== undefined && size <= this.o.pushMaxBytes && !this.o.sharedStorage;
+      atKvs = true;
       await this.putRecord(upath, stamp, { size, mode: Number(before.mode), mtimeMs: Number(before.mtimeNs / 1_000_000n), digest }, pushIt ? data : undefined);
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return; // removed before we got to it
-      this.o.log.error(`publish of ${upath} failed: ${(err as Error).message}`);
+      if (!atKvs && (err as NodeJS.ErrnoException).code === 'ENOENT') return; // removed before we got to it
+      failedAtKvs = atKvs;
+      const retryMs = atKvs ? this.retryLater(upath) : undefined;
+      this.o.log.error(`publish of ${upath} failed: ${(err as Error).message}${retryMs ? `; trying again in ${retryMs / 1000} s` : ''}`);
       throw new DyadError('DYAD_EPUBLISH', errnoOf(err) === errnos.ENOSPC ? errnos.ENOSPC : errnos.EIO, `${upath}: publish failed`, { cause: err });
+    } finally {
+      if (!failedAtKvs) this.dropRetry(upath);
     }
+  }
+
+  /**
+   * The KVS failed a publication (its client had tried for its whole request
+   * timeout): the file is complete in storage, and readers elsewhere wait
+   * for it, however its writer took the error (a shell's `>` never sees
+   * one). It is published again in the background, 1 s later, then at
+   * doubling intervals up to a minute, until it lands or the file goes.
+   */
+  private retryLater(upath: string): number | undefined {
+    if (this.stopped) return undefined;
+    const prev = this.retries.get(upath);
+    clearTimeout(prev?.timer);
+    const delayMs = prev ? Math.min(RETRY_MAX_MS, prev.delayMs * 2) : RETRY_FIRST_MS;
+    const timer = setTimeout(() => void this.publish(upath).catch(() => undefined), delayMs);
+    timer.unref();
+    this.retries.set(upath, { delayMs, timer });
+    return delayMs;
+  }
+
+  private dropRetry(upath: string): void {
+    const r = this.retries.get(upath);
+    if (!r) return;
+    clearTimeout(r.timer);
+    this.retries.delete(upath);
+  }
+
+  /** The daemon is stopping: no more attempts. */
+  stop(): void {
+    this.stopped = true;
+    for (const r of this.retries.values()) clearTimeout(r.timer);
+    this.retries.clear();
   }
 
   /**

@@ -271,6 +271,7 @@ export class Daemon {
   async stop(): Promise<void> {
     if (this.heartbeat) clearInterval(this.heartbeat);
     await this.server?.stop();
+    this.fs?.stop();
     await this.fs?.fetcher.flushCopies();
     await this.transferServer?.close().catch(() => undefined);
     await this.transferClient?.close().catch(() => undefined);
