@@ -27,27 +27,35 @@ async function startKvs(t: { teardown(fn: () => unknown): void }, port: number, 
   return Object.assign(child, { said });
 }
 
-t.test('KVS restart: no publication lost, waits resume', async (t) => {
+/** Two nodes (ranks 0 and 1, `args(rank)` added) of namespace wf, in a `dyad kvs serve` of their own. */
+async function kvsAndTwoNodes(t: Parameters<typeof startKvs>[0], args: (rank: number) => string[] = () => []) {
   const base = tmpdir(t);
   const data = path.join(base, 'kvs');
   const port = await freePort();
   const url = `dyad://127.0.0.1:${port}`;
-  let kvs = await startKvs(t, port, data);
+  const kvs = await startKvs(t, port, data);
   const created = await exec(process.execPath, [dyadBin, 'namespace', 'create', 'wf', '--kvs', url, '--data', data]);
-  t.match(created.stdout, /created namespace wf/);
-  const list = await exec(process.execPath, [dyadBin, 'namespace', 'list', '--kvs', url, '--data', data]);
-  t.match(list.stdout, /^wf$/m);
   const secret = path.join(data, 'secrets', 'wf.secret');
-  t.equal(fs.statSync(secret).mode & 0o777, 0o600, 'the namespace secret file is private');
   const nodes = [];
   for (const rank of [0, 1]) {
     const mnt = path.join(base, `n${rank}`);
     const storage = path.join(base, `s${rank}`);
     fs.mkdirSync(mnt);
     fs.mkdirSync(storage);
-    nodes.push({ ...(await mountCli(t, mnt, ['--kvs', url, '--secret-file', secret, '--namespace', 'wf', '--rank', String(rank), '--storage', storage])), storage });
+    nodes.push({ ...(await mountCli(t, mnt, ['--kvs', url, '--secret-file', secret, '--namespace', 'wf', '--rank', String(rank), '--storage', storage, ...args(rank)])), storage });
   }
   const [p, q] = nodes as [(typeof nodes)[0], (typeof nodes)[0]];
+  return { kvs, port, url, data, secret, created, p, q };
+}
+
+t.test('KVS restart: no publication lost, waits resume', async (t) => {
+  const c = await kvsAndTwoNodes(t);
+  const { port, url, data, secret, p, q } = c;
+  let kvs = c.kvs;
+  t.match(c.created.stdout, /created namespace wf/);
+  const list = await exec(process.execPath, [dyadBin, 'namespace', 'list', '--kvs', url, '--data', data]);
+  t.match(list.stdout, /^wf$/m);
+  t.equal(fs.statSync(secret).mode & 0o777, 0o600, 'the namespace secret file is private');
   fs.writeFileSync(path.join(p.mnt, 'before.txt'), 'published before the restart');
   const waiting = sh(`cat ${path.join(q.mnt, 'after.txt')}`, { timeoutMs: 60_000 });
   await sleep(300);
@@ -63,27 +71,13 @@ t.test('KVS restart: no publication lost, waits resume', async (t) => {
 });
 
 t.test('a publication the KVS failed is tried again until it lands', async (t) => {
-  const base = tmpdir(t);
-  const data = path.join(base, 'kvs');
-  const port = await freePort();
-  const url = `dyad://127.0.0.1:${port}`;
-  let kvs = await startKvs(t, port, data);
-  await exec(process.execPath, [dyadBin, 'namespace', 'create', 'wf', '--kvs', url, '--data', data]);
-  const secret = path.join(data, 'secrets', 'wf.secret');
-  const nodes = [];
-  for (const rank of [0, 1]) {
-    const mnt = path.join(base, `n${rank}`);
-    const storage = path.join(base, `s${rank}`);
-    fs.mkdirSync(mnt);
-    fs.mkdirSync(storage);
-    // The writer's node publishes in the background (--async-publish): one
-    // attempt, at the last release, that nobody waits for; only trying
-    // again can publish the file. (A close() that waits tries at FLUSH and
-    // again at RELEASE, 30 s each.)
-    const args = rank === 0 ? ['--async-publish'] : [];
-    nodes.push({ ...(await mountCli(t, mnt, ['--kvs', url, '--secret-file', secret, '--namespace', 'wf', '--rank', String(rank), '--storage', storage, ...args])), storage });
-  }
-  const [p, q] = nodes as [(typeof nodes)[0], (typeof nodes)[0]];
+  // The writer's node publishes in the background (--async-publish): one
+  // attempt, at the last release, that nobody waits for; only trying again
+  // can publish the file. (A close() that waits tries at FLUSH and again at
+  // RELEASE, 30 s each.)
+  const c = await kvsAndTwoNodes(t, (rank) => (rank === 0 ? ['--async-publish'] : []));
+  const { port, data, p, q } = c;
+  let kvs = c.kvs;
   kvs.kill('SIGKILL');
   await new Promise((r) => kvs.on('exit', r));
   const w = await sh(`echo during the outage > ${path.join(p.mnt, 'during.txt')}`, { timeoutMs: 30_000 });
