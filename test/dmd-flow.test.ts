@@ -9,6 +9,7 @@ import { createHash } from 'node:crypto';
 import path from 'node:path';
 import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { cFixture, cluster, mountCli, sh, tmpdir, waitExit, type Cluster } from './helpers/mount.js';
+import { ucxAvailable } from '../src/dtl/index.js';
 
 const exited = (c: ChildProcess) =>
   new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
@@ -185,7 +186,7 @@ t.test('ranks that share a node (DYAD_SERVICE_MUX) and its storage never transfe
   // the second pair shares a storage here. --push-max 0: bytes pushed with
   // the publication would also spare the transfer, whatever the mux.
   const c = await cluster(t, 4, ['--service-mux', '2', '--log-level', 'debug', '--push-max', '0'], (rank) => (rank >= 2 ? ['--storage', shared] : []));
-  const [, , r2, r3] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const [r0, r1, r2, r3] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0], (typeof c.nodes)[0]];
   const cons = sh(`timeout 20 cat ${path.join(r3.mnt, 'm.txt')}`, { timeoutMs: 30_000 });
   await sleep(500);
   fs.writeFileSync(path.join(r2.mnt, 'm.txt'), 'same node');
@@ -193,6 +194,22 @@ t.test('ranks that share a node (DYAD_SERVICE_MUX) and its storage never transfe
   t.equal(r.stdout, 'same node', `the waiting reader on the other rank of the node read it (${r.stderr})`);
   t.equal(pulls(r3.log), 0, 'without a transfer');
   t.same(fs.readdirSync(shared).filter((n) => n.startsWith('.dyad-part')), [], 'and no temp file');
+  // Ranks 0 and 1 are one node by the mux but each has a storage of its
+  // own: the reader fails, and its log says what is wrong.
+  fs.writeFileSync(path.join(r0.mnt, 'split.txt'), 'elsewhere');
+  const split = await sh(`timeout 20 cat ${path.join(r1.mnt, 'split.txt')}`, { timeoutMs: 30_000 });
+  t.match(split.stderr, /Input\/output error/, 'a mux over storages that are not shared: EIO');
+  t.match(fs.readFileSync(r1.log, 'utf8'), /split\.txt: published by rank 0, which DYAD_SERVICE_MUX=2 puts on this node, but missing from this node's storage: do its ranks share one storage\?/, 'the log names the misconfiguration');
+});
+
+t.test('nodes on different transports: the reader fails at once, and its log names the mismatch', { skip: process.env['DYAD_DTL_MODE'] === 'UCX' ? 'run once, with the TCP suite' : !ucxAvailable() && 'UCX transport not built here' }, async (t) => {
+  // --push-max 0: bytes pushed with the publication would need no transfer at all.
+  const c = await cluster(t, 2, ['--push-max', '0'], (rank) => ['--dtl', rank === 0 ? 'ucx' : 'tcp']);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'x.txt'), 'over UCX');
+  const r = await sh(`timeout 20 cat ${path.join(q.mnt, 'x.txt')}`, { timeoutMs: 30_000 });
+  t.match(r.stderr, /Input\/output error/, 'EIO');
+  t.match(fs.readFileSync(q.log, 'utf8'), /rank 0 transfers over UCX and this node over TCP: every node needs the same DYAD_DTL_MODE/, 'the log says why');
 });
 
 t.test('creates by relative path, through directories only another node has, one name repeated', async (t) => {

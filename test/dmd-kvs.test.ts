@@ -9,6 +9,7 @@ import path from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { dyadBin, dyadMountBin, exec, mountCli, sh, tmpdir } from './helpers/mount.js';
 import { freePort } from './helpers/ports.js';
+import { etcdUnavailable, startEtcd } from './helpers/etcd.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -90,6 +91,26 @@ t.test('a publication the KVS failed is tried again until it lands', async (t) =
   const r = await sh(`timeout 120 cat ${path.join(q.mnt, 'during.txt')}`, { timeoutMs: 150_000 });
   t.equal(r.stdout, 'during the outage\n', `a reader on another node got it once the KVS was back (${r.stderr})`);
   kvs.kill('SIGTERM');
+});
+
+t.test('etcd: a secret that is not the namespace\'s stops the start with one line', { skip: etcdUnavailable() ?? false }, async (t) => {
+  const etcd = await startEtcd();
+  t.teardown(() => etcd.destroy());
+  const url = etcd.url();
+  await exec(process.execPath, [dyadBin, 'namespace', 'create', 'dyad', '--kvs', url]);
+  const base = tmpdir(t);
+  const mnt = path.join(base, 'm');
+  const storage = path.join(base, 's');
+  fs.mkdirSync(mnt);
+  fs.mkdirSync(storage);
+  // Well formed (64 hex digits), and not the namespace's.
+  const r = await sh(`DYAD_SECRET=${'ab'.repeat(32)} ${process.execPath} ${dyadMountBin} --kvs ${url} --storage ${storage} ${mnt}`, { timeoutMs: 30_000 });
+  t.not(r.code, 0, 'the start fails');
+  t.match(r.stderr, /the secret given \(DYAD_SECRET, DYAD_SECRET_FILE or --secret-file\) is not namespace dyad's in etcd:/);
+  t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
+  // Without one, the daemon takes the namespace's own from etcd.
+  const ok = await mountCli(t, mnt, ['--kvs', url, '--storage', storage]);
+  t.ok(ok.pid > 0, 'and starts');
 });
 
 t.test('configuration errors stop the start with one line', async (t) => {

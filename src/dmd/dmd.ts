@@ -64,6 +64,8 @@ export interface DmdOptions extends MirrorOptions {
   serviceMux: number;
   sharedStorage: boolean;
   transfer?: TransferClient;
+  /** The transport's name ("tcp", "ucx"), as ranks register it: a peer on another is refused with a reason. */
+  dtlName?: string;
   asyncPublish: boolean;
   fsyncWrite: boolean;
   /**
@@ -119,6 +121,7 @@ export class DmdFs extends MirrorFs {
       serviceMux: o.serviceMux,
       sharedStorage: o.sharedStorage,
       transfer: o.transfer,
+      dtlName: o.dtlName,
       storage,
       peerTimeoutMs: o.peerTimeoutMs,
       rankLeaseMs: o.rankLeaseMs,

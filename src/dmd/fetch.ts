@@ -44,6 +44,8 @@ export interface FetcherOptions {
   /** Storage is shared by all nodes: never transfer. */
   sharedStorage: boolean;
   transfer?: TransferClient;
+  /** The transport's name, as ranks register it (RankInfo.meta.dtl). */
+  dtlName?: string;
   storage: Storage;
   peerTimeoutMs: number;
   /** The registry's rank lease (--rank-lease); default 10 s. */
@@ -151,7 +153,14 @@ export class Fetcher {
     }
     if (this.isLocalOwner(rec.owner)) {
       if (fs.existsSync(dest)) return rec;
-      throw new DyadError('DYAD_EMISSING', errnos.EIO, `${upath}: published by rank ${rec.owner} on this node but missing from storage`);
+      // Another rank counted as this node's (DYAD_SERVICE_MUX) whose file is
+      // not here: the ranks do not share one storage after all.
+      const why =
+        rec.owner === this.o.rank || this.o.sharedStorage
+          ? `published by rank ${rec.owner} on this storage but missing from it`
+          : `published by rank ${rec.owner}, which DYAD_SERVICE_MUX=${this.o.serviceMux} puts on this node, but missing from this node's storage: do its ranks share one storage?`;
+      this.o.log.error(`${upath}: ${why}`);
+      throw new DyadError('DYAD_EMISSING', errnos.EIO, `${upath}: ${why}`);
     }
     if (!this.o.transfer) throw new DyadError('DYAD_ENODTL', errnos.EIO, `${upath}: no transfer service configured`);
     this.ensureDir(path.dirname(dest));
@@ -325,6 +334,11 @@ export class Fetcher {
     if (!info) {
       this.addresses.delete(rank);
       throw new DyadError('DYAD_ENORANK', errnos.EIO, `rank ${rank} has no transfer address registered`);
+    }
+    // Each transport would only find the other's greeting garbled.
+    const theirs = info.meta?.['dtl'];
+    if (theirs !== undefined && this.o.dtlName !== undefined && theirs !== this.o.dtlName) {
+      throw new DyadError('DYAD_EDTLMODE', errnos.EIO, `rank ${rank} transfers over ${theirs.toUpperCase()} and this node over ${this.o.dtlName.toUpperCase()}: every node needs the same DYAD_DTL_MODE`);
     }
     this.addresses.set(rank, { address: info.address, at: now });
     return info.address;

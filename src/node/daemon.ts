@@ -68,6 +68,7 @@ export class Daemon {
   private kvs?: Kvs;
   private transferServer?: TransferServer;
   private transferClient?: TransferClient;
+  private transferName?: string;
   private heartbeat?: NodeJS.Timeout;
   fs?: DmdFs;
   readonly mountpoint: string;
@@ -159,7 +160,16 @@ export class Daemon {
         await raw.close();
         throw new ConfigError(`namespace ${ns} does not exist in ${url} (create it with: dyad namespace create ${ns} --kvs ${url})`, errnos.ENOENT);
       }
-      if (!secret && raw instanceof EtcdKvs) secret = await raw.namespaceSecret(ns);
+      if (raw instanceof EtcdKvs) {
+        // etcd keeps the namespace's secret; one given here that differs
+        // would only show later, as every pull refused by its owner.
+        const kept = await raw.namespaceSecret(ns);
+        if (secret && kept && secret !== kept) {
+          await raw.close();
+          throw new ConfigError(`the secret given (DYAD_SECRET, DYAD_SECRET_FILE or --secret-file) is not namespace ${ns}'s in ${url}`, errnos.EACCES);
+        }
+        secret ??= kept;
+      }
       if (!secret) throw new ConfigError(`no secret for namespace ${ns}`);
       // No cached absences: a stat right after another node published (and
       // told us by other means) must see the file.
@@ -183,6 +193,7 @@ export class Daemon {
       }
       this.transferServer = await backend.serve({ root: this.storage.root, host: listen.host, port: listen.port, secret });
       this.transferClient = backend.client({ secret });
+      this.transferName = backend.name;
       const info = { rank: cfg.rank.value, address: this.transferServer.address, meta: { dtl: backend.name } };
       await this.kvs.registerRank(ns, info);
       // The registration is a lease: renewing it says this node is alive.
@@ -206,6 +217,7 @@ export class Daemon {
       serviceMux: cfg.serviceMux.value,
       sharedStorage: cfg.sharedStorage.value,
       transfer: this.transferClient,
+      dtlName: this.transferName,
       asyncPublish: cfg.asyncPublish.value,
       fsyncWrite: cfg.fsyncWrite.value,
       waitTimeoutMs: cfg.waitTimeoutMs.value,
