@@ -704,7 +704,6 @@ function openNoatime(p: string): number {
   }
 }
 
-/** `expected`: the size just seen, so one read usually does (a file that grew since is read whole). */
 /**
  * A close() waiting for its publication (say, for a KVS that stopped
  * answering) must not hold a program that was sent a signal: on INTERRUPT
@@ -720,6 +719,7 @@ function untilInterrupted(p: Promise<void>, signal: AbortSignal): Promise<void> 
   });
 }
 
+/** `expected`: the size just seen, so one read usually does (a file that grew since is read whole). */
 function digestSmall(p: string, expected: number): { digest: string; size: number; data: Buffer } {
   const fd = openNoatime(p);
   try {
