@@ -124,12 +124,32 @@ t.test('configuration errors stop the start with one line', async (t) => {
     ['', '--rank -1', /--rank=-1: expected an integer/],
     ['', '--listen nowhere', /--listen=nowhere: expected HOST:PORT/],
     ['', '--kvs http://x:1', /expected dyad:\/\/HOST:PORT/],
+    // The URL itself is the problem, not the secret looked up with it.
+    ['', '--kvs dyad://host-without-port', /--kvs=dyad:\/\/host-without-port: missing port .*\(EINVAL\)$/],
+    ['', '--kvs dyad://h:70000', /--kvs=dyad:\/\/h:70000: port 70000 is out of range/],
+    ['', '--kvs mem:', /--kvs=mem:: unsupported scheme mem:/],
+    ['DYAD_KVS=etcd://', '', /DYAD_KVS=etcd:\/\/: missing host/],
+    ['', '--kvs etcd://h1,h2:0', /--kvs=etcd:\/\/h1,h2:0: port 0 is out of range/],
+    ['', '--namespace _x', /--namespace=_x: a namespace is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit/],
     ['DYAD_WAIT_TIMEOUT=soon', '', /DYAD_WAIT_TIMEOUT=soon: expected a number of seconds/],
+    ['DYAD_WAIT_TIMEOUT=3000000', '', /DYAD_WAIT_TIMEOUT=3000000: expected at most 2147483 seconds/],
   ];
   for (const [env, args, re] of cases) {
     const r = await run(env, args);
     t.not(r.code, 0, `${env}${args} fails`);
-    t.match(r.stderr, re);
+    t.match(r.stderr.trim(), re);
+    t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
+  }
+  // A secret file this user cannot read: named with its flag and the errno, not Node's raw error.
+  const probe = await sh(`setpriv --reuid=65534 --regid=65534 --clear-groups test -r ${dyadMountBin}`);
+  if (process.getuid?.() === 0 && probe.code === 0) {
+    fs.chmodSync(base, 0o755);
+    const secretFile = path.join(base, 'root-only.secret');
+    fs.writeFileSync(secretFile, `${'ab'.repeat(32)}\n`, { mode: 0o600 });
+    // Without tap's NODE_OPTIONS: its exit hook would fail to write its own files as that user.
+    const r = await sh(`env -u NODE_OPTIONS setpriv --reuid=65534 --regid=65534 --clear-groups ${process.execPath} ${dyadMountBin} --kvs dyad://127.0.0.1:1 --secret-file ${secretFile} ${mnt}`, { timeoutMs: 30_000 });
+    t.not(r.code, 0, 'an unreadable --secret-file fails');
+    t.match(r.stderr.trim(), /^dyad-mount: --secret-file: cannot read secret file .*root-only\.secret: permission denied \(EACCES\)$/);
     t.equal(r.stderr.trim().split('\n').length, 1, 'one line');
   }
   // With --log the reason goes to the log file, whole, even though the process exits at once.
@@ -160,6 +180,31 @@ t.test('configuration errors stop the start with one line', async (t) => {
   await m.umount();
 });
 
+t.test('dyad commands: bad input gives one line naming it', async (t) => {
+  const base = tmpdir(t);
+  const file = path.join(base, 'file');
+  fs.writeFileSync(file, '');
+  const cases: Array<[string, RegExp]> = [
+    ['config --kvs dyad://host-without-port', /^dyad: --kvs=dyad:\/\/host-without-port: missing port/],
+    ['config --kvs etcd://', /^dyad: --kvs=etcd:\/\/: missing host/],
+    // What dyad-mount would refuse, dyad config refuses too.
+    ['config --namespace _x', /^dyad: --namespace=_x: a namespace is 1-128 letters/],
+    ['config --wait-timeout 3000000', /^dyad: --wait-timeout=3000000: expected at most 2147483 seconds/],
+    // A usage error is one line, not the error and then the whole help.
+    ['config --passthrough maybe', /^dyad: option '--passthrough <mode>' argument 'maybe' is invalid.*\(see --help\)$/],
+    ['frob', /^dyad: unknown command 'frob'/],
+    [`kvs serve --listen localhost --data ${path.join(base, 'kvs')}`, /^dyad: --listen=localhost: expected HOST:PORT/],
+    [`kvs serve --listen 127.0.0.1:0 --data ${file}`, /^dyad: --data .*file: not a directory \(ENOTDIR\)$/],
+    ['namespace list --kvs dyad://h', /^dyad: --kvs=dyad:\/\/h: missing port/],
+  ];
+  for (const [args, re] of cases) {
+    const r = await sh(`${process.execPath} ${dyadBin} ${args}`, { timeoutMs: 30_000 });
+    t.not(r.code, 0, `dyad ${args} fails`);
+    t.match(r.stderr.trim(), re, `dyad ${args}`);
+    t.equal(r.stderr.trim().split('\n').length, 1, `dyad ${args}: one line`);
+  }
+});
+
 t.test('dyad config shows values and their sources', async (t) => {
   const r = await sh(`DYAD_KVS_NAMESPACE=envns DYAD_DTL_MODE=FLUX_RPC DYAD_ASYNC_PUBLISH=0 DYAD_SERVICE_MUX=2 DYAD_PATH_ORIGIN=/data/set ${process.execPath} ${dyadBin} config --rank 7 /tmp`);
   t.equal(r.code, 0, r.stderr);
@@ -173,6 +218,10 @@ t.test('dyad config shows values and their sources', async (t) => {
   const f = await sh(`DYAD_KVS_NAMESPACE=envns ${process.execPath} ${dyadBin} config --namespace flagns --dtl flux_rpc`);
   t.match(f.stdout, /^namespace\s+flagns\s+flag/m, 'flags win over the environment');
   t.match(f.stdout, /^dtl\s+TCP\s+flag \(--dtl\)$/m, 'the --dtl flag ignores case (DYAD_DTL_MODE does not)');
+  const tiny = await sh(`${process.execPath} ${dyadBin} config --wait-timeout 0.0001 --peer-timeout 0.0004`);
+  t.equal(tiny.code, 0, tiny.stderr);
+  t.match(tiny.stdout, /^waitTimeoutMs\s+1\s+flag/m, 'a tiny timeout is 1 ms, not 0');
+  t.match(tiny.stdout, /^peerTimeoutMs\s+1\s+flag/m);
 });
 
 t.test('dyad config names the UCX transports in use', async (t) => {

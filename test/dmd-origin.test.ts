@@ -155,14 +155,15 @@ t.test('a bad origin stops the start with one line', async (t) => {
   fs.mkdirSync(mnt);
   fs.writeFileSync(path.join(dir, 'file'), '');
   const cases: Array<[string, string[], RegExp]> = [
-    ['missing', ['--origin', path.join(dir, 'nope')], /--origin .*nope: not a directory/],
-    ['a file', ['--origin', path.join(dir, 'file')], /--origin .*file: not a directory/],
+    ['missing', ['--origin', path.join(dir, 'nope')], /--origin .*nope: does not exist \(ENOENT\)$/],
+    ['a file', ['--origin', path.join(dir, 'file')], /--origin .*file: not a directory \(ENOTDIR\)$/],
     ['the mountpoint itself', ['--origin', mnt], /must be outside the mountpoint and the storage/],
   ];
   for (const [what, args, re] of cases) {
     const r = await sh(`${process.execPath} ${dyadMountBin} --kvs-data ${path.join(dir, 'kvs')} ${args.join(' ')} ${mnt}`);
     t.not(r.code, 0, what);
-    t.match(r.stderr, re, what);
+    t.match(r.stderr.trim(), re, what);
+    t.equal(r.stderr.trim().split('\n').length, 1, `${what}: one line`);
     t.notOk(isMountedAt(mnt));
   }
   const env = await new Promise<{ code: number | null; err: string }>((resolve) => {
@@ -172,5 +173,5 @@ t.test('a bad origin stops the start with one line', async (t) => {
     child.on('close', (code) => resolve({ code, err }));
   });
   t.not(env.code, 0);
-  t.match(env.err, /DYAD_PATH_ORIGIN .*nope: not a directory/, 'the variable is named');
+  t.match(env.err, /DYAD_PATH_ORIGIN .*nope: does not exist/, 'the variable is named');
 });

@@ -9,29 +9,28 @@
 import { Command } from 'commander';
 import fs from 'node:fs';
 import path from 'node:path';
-import { unmount } from '../fuse/mount.js';
-import { ConfigError, DyadError } from '../errors.js';
+import { unmountDyad } from '../fuse/mount.js';
+import { errorLine } from '../errors.js';
 import { EmbeddedKvsClient, KvsServer, adminSecretPath, openKvs, type Kvs } from '../kvs/index.js';
-import { defaultKvsData, describeConfig, resolveConfig, type Flags } from '../node/config.js';
-import { addDyadOptions, positiveNumber } from './options.js';
+import { defaultKvsData, describeConfig, makeDataDir, parseHostPort, parseKvsUrl, resolveConfig, resolveKeyParams, type Flags } from '../node/config.js';
+import { addDyadOptions, oneLineUsageErrors, timerFlag } from './options.js';
 import { ucxInfo } from '../dtl/index.js';
 import { Logger } from '../node/log.js';
 
 function fail(err: unknown): never {
-  const msg = err instanceof Error ? err.message : String(err);
-  process.stderr.write(`dyad: ${msg}\n`);
+  process.stderr.write(`dyad: ${errorLine(err)}\n`);
   process.exit(1);
 }
 
-const program = new Command('dyad').description('Manage dyad-fs mounts, namespaces and the embedded KVS.').showHelpAfterError();
+const program = oneLineUsageErrors(new Command('dyad')).description('Manage dyad-fs mounts, namespaces and the embedded KVS.');
 
 program
   .command('umount')
   .description('unmount a dyad-fs mount; its daemon then exits')
   .argument('<mountpoint>')
-  .option('-l, --lazy', 'detach now even if the mount is busy')
+  .option('-l, --lazy', 'detach now even if the mount is busy (without it, a busy mount fails with EBUSY)')
   .action((mountpoint: string, o: { lazy?: boolean }) => {
-    unmount(path.resolve(mountpoint), { lazy: !!o.lazy });
+    unmountDyad(path.resolve(mountpoint), { lazy: !!o.lazy });
   });
 
 const kvs = program.command('kvs').description('the embedded key-value store');
@@ -43,12 +42,13 @@ kvs
   .option('--key-depth <n>', 'DYAD key hash levels (DYAD_KEY_DEPTH; default 3)')
   .option('--key-bins <n>', 'DYAD key bins per level (DYAD_KEY_BINS; default 1024)')
   .option('--no-fsync', 'acknowledge changes once written, before they are synced to disk (a process restart still loses nothing)')
-  .option('--event-hold <ms>', 'hold change events that follow a send within this long and send them to watchers together (default 5; 0 sends each at once; waits are never held)', positiveNumber('--event-hold'))
+  .option('--event-hold <ms>', 'hold change events that follow a send within this long and send them to watchers together (default 5; 0 sends each at once; waits are never held)', timerFlag('--event-hold', 'milliseconds', { zero: true }))
   .action(async (o: { listen: string; data: string; keyDepth?: string; keyBins?: string; fsync: boolean; eventHold?: number }) => {
-    const cfg = resolveConfig(undefined, { keyDepth: o.keyDepth, keyBins: o.keyBins, kvsServe: o.listen });
+    parseHostPort(o.listen, '--listen');
+    const cfg = resolveKeyParams({ keyDepth: o.keyDepth, keyBins: o.keyBins });
     const log = new Logger('dyad-kvs');
     const i = o.listen.lastIndexOf(':');
-    fs.mkdirSync(o.data, { recursive: true, mode: 0o700 });
+    makeDataDir(o.data, '--data');
     const server = await KvsServer.open({
       dataDir: path.resolve(o.data),
       fsync: o.fsync,
@@ -77,8 +77,8 @@ interface NsOpts {
 
 async function adminClient(o: NsOpts): Promise<Kvs> {
   // etcd has no admin secret of ours: access to etcd is the authority.
+  parseKvsUrl(o.kvs, '--kvs');
   if (o.kvs.startsWith('etcd')) return openKvs(o.kvs);
-  if (!o.kvs.startsWith('dyad://')) throw new ConfigError(`--kvs ${o.kvs}: expected dyad://HOST:PORT or etcd://HOST:PORT[,...]`);
   const local = adminSecretPath(o.data);
   const adminSecretFile =
     o.adminSecretFile ?? (process.env.DYAD_ADMIN_SECRET || process.env.DYAD_ADMIN_SECRET_FILE ? undefined : fs.existsSync(local) ? local : undefined);
@@ -138,4 +138,4 @@ addDyadOptions(
   process.stdout.write(`${out}\n`);
 });
 
-program.parseAsync().catch((err: unknown) => fail(err instanceof DyadError || err instanceof Error ? err : new Error(String(err))));
+program.parseAsync().catch(fail);

@@ -3,14 +3,49 @@
  * accept the same flags and resolve them the same way (src/node/config.ts).
  */
 import { Command, InvalidArgumentError, Option } from 'commander';
+import { MAX_TIMER_MS, timerLimit, timerMs } from '../node/config.js';
 
-/** A commander parser for a flag taking a number >= 0 (seconds, milliseconds, microseconds). */
-export function positiveNumber(name: string) {
+/**
+ * A commander parser for a flag taking a number >= 0 that no Node timer
+ * holds (a kernel cache time, a spin), at most `max`.
+ */
+export function positiveNumber(name: string, max = Number.MAX_VALUE) {
   return (v: string): number => {
     const n = Number(v);
-    if (!Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`${name} must be a number >= 0`);
+    if (v.trim() === '' || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError(`${name} must be a number >= 0`);
+    if (n > max) throw new InvalidArgumentError(`${name} must be at most ${max}`);
     return n;
   };
+}
+
+/**
+ * A commander parser for a duration that a Node timer will hold, given in
+ * `unit`s: returns milliseconds, at least 1 for any positive value and at
+ * most MAX_TIMER_MS. `zero` says whether 0 means something (off, at once)
+ * or would turn the timer into a busy loop.
+ */
+export function timerFlag(name: string, unit: 'seconds' | 'milliseconds', o: { zero: boolean }) {
+  const unitMs = unit === 'seconds' ? 1000 : 1;
+  return (v: string): number => {
+    const n = Number(v);
+    if (v.trim() === '' || !Number.isFinite(n) || n < 0 || (n === 0 && !o.zero)) {
+      throw new InvalidArgumentError(`${name} must be a number ${o.zero ? '>= 0' : '> 0'}`);
+    }
+    if (n * unitMs > MAX_TIMER_MS) throw new InvalidArgumentError(`${name} must be ${timerLimit(unitMs, unit)}`);
+    return timerMs(n * unitMs);
+  };
+}
+
+/**
+ * A usage error is one line, like every other error: the whole help after
+ * it (52 lines for `dyad config`) would bury it. Set on a program before its
+ * subcommands are added, which inherit it.
+ */
+export function oneLineUsageErrors(cmd: Command): Command {
+  const name = cmd.name();
+  return cmd.configureOutput({
+    outputError: (str, write) => write(`${name}: ${str.trim().replace(/^error: /, '').replace(/\s*\n\s*/g, ' ')} (see --help)\n`),
+  });
 }
 
 export function addDyadOptions(cmd: Command): Command {

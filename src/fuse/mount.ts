@@ -7,6 +7,7 @@
  * node comes back with one command.
  */
 import fs from 'node:fs';
+import path from 'node:path';
 import { execFileSync } from 'node:child_process';
 import { MNT_DETACH, MS_NODEV, MS_NOSUID, native } from './native.js';
 import { DyadError, errnoName, errnos } from '../errors.js';
@@ -58,9 +59,80 @@ export function clearStaleMount(mountpoint: string): boolean {
   return true;
 }
 
+/** How our mounts show in /proc/self/mountinfo: source `dyad-fs`, type `fuse.dyad`. */
+export const FSNAME = 'dyad-fs';
+export const SUBTYPE = 'dyad';
+
+export interface MountEntry {
+  mountpoint: string;
+  fstype: string;
+  source: string;
+}
+
+/** mountinfo escapes space, tab, newline and backslash as \ooo. */
+const unescapeMountinfo = (s: string) => s.replace(/\\([0-7]{3})/g, (_, o: string) => String.fromCharCode(parseInt(o, 8)));
+
+/**
+ * The mount on top at `dir` (the one umount(2) would remove), from
+ * /proc/self/mountinfo, or undefined if nothing is mounted there. `dir`
+ * must be canonical (see canonicalMountpoint).
+ */
+export function mountAt(dir: string): MountEntry | undefined {
+  let text: string;
+  try {
+    text = fs.readFileSync('/proc/self/mountinfo', 'utf8');
+  } catch {
+    return undefined;
+  }
+  const here: Array<MountEntry & { id: string; parent: string }> = [];
+  for (const line of text.split('\n')) {
+    const f = line.split(' ');
+    const sep = f.indexOf('-', 6);
+    if (sep < 0 || unescapeMountinfo(f[4]!) !== dir) continue;
+    here.push({ id: f[0]!, parent: f[1]!, mountpoint: dir, fstype: f[sep + 1]!, source: unescapeMountinfo(f[sep + 2]!) });
+  }
+  // Mounts stacked on one directory: each one's parent is the one below it.
+  return here.find((m) => !here.some((o) => o.parent === m.id));
+}
+
+export function isDyadMount(m: MountEntry | undefined): boolean {
+  return m !== undefined && m.fstype === `fuse.${SUBTYPE}` && m.source === FSNAME;
+}
+
+/**
+ * The path mountinfo shows for `dir`: symlinks resolved. A dead mount
+ * cannot be resolved itself (ENOTCONN), its parent directory can.
+ */
+export function canonicalMountpoint(dir: string): string {
+  const abs = path.resolve(dir);
+  try {
+    return fs.realpathSync(abs);
+  } catch {
+    try {
+      return path.join(fs.realpathSync(path.dirname(abs)), path.basename(abs));
+    } catch {
+      return abs;
+    }
+  }
+}
+
+/**
+ * `dyad umount`: only a dyad-fs mount (what it says it unmounts); another
+ * file system at the path is left alone, for umount(8).
+ */
+export function unmountDyad(mountpoint: string, opts: { lazy?: boolean } = {}): void {
+  const mp = canonicalMountpoint(mountpoint);
+  const top = mountAt(mp);
+  if (top === undefined) throw new DyadError('DYAD_ENOTMOUNTED', errnos.EINVAL, `umount ${mountpoint}: not mounted`);
+  if (!isDyadMount(top)) {
+    throw new DyadError('DYAD_ENOTDYAD', errnos.EINVAL, `umount ${mountpoint}: not a dyad-fs mount (${top.fstype} from ${top.source}); use umount(8) for it`);
+  }
+  unmount(mp, opts);
+}
+
 export function mount(mountpoint: string, opts: MountOptions = {}): Mounted {
-  const fsname = opts.fsname ?? 'dyad-fs';
-  const subtype = opts.subtype ?? 'dyad';
+  const fsname = opts.fsname ?? FSNAME;
+  const subtype = opts.subtype ?? SUBTYPE;
   if (isRoot()) {
     const fd = native.openDevice(opts.devicePath ?? '/dev/fuse');
     if (fd < 0) {
@@ -96,11 +168,15 @@ export function mount(mountpoint: string, opts: MountOptions = {}): Mounted {
   return { fd, mountpoint, method: 'fusermount3' };
 }
 
+const busy = (mountpoint: string) =>
+  new DyadError('DYAD_EBUSY', errnos.EBUSY, `umount ${mountpoint}: busy (a file open or a working directory in it); a lazy unmount (-l) detaches it now`);
+
+/** Unmounts; a busy mount fails with DYAD_EBUSY unless `lazy`, which detaches it now and lets the kernel finish once it is let go. */
 export function unmount(mountpoint: string, opts: { lazy?: boolean } = {}): void {
   if (isRoot()) {
-    let rc = native.umount(mountpoint, opts.lazy ? MNT_DETACH : 0);
-    if (rc === -errnos.EBUSY && !opts.lazy) rc = native.umount(mountpoint, MNT_DETACH);
+    const rc = native.umount(mountpoint, opts.lazy ? MNT_DETACH : 0);
     if (rc === -errnos.EINVAL) throw new DyadError('DYAD_ENOTMOUNTED', errnos.EINVAL, `umount ${mountpoint}: not mounted`);
+    if (rc === -errnos.EBUSY) throw busy(mountpoint);
     if (rc < 0) throw new DyadError('DYAD_EUMOUNT', -rc, `umount ${mountpoint}: ${errnoName(-rc)}`);
     return;
   }
@@ -110,6 +186,9 @@ export function unmount(mountpoint: string, opts: { lazy?: boolean } = {}): void
     execFileSync(helper, ['-u', ...(opts.lazy ? ['-z'] : []), mountpoint], { stdio: 'pipe' });
   } catch (err) {
     const stderr = String((err as { stderr?: Buffer }).stderr ?? '').trim();
-    throw new DyadError('DYAD_EUMOUNT', errnos.EBUSY, `fusermount3 -u ${mountpoint}: ${stderr || 'failed'}`);
+    // fusermount3 exits 1 whatever went wrong: its message says what.
+    if (/busy/i.test(stderr)) throw busy(mountpoint);
+    if (/not found|not mounted|invalid argument/i.test(stderr)) throw new DyadError('DYAD_ENOTMOUNTED', errnos.EINVAL, `umount ${mountpoint}: not mounted`);
+    throw new DyadError('DYAD_EUMOUNT', /not permitted|permission denied/i.test(stderr) ? errnos.EPERM : errnos.EIO, `fusermount3 -u ${mountpoint}: ${stderr || 'failed'}`);
   }
 }

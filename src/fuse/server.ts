@@ -47,9 +47,11 @@ export class FuseServer extends EventEmitter {
       try {
         unmount(this.mountpoint);
       } catch (err) {
+        const code = (err as { code?: string }).code;
         // Already unmounted by someone else: nothing left to do.
-        if ((err as { code?: string }).code === 'DYAD_ENOTMOUNTED') return this.finish();
-        this.emit('warning', err as Error);
+        if (code === 'DYAD_ENOTMOUNTED') return this.finish();
+        // Busy is expected when stopping under load: detaching it is the plan, no news.
+        if (code !== 'DYAD_EBUSY') this.emit('warning', err as Error);
         try {
           unmount(this.mountpoint, { lazy: true });
         } catch {

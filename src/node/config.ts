@@ -4,10 +4,14 @@
  * from so `dyad config` can say. Invalid values stop the start with one line
  * naming the setting.
  */
+import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { ConfigError } from '../errors.js';
+import { ConfigError, errnos, pathError } from '../errors.js';
 import { MAX_PUSHED_BYTES } from '../kvs/embedded/protocol.js';
+import { parseDyadUrl } from '../kvs/embedded/client.js';
+import { parseEtcdUrl } from '../kvs/etcd/url.js';
+import { checkNamespace } from '../kvs/validate.js';
 
 export type Source = 'flag' | 'env' | 'default';
 
@@ -90,13 +94,31 @@ function int(min: number, max = Number.MAX_SAFE_INTEGER) {
   };
 }
 
-function seconds(v: string, name: string): number {
-  const n = Number(v);
-  if (!Number.isFinite(n) || n <= 0) throw new ConfigError(`${name}=${v}: expected a number of seconds > 0`);
-  return Math.round(n * 1000);
+/**
+ * Node's timers hold at most 2^31-1 ms (about 24.8 days): a longer delay
+ * fires after 1 ms instead, with a TimeoutOverflowWarning, so a duration
+ * that ends up in a timer must stay below it.
+ */
+export const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** What a duration in `unit`s (of `unitMs` ms each) may be at most, for messages. */
+export function timerLimit(unitMs: number, unit: string): string {
+  return `at most ${Math.floor(MAX_TIMER_MS / unitMs)} ${unit} (about 24.8 days, the limit of Node's timers)`;
 }
 
-function hostPort(v: string, name: string): string {
+/** A duration in milliseconds for a timer: a positive one never rounds to 0, which would mean at once (or off). */
+export function timerMs(ms: number): number {
+  return ms > 0 ? Math.max(1, Math.round(ms)) : 0;
+}
+
+function seconds(v: string, name: string): number {
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n) || n <= 0) throw new ConfigError(`${name}=${v}: expected a number of seconds > 0`);
+  if (n * 1000 > MAX_TIMER_MS) throw new ConfigError(`${name}=${v}: expected ${timerLimit(1000, 'seconds')}`);
+  return timerMs(n * 1000);
+}
+
+export function parseHostPort(v: string, name: string): string {
   if (!/^(\[[0-9a-fA-F:.]+\]|[^:\s]+):\d{1,5}$/.test(v) || Number(v.slice(v.lastIndexOf(':') + 1)) > 65535) {
     throw new ConfigError(`${name}=${v}: expected HOST:PORT`);
   }
@@ -115,16 +137,57 @@ export function parseDtl(v: string, name: string): 'TCP' | 'UCX' {
   throw new ConfigError(`${name}=${v}: unknown transfer mode (expected TCP, FLUX_RPC or UCX)`);
 }
 
+/** The KVS's own rule (its secret file is named after the namespace), so `dyad config` and a start agree. */
 function namespace(v: string, name: string): string {
-  if (!/^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$/.test(v)) {
-    throw new ConfigError(`${name}=${v}: a namespace is 1-128 letters, digits, '_', '.' or '-'`);
+  try {
+    checkNamespace(v);
+  } catch {
+    throw new ConfigError(`${name}=${v}: a namespace is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit`);
   }
   return v;
+}
+
+/**
+ * A KVS another process serves: the embedded one (dyad://) or etcd. Checked
+ * whole here, so a bad URL is reported as such and not as whatever fails
+ * first while using it (a secret lookup, a connection).
+ */
+export function parseKvsUrl(v: string, name: string): string {
+  const label = `${name}=${v}`;
+  const scheme = /^([a-z][a-z0-9+.-]*):/i.exec(v)?.[1]?.toLowerCase();
+  if (scheme === 'dyad') parseDyadUrl(v, label);
+  else if (scheme === 'etcd' || scheme === 'etcds') parseEtcdUrl(v, label);
+  else {
+    throw new ConfigError(
+      `${label}: ${scheme === undefined ? 'not a URL' : `unsupported scheme ${scheme}:`}; expected dyad://HOST:PORT or etcd://HOST:PORT[,HOST:PORT...]`,
+    );
+  }
+  // Callers pick the backend by a lower-case prefix.
+  return scheme + v.slice(scheme.length);
+}
+
+/** Creates a data directory (mode 0700) unless it exists; one line naming the setting if it cannot be one. */
+export function makeDataDir(dir: string, setting: string): void {
+  try {
+    fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
+  } catch (err) {
+    // mkdir -p reports a file in the way as EEXIST: something is there, but not a directory.
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') throw new ConfigError(`${setting} ${dir}: not a directory`, errnos.ENOTDIR);
+    throw pathError(setting, dir, 'cannot create', err);
+  }
 }
 
 export function defaultKvsData(): string {
   const state = process.env.XDG_STATE_HOME || path.join(os.homedir(), '.local', 'state');
   return path.join(state, 'dyad-fs', 'kvs');
+}
+
+/** DYAD's key scheme alone: all `dyad kvs serve` takes of the daemon's settings. */
+export function resolveKeyParams(f: Pick<Flags, 'keyDepth' | 'keyBins'>, env: Env = process.env): Pick<DyadConfig, 'keyDepth' | 'keyBins'> {
+  return {
+    keyDepth: pick(f.keyDepth, '--key-depth', env, ['DYAD_KEY_DEPTH'], int(0, 64), 3),
+    keyBins: pick(f.keyBins, '--key-bins', env, ['DYAD_KEY_BINS'], int(1, 0xffffffff), 1024),
+  };
 }
 
 export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env = process.env): DyadConfig {
@@ -140,20 +203,19 @@ export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env
     mountpoint: mp,
     storage: pick(f.storage, '--storage', env, [], (v) => v, undefined as string | undefined),
     rank: pick(f.rank, '--rank', env, ['DYAD_RANK', 'FLUX_TASK_RANK', 'SLURM_NODEID', 'PMI_RANK'], int(0), 0),
-    kvs: pick(f.kvs, '--kvs', env, ['DYAD_KVS'], (v) => v, undefined as string | undefined),
-    kvsServe: pick(f.kvsServe, '--kvs-serve', env, [], hostPort, undefined as string | undefined),
+    kvs: pick(f.kvs, '--kvs', env, ['DYAD_KVS'], parseKvsUrl, undefined as string | undefined),
+    kvsServe: pick(f.kvsServe, '--kvs-serve', env, [], parseHostPort, undefined as string | undefined),
     kvsData: pick(f.kvsData, '--kvs-data', env, ['DYAD_KVS_DATA'], (v) => path.resolve(v), defaultKvsData()),
     namespace: pick(f.namespace, '--namespace', env, ['DYAD_KVS_NAMESPACE'], namespace, 'dyad'),
     // DYAD_DTL_MODE is matched as DYAD does (case-sensitive); the flag is ours and takes `--dtl ucx` too.
     dtl: pick(f.dtl?.toUpperCase(), '--dtl', env, ['DYAD_DTL_MODE'], parseDtl, 'TCP' as const),
-    listen: pick(f.listen, '--listen', env, ['DYAD_LISTEN'], hostPort, '127.0.0.1:0'),
+    listen: pick(f.listen, '--listen', env, ['DYAD_LISTEN'], parseHostPort, '127.0.0.1:0'),
     sharedStorage: pickBool(f.sharedStorage, '--shared-storage', env, 'DYAD_SHARED_STORAGE'),
     asyncPublish: pickBool(f.asyncPublish, '--async-publish', env, 'DYAD_ASYNC_PUBLISH'),
     fsyncWrite: pickBool(f.fsyncWrite, '--fsync-write', env, 'DYAD_FSYNC_WRITE'),
     // DYAD turns values below 1 into 1; we say so instead.
     serviceMux: pick(f.serviceMux, '--service-mux', env, ['DYAD_SERVICE_MUX'], int(1), 1),
-    keyDepth: pick(f.keyDepth, '--key-depth', env, ['DYAD_KEY_DEPTH'], int(0, 64), 3),
-    keyBins: pick(f.keyBins, '--key-bins', env, ['DYAD_KEY_BINS'], int(1, 0xffffffff), 1024),
+    ...resolveKeyParams(f, env),
     waitTimeoutMs: pick(f.waitTimeout, '--wait-timeout', env, ['DYAD_WAIT_TIMEOUT'], seconds, undefined as number | undefined),
     peerTimeoutMs: pick(f.peerTimeout, '--peer-timeout', env, ['DYAD_PEER_TIMEOUT'], seconds, 10_000),
     // One small file costs far less on the wire than the round trip it saves.
@@ -163,9 +225,6 @@ export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env
   };
   if (cfg.kvs.value && cfg.kvsServe.value) {
     throw new ConfigError('--kvs and --kvs-serve exclude each other: a daemon either serves the embedded KVS or uses one');
-  }
-  if (cfg.kvs.value && !/^(dyad|etcd|etcds|mem):/.test(cfg.kvs.value)) {
-    throw new ConfigError(`${cfg.kvs.from}=${cfg.kvs.value}: expected dyad://HOST:PORT or etcd://HOST:PORT[,HOST:PORT...]`);
   }
   return cfg;
 }

@@ -9,14 +9,14 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import { FuseServer } from '../fuse/server.js';
 import { requestChannel } from '../fuse/session.js';
-import { clearStaleMount } from '../fuse/mount.js';
+import { canonicalMountpoint, clearStaleMount, isDyadMount, mountAt } from '../fuse/mount.js';
 import { DmdFs } from '../dmd/dmd.js';
 import { Storage } from '../dmd/storage.js';
-import { ConfigError, DyadError, errnos } from '../errors.js';
+import { ConfigError, DyadError, errnos, pathError, systemError } from '../errors.js';
 import { CachedKvs, EtcdKvs, KvsServer, SecretSource, openKvs, secretPath, type Kvs } from '../kvs/index.js';
 import { backendFor } from '../dtl/index.js';
 import type { TransferClient, TransferServer } from '../dtl/types.js';
-import type { DyadConfig } from './config.js';
+import { makeDataDir, type DyadConfig } from './config.js';
 import { Logger } from './log.js';
 
 export interface DaemonOptions {
@@ -53,7 +53,24 @@ export function validateMountpoint(mountpoint: string | undefined): string {
   if (!fs.existsSync('/dev/fuse')) {
     throw new ConfigError('/dev/fuse is missing: this kernel or container has no FUSE', errnos.ENODEV);
   }
+  // A second daemon would mount over the first and serve it as its storage:
+  // every lookup through the mount would then come back to itself (ELOOP).
+  if (isDyadMount(mountAt(canonicalMountpoint(mp)))) {
+    throw new ConfigError(`${mp}: already mounted (a dyad-fs daemon serves it; dyad umount it first)`, errnos.EBUSY);
+  }
   return mp;
+}
+
+/** A directory a setting names: missing (ENOENT) and not a directory (ENOTDIR) are different mistakes. */
+function checkDir(setting: string, dir: string): void {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(dir);
+  } catch (err) {
+    if (systemError(err)?.code === 'ENOENT') throw new ConfigError(`${setting} ${dir}: does not exist`, errnos.ENOENT);
+    throw pathError(setting, dir, 'cannot use', err);
+  }
+  if (!st.isDirectory()) throw new ConfigError(`${setting} ${dir}: not a directory`, errnos.ENOTDIR);
 }
 
 function splitHostPort(hp: string): { host: string; port: number } {
@@ -92,13 +109,11 @@ export class Daemon {
     const log = this.opts.logger;
     const cfg = this.opts.config;
     const storageDir = path.resolve(cfg.storage.value ?? this.mountpoint);
-    if (cfg.storage.value && !fs.statSync(storageDir, { throwIfNoEntry: false })?.isDirectory()) {
-      throw new ConfigError(`--storage ${storageDir}: not a directory`, errnos.ENOTDIR);
-    }
+    if (cfg.storage.value) checkDir('--storage', storageDir);
     const ns = cfg.namespace.value;
     const origin = cfg.origin.value;
     if (origin !== undefined) {
-      if (!fs.statSync(origin, { throwIfNoEntry: false })?.isDirectory()) throw new ConfigError(`${cfg.origin.from} ${origin}: not a directory`, errnos.ENOTDIR);
+      checkDir(cfg.origin.from ?? '--origin', origin);
       const inside = (dir: string) => origin === dir || origin.startsWith(`${dir}/`) || dir.startsWith(`${origin}/`);
       // Reading the origin through the mount (or the storage through the origin) would wait on itself.
       if (inside(path.resolve(this.mountpoint)) || inside(storageDir)) {
@@ -110,7 +125,7 @@ export class Daemon {
     let secret: string | undefined;
     if (!cfg.kvs.value) {
       const listen = splitHostPort(cfg.kvsServe.value ?? '127.0.0.1:0');
-      fs.mkdirSync(cfg.kvsData.value, { recursive: true, mode: 0o700 });
+      makeDataDir(cfg.kvsData.value, cfg.kvsData.from ?? '--kvs-data');
       this.kvsServer = await KvsServer.open({
         dataDir: cfg.kvsData.value,
         // Journal writes reach the page cache before a change is acknowledged,
@@ -133,13 +148,10 @@ export class Daemon {
     } else if (cfg.kvs.value.startsWith('etcd')) {
       // etcd keeps each namespace's secret with the namespace: whoever can
       // reach etcd can read it (secure etcd itself with TLS and users).
-      secret = process.env.DYAD_SECRET || process.env.DYAD_SECRET_FILE || this.opts.secretFile
-        ? await new SecretSource(this.opts.secretFile ? { secretFile: this.opts.secretFile } : {}).namespaceSecret(ns)
-        : undefined;
+      secret = process.env.DYAD_SECRET || process.env.DYAD_SECRET_FILE || this.opts.secretFile ? await this.namespaceSecret(ns) : undefined;
     } else {
       const fallback = secretPath(path.join(cfg.kvsData.value, 'secrets'), ns);
-      const secretFile = this.opts.secretFile ?? (process.env.DYAD_SECRET || process.env.DYAD_SECRET_FILE ? undefined : fs.existsSync(fallback) ? fallback : undefined);
-      secret = await new SecretSource(secretFile ? { secretFile } : {}).namespaceSecret(ns);
+      secret = await this.namespaceSecret(ns, fs.existsSync(fallback) ? fallback : undefined);
       if (!secret) {
         throw new ConfigError(`no secret for namespace ${ns}: set DYAD_SECRET or DYAD_SECRET_FILE, or pass --secret-file (the KVS exports it as <data>/secrets/${ns}.secret)`);
       }
@@ -256,6 +268,23 @@ export class Daemon {
     log.info(
       `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''})`,
     );
+  }
+
+  /**
+   * The namespace secret from --secret-file, else DYAD_SECRET or
+   * DYAD_SECRET_FILE, else `fallback` (the served KVS's export); a secret
+   * that cannot be had is reported with the setting that pointed at it.
+   */
+  private async namespaceSecret(ns: string, fallback?: string): Promise<string | undefined> {
+    const env = process.env;
+    const file = this.opts.secretFile ?? (env.DYAD_SECRET || env.DYAD_SECRET_FILE ? undefined : fallback);
+    const from = this.opts.secretFile !== undefined ? '--secret-file' : env.DYAD_SECRET ? 'DYAD_SECRET' : env.DYAD_SECRET_FILE ? 'DYAD_SECRET_FILE' : this.opts.config.kvsData.from ?? '--kvs-data';
+    try {
+      return await new SecretSource(file ? { secretFile: file } : {}).namespaceSecret(ns);
+    } catch (err) {
+      if (err instanceof DyadError) throw new ConfigError(err.message.includes(from) ? err.message : `${from}: ${err.message}`, err.errno);
+      throw err;
+    }
   }
 
   /**

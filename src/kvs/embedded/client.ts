@@ -12,7 +12,7 @@
  * a connection runs the challenge-response of auth.ts. With an admin secret the
  * client authenticates once as admin, which covers every namespace.
  */
-import { connect as netConnect, type Socket } from 'node:net';
+import { connect as netConnect, isIPv6, type Socket } from 'node:net';
 import { ConfigError, DyadError, errnos } from '../../errors.js';
 import { accessDenied, closedError, interrupted, invalidArgument, kvsError, noNamespace, protocolError, timedOut } from '../errors.js';
 import type {
@@ -120,20 +120,27 @@ class Conn {
   }
 }
 
-/** host and port of a dyad://host:port URL. */
-export function parseDyadUrl(url: string): { host: string; port: number } {
-  let u: URL;
-  try {
-    u = new URL(url);
-  } catch {
-    throw new ConfigError(`invalid KVS URL ${JSON.stringify(url)}`);
-  }
-  const port = Number(u.port);
-  if (u.protocol !== 'dyad:' || u.hostname === '' || !Number.isInteger(port) || port < 1 || port > 65535) {
-    throw new ConfigError(`invalid KVS URL ${JSON.stringify(url)}: expected dyad://HOST:PORT`);
-  }
-  if (u.pathname !== '' && u.pathname !== '/') throw new ConfigError(`invalid KVS URL ${JSON.stringify(url)}: unexpected path`);
-  return { host: u.hostname.replace(/^\[(.*)\]$/, '$1'), port };
+/**
+ * host and port of a dyad://HOST:PORT URL; `label` names the URL in
+ * messages (a caller may say which flag or variable gave it).
+ */
+export function parseDyadUrl(url: string, label = `KVS URL ${JSON.stringify(url)}`): { host: string; port: number } {
+  const bad = (why: string) => new ConfigError(`${label}: ${why} (expected dyad://HOST:PORT)`);
+  const m = /^dyad:\/\/([^/?#]*)(.*)$/i.exec(url);
+  if (m === null) throw bad('not a dyad:// URL');
+  const authority = m[1]!;
+  if (m[2] !== '' && m[2] !== '/') throw bad(`unexpected ${JSON.stringify(m[2])} after the port`);
+  if (authority.includes('@')) throw bad('user names are not supported');
+  const hp = /^(\[[^\]]*\]|[^:]*)(?::(.*))?$/.exec(authority)!;
+  const bracketed = /^\[.*\]$/.test(hp[1]!);
+  const host = bracketed ? hp[1]!.slice(1, -1) : hp[1]!;
+  if (host === '') throw bad('missing host');
+  if (bracketed ? !isIPv6(host) : !/^[A-Za-z0-9._-]+$/.test(host)) throw bad(`${JSON.stringify(hp[1])} is not a host name or address`);
+  if (hp[2] === undefined || hp[2] === '') throw bad('missing port');
+  if (!/^\d+$/.test(hp[2])) throw bad(`port ${JSON.stringify(hp[2])} is not a number`);
+  const port = Number(hp[2]);
+  if (port < 1 || port > 65535) throw bad(`port ${hp[2]} is out of range (1-65535)`);
+  return { host, port };
 }
 
 function asPage<T>(res: unknown): { items: T[]; more: boolean } {

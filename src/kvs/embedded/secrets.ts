@@ -17,7 +17,7 @@ import { constants } from 'node:fs';
 import { lstat, mkdir, open, readFile, rename, rm } from 'node:fs/promises';
 import { dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { ConfigError } from '../../errors.js';
+import { ConfigError, errnos, systemError } from '../../errors.js';
 import { checkNamespace } from '../validate.js';
 
 const SECRET_RE = /^[0-9a-fA-F]{64}$/;
@@ -43,13 +43,19 @@ export function adminSecretPath(dataDir: string): string {
   return join(dataDir, 'admin.secret');
 }
 
+/** With the errno of the failure, and the path said once. */
+function unreadable(file: string, err: unknown): ConfigError {
+  const sys = systemError(err);
+  return new ConfigError(`cannot read secret file ${file}: ${sys?.text ?? String(err)}`, sys?.errno ?? errnos.EIO);
+}
+
 export async function readSecretFile(file: string): Promise<string> {
   let st;
   try {
     st = await lstat(file);
   } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new ConfigError(`secret file ${file} does not exist`);
-    throw new ConfigError(`cannot read secret file ${file}: ${(err as Error).message}`);
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') throw new ConfigError(`secret file ${file} does not exist`, errnos.ENOENT);
+    throw unreadable(file, err);
   }
   if (!st.isFile()) throw new ConfigError(`secret file ${file} is not a regular file`);
   if ((st.mode & 0o077) !== 0) {
@@ -57,7 +63,13 @@ export async function readSecretFile(file: string): Promise<string> {
       `secret file ${file} is accessible by group or others (mode ${(st.mode & 0o777).toString(8)}); run chmod 600 on it`,
     );
   }
-  return parseSecret(await readFile(file, 'utf8'), `secret file ${file}`);
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (err) {
+    throw unreadable(file, err);
+  }
+  return parseSecret(text, `secret file ${file}`);
 }
 
 /** Atomically (re)writes a secret file with mode 0600, creating its directory with 0700. */
