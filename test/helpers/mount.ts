@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { execFile, execFileSync, spawn } from 'node:child_process';
+import { execFile, execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { promisify } from 'node:util';
 import { fileURLToPath } from 'node:url';
 
@@ -132,3 +132,18 @@ export async function cluster(t: Tap, n: number, args: string[] = [], perNode: (
   }
   return { nodes, kvsUrl, secretFile, base };
 }
+
+/** A child's exit code and everything it printed, once it has exited. */
+export const exited = (c: ChildProcess) =>
+  new Promise<{ code: number | null; out: string; err: string }>((resolve) => {
+    let out = '';
+    let err = '';
+    c.stdout?.on('data', (d: Buffer) => (out += d));
+    c.stderr?.on('data', (d: Buffer) => (err += d));
+    c.on('close', (code) => resolve({ code, out, err }));
+  });
+
+export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** How many pulls a daemon's log (at debug level) records. */
+export const pulls = (log: string) => fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.includes(' pulled ')).length;
