@@ -447,7 +447,7 @@ export class DmdFs extends MirrorFs {
     // Cannot tell (no /proc): leave it to the last RELEASE.
     if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
     const p = this.publishSoon(h.node, fstat(h.fd));
-    return p && untilInterrupted(p, ctx.signal);
+    return p && untilInterrupted(p, ctx);
   }
 
   protected override afterWriteClose(node: Node, h: Handle, st: fs.BigIntStats): void | Promise<void> {
@@ -709,13 +709,26 @@ function openNoatime(p: string): number {
  * answering) must not hold a program that was sent a signal: on INTERRUPT
  * the close() returns EINTR (the descriptor is closed all the same) and the
  * publication carries on in the background, as with DYAD_ASYNC_PUBLISH.
+ * Only a publication still under way at the next turn of the event loop (a
+ * KVS elsewhere) watches for that: one to the KVS served in this process
+ * has landed by then, and an AbortSignal with its listener costs several
+ * microseconds on every close().
  */
-function untilInterrupted(p: Promise<void>, signal: AbortSignal): Promise<void> {
+function untilInterrupted(p: Promise<void>, ctx: RequestContext): Promise<void> {
   return new Promise((resolve, reject) => {
-    const onAbort = () => reject(signal.reason);
-    if (signal.aborted) onAbort();
-    else signal.addEventListener('abort', onAbort, { once: true });
-    void p.then(resolve, reject).finally(() => signal.removeEventListener('abort', onAbort));
+    let done = false;
+    p.then(
+      () => ((done = true), resolve()),
+      (err: unknown) => ((done = true), reject(err)),
+    );
+    setImmediate(() => {
+      if (done) return;
+      const signal = ctx.signal;
+      const onAbort = () => reject(signal.reason);
+      if (signal.aborted) return onAbort();
+      signal.addEventListener('abort', onAbort, { once: true });
+      p.finally(() => signal.removeEventListener('abort', onAbort)).catch(() => undefined);
+    });
   });
 }
 

@@ -237,12 +237,15 @@ const PF_EXITING = 0x4;
 export function killedBySignal(tid: number): boolean | undefined {
   const n = readProc(statFds, tid, 'stat', statBuf, 0);
   if (n === undefined) return undefined;
-  const text = statBuf.toString('latin1', 0, n);
-  // Fields after the command name, which may hold spaces and parentheses:
-  // state is field 3, flags field 9, exit_code field 52.
-  const fields = text.slice(text.lastIndexOf(')') + 2).split(' ');
-  const flags = Number(fields[9 - 3]);
-  const exitCode = Number(fields[52 - 3]);
-  if (!Number.isInteger(flags) || !Number.isInteger(exitCode)) return undefined;
-  return (flags & PF_EXITING) !== 0 && (exitCode & 0x7f) !== 0;
+  const text = statBuf.toString('latin1', 0, n).trimEnd();
+  // exit_code is the last field (52): 0 for a thread that is not exiting,
+  // which spares parsing the rest on every close().
+  const exitCode = Number(text.slice(text.lastIndexOf(' ') + 1));
+  if (!Number.isInteger(exitCode)) return undefined;
+  if ((exitCode & 0x7f) === 0) return false;
+  // flags is field 9, counted after the command name (field 2), which may
+  // hold spaces and parentheses.
+  const flags = Number(text.slice(text.lastIndexOf(')') + 2).split(' ', 7)[9 - 3]);
+  if (!Number.isInteger(flags)) return undefined;
+  return (flags & PF_EXITING) !== 0;
 }
