@@ -9,8 +9,8 @@ import t from 'tap';
 import fs from 'node:fs';
 import { createHash } from 'node:crypto';
 import path from 'node:path';
-import { execFileSync, spawn } from 'node:child_process';
-import { cFixture, cluster, exited, mountCli, pulls, sh, sleep, tmpdir } from './helpers/mount.js';
+import { spawn } from 'node:child_process';
+import { cFixture, cluster, exited, mountCli, pulls, sh, sleep, smallTmpfs, tmpdir } from './helpers/mount.js';
 
 
 t.test('consumer first, producer first, listings, empty files', async (t) => {
@@ -274,7 +274,6 @@ t.test('shared storage: synchronise only, never transfer', async (t) => {
   const shared = c0.nodes[0]!.storage;
   const mntB = path.join(c0.base, 'b');
   fs.mkdirSync(mntB);
-  const { mountCli } = await import('./helpers/mount.js');
   const b = await mountCli(t, mntB, ['--kvs', c0.kvsUrl, '--secret-file', c0.secretFile, '--rank', '1', '--shared-storage', '--storage', shared, '--log-level', 'debug']);
   const cons = exited(spawn('cat', [path.join(mntB, 'sync.txt')]));
   await sleep(500);
@@ -390,14 +389,7 @@ t.test('small files travel with their publication: readers need no transfer', as
 
 t.test('a pull into a full storage: ENOSPC for the opener, nothing left behind', async (t) => {
   const small = path.join(tmpdir(t, 'dyadfs-full-'), 'storage');
-  fs.mkdirSync(small);
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'dyad-test', small], { stdio: 'ignore' });
-  } catch {
-    t.comment('cannot mount a tmpfs here (not root?): skipped');
-    return;
-  }
-  t.teardown(() => execFileSync('umount', ['-l', small]));
+  if (!smallTmpfs(t, small)) return;
   const c = await cluster(t, 2, [], (rank) => (rank === 1 ? ['--storage', small] : []));
   const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
   fs.writeFileSync(path.join(p.mnt, 'big.bin'), Buffer.alloc(2 << 20, 5));

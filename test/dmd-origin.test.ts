@@ -8,8 +8,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { execFileSync } from 'node:child_process';
-import { cluster, dyadMountBin, isMountedAt, mountCli, sh, tmpdir } from './helpers/mount.js';
+import { cluster, dyadMountBin, isMountedAt, mountCli, sh, smallTmpfs, tmpdir } from './helpers/mount.js';
 
 const logLines = (log: string, re: RegExp) => fs.readFileSync(log, 'utf8').split('\n').filter((l) => re.test(l));
 
@@ -130,14 +129,7 @@ t.test('a copy that does not fit fails the open with ENOSPC and leaves nothing b
   const base = tmpdir(t);
   const { origin } = dataset(base);
   const storage = path.join(base, 'small');
-  fs.mkdirSync(storage);
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'dyad-test', storage], { stdio: 'ignore' });
-  } catch {
-    t.comment('cannot mount a tmpfs here (not root?): skipped');
-    return;
-  }
-  t.teardown(() => execFileSync('umount', ['-l', storage]));
+  if (!smallTmpfs(t, storage)) return;
   const mnt = path.join(base, 'mnt');
   fs.mkdirSync(mnt);
   const m = await mountCli(t, mnt, ['--storage', storage, '--origin', origin]);

@@ -147,3 +147,19 @@ export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 /** How many pulls a daemon's log (at debug level) records. */
 export const pulls = (log: string) => fs.readFileSync(log, 'utf8').split('\n').filter((l) => l.includes(' pulled ')).length;
+
+/**
+ * A 1 MiB tmpfs mounted at `dir` (made here) until the test ends: a disk
+ * that fills. False, with a comment, where tmpfs cannot be mounted (not root).
+ */
+export function smallTmpfs(t: Tap & { comment(msg: string): void }, dir: string): boolean {
+  fs.mkdirSync(dir, { recursive: true });
+  try {
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'dyad-test', dir], { stdio: 'ignore' });
+  } catch {
+    t.comment('cannot mount a tmpfs here (not root?): skipped');
+    return false;
+  }
+  t.teardown(() => execFileSync('umount', ['-l', dir]));
+  return true;
+}
