@@ -207,6 +207,55 @@ t.test('a file whose writer is killed while it is open is not published; one lef
   t.equal(x.stdout.split(' ')[0], createHash('md5').update(Buffer.alloc(100000, 'y')).digest('hex'), `the file left open at exit was published (${x.stderr})`);
 });
 
+t.test('a restarted daemon does not publish the files whose writers never finished them', async (t) => {
+  const c = await cluster(t, 2);
+  const [o, p] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.writeFileSync(path.join(p.mnt, 'complete.txt'), 'complete');
+  // A writer killed with its file open.
+  const killed = `import os, signal, sys\nf = open(sys.argv[1], "wb")\nf.write(b"x" * 100000)\nf.flush()\nos.kill(os.getpid(), signal.SIGKILL)`;
+  const k = await sh(`python3 -c '${killed}' ${path.join(p.mnt, 'torn.bin')}; echo $?`, { timeoutMs: 30_000 });
+  t.equal(k.stdout, '137\n', 'the writer was killed');
+  // A writer still writing when its node's daemon dies.
+  const holds = `import sys, time\nf = open(sys.argv[1], "wb")\nf.write(b"h" * 100000)\nf.flush()\nprint("written", flush=True)\ntime.sleep(600)`;
+  fs.mkdirSync(path.join(p.mnt, 'sub'));
+  const writer = spawn('python3', ['-c', holds, path.join(p.mnt, 'sub', 'held.bin')], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.teardown(() => writer.kill('SIGKILL'));
+  const written = await new Promise<boolean>((resolve) => {
+    writer.stdout!.once('data', () => resolve(true));
+    writer.once('exit', () => resolve(false));
+  });
+  if (!written) {
+    t.fail('the writer could not open its file');
+    return;
+  }
+  // The one published before the restart, for the barrier below.
+  const r0 = await sh(`timeout 20 cat ${path.join(o.mnt, 'complete.txt')}`, { timeoutMs: 30_000 });
+  t.equal(r0.stdout, 'complete', r0.stderr);
+  process.kill(p.pid, 'SIGKILL');
+  await waitExit(p.pid);
+  writer.kill('SIGKILL');
+  await exited(writer);
+  t.equal(fs.statSync(path.join(p.storage, 'sub', 'held.bin')).size, 100000, 'what the cut-off writer wrote is in storage');
+  const scans = () => fs.readFileSync(p.log, 'utf8').split('\n').filter((l) => l.includes('storage scan:'));
+  const scansBefore = scans().length;
+  const again = await mountCli(t, p.mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', '1', '--storage', p.storage]);
+  for (let i = 0; i < 200 && scans().length === scansBefore; i++) await sleep(50);
+  t.match(scans().at(-1) ?? '', /2 left unpublished as unfinished/, 'the next daemon scanned its storage, and left two files unpublished');
+  const log = fs.readFileSync(p.log, 'utf8');
+  t.match(log, /torn\.bin not published: its writer never closed it/, 'the log names the killed writer\'s file');
+  t.match(log, /sub\/held\.bin not published: its writer never closed it/, 'and the cut-off writer\'s');
+  // The scan publishes before it logs: what it left out is not in the KVS.
+  t.notOk(fs.existsSync(path.join(o.mnt, 'torn.bin')), 'no other node sees the killed writer\'s file');
+  t.notOk(fs.existsSync(path.join(o.mnt, 'sub', 'held.bin')), 'nor the cut-off writer\'s');
+  t.equal(fs.statSync(path.join(again.mnt, 'torn.bin')).size, 100000, 'both stay on their node');
+  const r1 = await sh(`timeout 20 cat ${path.join(o.mnt, 'complete.txt')}`, { timeoutMs: 30_000 });
+  t.equal(r1.stdout, 'complete', `the complete file is served again (${r1.stderr})`);
+  // Written again, and closed: complete, and published.
+  fs.writeFileSync(path.join(again.mnt, 'torn.bin'), 'whole now');
+  const r2 = await sh(`timeout 20 cat ${path.join(o.mnt, 'torn.bin')}`, { timeoutMs: 30_000 });
+  t.equal(r2.stdout, 'whole now', `a file written again to the end is published (${r2.stderr})`);
+});
+
 /** close(2)'s number, to see a program blocked in it through /proc/PID/syscall. */
 const closeNr: Record<string, number> = { x64: 3, arm64: 57 };
 

@@ -27,6 +27,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("readDir", Napi::Function::New(env, ReadDir));
   exports.Set("utimens", Napi::Function::New(env, Utimens));
   exports.Set("fdsLinkingTo", Napi::Function::New(env, FdsLinkingTo));
+  exports.Set("fsetxattr", Napi::Function::New(env, Fsetxattr));
+  exports.Set("removexattr", Napi::Function::New(env, Removexattr));
+  exports.Set("getxattrSize", Napi::Function::New(env, GetxattrSize));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   return exports;
 }

@@ -1,8 +1,8 @@
 // System calls Node's fs module lacks but a faithful mirror needs:
 // fallocate(2), lseek(2) with SEEK_DATA/SEEK_HOLE, utimensat(2) with
-// nanoseconds, UTIME_NOW and UTIME_OMIT, a directory listing with inode
-// numbers, and a scan of a process's open descriptors. Each returns a
-// result or -errno.
+// nanoseconds, UTIME_NOW and UTIME_OMIT, extended attributes, a directory
+// listing with inode numbers, and a scan of a process's open descriptors.
+// Each returns a result or -errno.
 #include "sys.h"
 
 #include <dirent.h>  // struct dirent64
@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -47,6 +48,32 @@ Napi::Value Utimens(const Napi::CallbackInfo& info) {
   bool nofollow = info[5].As<Napi::Boolean>().Value();
   int rc = utimensat(AT_FDCWD, path.c_str(), ts, nofollow ? AT_SYMLINK_NOFOLLOW : 0);
   return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
+}
+
+// fsetxattr(fd, name, value: Buffer) -> 0 | -errno
+Napi::Value Fsetxattr(const Napi::CallbackInfo& info) {
+  int fd = info[0].As<Napi::Number>().Int32Value();
+  std::string name = info[1].As<Napi::String>().Utf8Value();
+  Napi::Buffer<uint8_t> value = info[2].As<Napi::Buffer<uint8_t>>();
+  int rc = fsetxattr(fd, name.c_str(), value.Data(), value.Length(), 0);
+  return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
+}
+
+// removexattr(fd | path, name) -> 0 | -errno; a path's symlink is not followed.
+Napi::Value Removexattr(const Napi::CallbackInfo& info) {
+  std::string name = info[1].As<Napi::String>().Utf8Value();
+  int rc = info[0].IsNumber() ? fremovexattr(info[0].As<Napi::Number>().Int32Value(), name.c_str())
+                              : lremovexattr(info[0].As<Napi::String>().Utf8Value().c_str(), name.c_str());
+  return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
+}
+
+// getxattrSize(path, name) -> the value's size | -errno (ENODATA: not set);
+// a symlink is not followed.
+Napi::Value GetxattrSize(const Napi::CallbackInfo& info) {
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::string name = info[1].As<Napi::String>().Utf8Value();
+  ssize_t n = lgetxattr(path.c_str(), name.c_str(), nullptr, 0);
+  return Napi::Number::New(info.Env(), n < 0 ? -errno : double(n));
 }
 
 // Calls fn(entry) for each entry of an open directory but "." and "..".

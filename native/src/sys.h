@@ -7,3 +7,6 @@ Napi::Value Lseek(const Napi::CallbackInfo& info);
 Napi::Value ReadDir(const Napi::CallbackInfo& info);
 Napi::Value Utimens(const Napi::CallbackInfo& info);
 Napi::Value FdsLinkingTo(const Napi::CallbackInfo& info);
+Napi::Value Fsetxattr(const Napi::CallbackInfo& info);
+Napi::Value Removexattr(const Napi::CallbackInfo& info);
+Napi::Value GetxattrSize(const Napi::CallbackInfo& info);

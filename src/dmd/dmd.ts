@@ -29,6 +29,7 @@ import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX, isStalePart } from '../dtl/part.js';
+import { UnfinishedMarks } from './unfinished.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
@@ -102,6 +103,9 @@ export class DmdFs extends MirrorFs {
   private readonly published = new Map<string, string>();
   /** Files a writer was killed holding: whatever they hold is not what it meant to write. */
   private readonly torn = new Map<Node, number>();
+  /** Storage files marked unfinished (unfinished.ts) by this daemon, until their last writer closes them normally. */
+  private readonly unfinished = new Set<Node>();
+  private readonly marks: UnfinishedMarks;
   /** Our records withdrawn while their files are open for writing, by path: the file as recorded, and the record. */
   private readonly withdrawn = new Map<string, { stamp: string; rec: FileRecord }>();
   /** Publications the KVS failed, by path: the last wait before trying again. */
@@ -112,6 +116,9 @@ export class DmdFs extends MirrorFs {
 
   constructor(storage: Storage, private readonly o: DmdOptions) {
     super(storage, o);
+    this.marks = new UnfinishedMarks((errno) =>
+      o.log.warn(`the storage takes no user extended attributes (${errno === errnos.ENOTSUP ? 'ENOTSUP' : `errno ${errno}`}): a restart cannot tell the files of writers that never finished, and publishes them`),
+    );
     this.origin = o.origin !== undefined ? new Origin(o.origin) : undefined;
     this.fetcher = new Fetcher({
       origin: this.origin,
@@ -446,6 +453,7 @@ export class DmdFs extends MirrorFs {
     const mine = path.posix.join(this.o.mountpoint, this.rel(h.node));
     // Cannot tell (no /proc): leave it to the last RELEASE.
     if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
+    this.finished(h.node, h.fd);
     const p = this.publishSoon(h.node, fstat(h.fd));
     return p && untilInterrupted(p, ctx);
   }
@@ -458,10 +466,28 @@ export class DmdFs extends MirrorFs {
     const killed = this.torn.get(node);
     if (killed !== undefined) {
       this.torn.delete(node);
+      // Its mark stays on the file: a restart does not publish it either.
+      this.unfinished.delete(node);
       this.o.log.warn(`${this.rel(node)} not published: its writer (pid ${killed}) was killed by a signal while it had the file open`);
       return;
     }
+    // By path: with passthrough the descriptor is closed by now. A file
+    // removed while open is skipped: its path may name a newer file.
+    if (st.nlink > 0n) this.finished(node, this.abs(node));
+    else this.unfinished.delete(node);
     return this.publishSoon(node, st);
+  }
+
+  protected override afterWriteOpen(node: Node, fd: number): void {
+    if (this.unfinished.has(node)) return;
+    this.marks.mark(fd);
+    this.unfinished.add(node);
+  }
+
+  /** Its last writer closed `node` normally: the mark goes before the publication starts. */
+  private finished(node: Node, target: number | string): void {
+    if (!this.unfinished.delete(node)) return;
+    this.marks.clear(target);
   }
 
   /** Handles still open for writing on a node. */
@@ -560,9 +586,12 @@ export class DmdFs extends MirrorFs {
    * back serves its files again. Files that are copies pulled from another
    * owner (a record names someone else with the same size) stay theirs.
    */
-  async republishStorage(): Promise<{ published: number; kept: number }> {
+  async republishStorage(): Promise<{ published: number; kept: number; unfinished: string[] }> {
     let published = 0;
     let kept = 0;
+    // Marked by a writer that never closed them (unfinished.ts): killed, or
+    // cut off when the last daemon stopped. Their bytes may stop anywhere.
+    const unfinished: string[] = [];
     const walk = async (rel: string): Promise<void> => {
       let entries: fs.Dirent[];
       try {
@@ -580,6 +609,10 @@ export class DmdFs extends MirrorFs {
           continue;
         }
         if (!e.isFile()) continue;
+        if (this.marks.has(this.storage.abs(upath))) {
+          unfinished.push(upath);
+          continue;
+        }
         const st = lstat(this.storage.abs(upath));
         const rec = await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
         const sameSize = rec?.kind === 'file' && rec.size === Number(st.size);
@@ -595,7 +628,7 @@ export class DmdFs extends MirrorFs {
       }
     };
     await walk('');
-    return { published, kept };
+    return { published, kept, unfinished };
   }
 
   /** A file we published is gone: so is its record, before unlink() returns. */

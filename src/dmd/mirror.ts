@@ -471,6 +471,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       node.cacheStamp = stamp;
       reply = { fh, noFlush: !writable, directIo: (flags & O_DIRECT) !== 0, keepCache };
     }
+    if (writable) this.afterWriteOpen(node, this.handles.get(fh)!.fd);
     return reply;
   }
 
@@ -666,6 +667,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   protected extraEntries(dir: Node): Promise<ListedEntry[]> | undefined {
     return undefined;
   }
+
+  /** A handle opened for writing, on the storage file behind `fd`. */
+  protected afterWriteOpen(node: Node, fd: number): void {}
 
   /** The last close of a handle opened for writing; `st`: the file as it was left. */
   protected afterWriteClose(node: Node, h: Handle, st: fs.BigIntStats): void | Promise<void> {}

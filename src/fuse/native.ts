@@ -46,6 +46,11 @@ export interface NativeAddon {
   utimens(path: string, atimeSec: number, atimeNsec: number, mtimeSec: number, mtimeNsec: number, nofollow: boolean): number;
   /** How many descriptors of process pid (and its descendants) link to exactly `target` (by /proc readlink), or -errno. */
   fdsLinkingTo(pid: number, target: string, withDescendants: boolean): number;
+  fsetxattr(fd: number, name: string, value: Buffer): number;
+  /** fremovexattr for a descriptor, lremovexattr for a path. */
+  removexattr(target: number | string, name: string): number;
+  /** lgetxattr's size of the value, or -errno (-ENODATA: not set). */
+  getxattrSize(path: string, name: string): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

@@ -19,6 +19,9 @@ import type { TransferClient, TransferServer } from '../dtl/types.js';
 import { makeDataDir, type DyadConfig } from './config.js';
 import { Logger } from './log.js';
 
+/** Unfinished files a restart names one by one in the log; the rest are counted. */
+const UNFINISHED_NAMED = 20;
+
 export interface DaemonOptions {
   config: DyadConfig;
   /** 'auto' uses kernel passthrough when the kernel offers it and we are root. */
@@ -260,8 +263,11 @@ export class Daemon {
     // In the background: the mount is usable meanwhile, and a reader of a
     // file not yet republished simply waits for it.
     void fsys.republishStorage().then(
-      ({ published, kept }) => {
-        if (published || kept) log.info(`storage scan: published ${published} files, ${kept} already published`);
+      ({ published, kept, unfinished }) => {
+        const shown = unfinished.slice(0, UNFINISHED_NAMED);
+        for (const f of shown) log.warn(`${f} not published: its writer never closed it (killed, or cut off when the last daemon stopped); it stays on this node`);
+        if (unfinished.length > shown.length) log.warn(`and ${unfinished.length - shown.length} more files like it`);
+        if (published || kept || unfinished.length) log.info(`storage scan: published ${published} files, ${kept} already published, ${unfinished.length} left unpublished as unfinished`);
       },
       (err: Error) => log.warn(`storage scan failed: ${err.message}`),
     );
