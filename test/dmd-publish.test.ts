@@ -254,6 +254,10 @@ t.test('a restarted daemon does not publish the files whose writers never finish
   fs.writeFileSync(path.join(again.mnt, 'torn.bin'), 'whole now');
   const r2 = await sh(`timeout 20 cat ${path.join(o.mnt, 'torn.bin')}`, { timeoutMs: 30_000 });
   t.equal(r2.stdout, 'whole now', `a file written again to the end is published (${r2.stderr})`);
+  // Or taken as it is: opened for writing and closed, nothing written.
+  await sh(`: >> ${path.join(again.mnt, 'sub', 'held.bin')}`);
+  const r3 = await sh(`timeout 20 md5sum < ${path.join(o.mnt, 'sub', 'held.bin')}`, { timeoutMs: 30_000 });
+  t.equal(r3.stdout.split(' ')[0], createHash('md5').update(Buffer.alloc(100000, 'h')).digest('hex'), `one opened for writing and closed unchanged is published as it is (${r3.stderr})`);
 });
 
 /** close(2)'s number, to see a program blocked in it through /proc/PID/syscall. */

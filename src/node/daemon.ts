@@ -265,7 +265,7 @@ export class Daemon {
     void fsys.republishStorage().then(
       ({ published, kept, unfinished }) => {
         const shown = unfinished.slice(0, UNFINISHED_NAMED);
-        for (const f of shown) log.warn(`${f} not published: its writer never closed it (killed, or cut off when the last daemon stopped); it stays on this node`);
+        for (const f of shown) log.warn(`${f} not published: its writer never closed it (killed, or cut off when the last daemon stopped); it stays on this node (to publish it as it is, open it for writing and close it: \`: >> FILE\`)`);
         if (unfinished.length > shown.length) log.warn(`and ${unfinished.length - shown.length} more files like it`);
         if (published || kept || unfinished.length) log.info(`storage scan: published ${published} files, ${kept} already published, ${unfinished.length} left unpublished as unfinished`);
       },
