@@ -133,6 +133,10 @@ t.test('configuration errors stop the start with one line', async (t) => {
     ['', '--namespace _x', /--namespace=_x: a namespace is 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit/],
     ['DYAD_WAIT_TIMEOUT=soon', '', /DYAD_WAIT_TIMEOUT=soon: expected a number of seconds/],
     ['DYAD_WAIT_TIMEOUT=3000000', '', /DYAD_WAIT_TIMEOUT=3000000: expected at most 2147483 seconds/],
+    ['DYAD_CACHE_POLICY=RANDOM', '', /DYAD_CACHE_POLICY=RANDOM: unknown cache policy \(expected LRU, FIFO or NONE\)/],
+    ['DYAD_CACHE_CAPACITY=lots', '', /DYAD_CACHE_CAPACITY=lots: expected a number of bytes/],
+    ['', '--cache-low-watermark 0', /--cache-low-watermark=0: expected a fraction above 0 and at most 1/],
+    ['DYAD_CACHE_GRACE_PERIOD=-1', '', /DYAD_CACHE_GRACE_PERIOD=-1: expected a number of seconds >= 0/],
   ];
   for (const [env, args, re] of cases) {
     const r = await run(env, args);
@@ -222,6 +226,12 @@ t.test('dyad config shows values and their sources', async (t) => {
   t.equal(tiny.code, 0, tiny.stderr);
   t.match(tiny.stdout, /^waitTimeoutMs\s+1\s+flag/m, 'a tiny timeout is 1 ms, not 0');
   t.match(tiny.stdout, /^peerTimeoutMs\s+1\s+flag/m);
+  const cache = await sh(`DYAD_CACHE_CAPACITY=2G DYAD_CACHE_POLICY=F ${process.execPath} ${dyadBin} config --cache-grace-period 0.5`);
+  t.equal(cache.code, 0, cache.stderr);
+  t.match(cache.stdout, /^cacheCapacityBytes\s+2147483648\s+env \(DYAD_CACHE_CAPACITY\)$/m, 'a capacity takes a binary suffix');
+  t.match(cache.stdout, /^cachePolicy\s+FIFO\s+env \(DYAD_CACHE_POLICY\)$/m, 'a policy is matched by prefix, as DYAD does');
+  t.match(cache.stdout, /^cacheLowWatermark\s+0\.8\s+default$/m);
+  t.match(cache.stdout, /^cacheGraceMs\s+500\s+flag \(--cache-grace-period\)$/m);
 });
 
 t.test('dyad config names the UCX transports in use', async (t) => {

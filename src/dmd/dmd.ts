@@ -30,6 +30,7 @@ import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX, isStalePart } from '../dtl/part.js';
 import { UnfinishedMarks } from './unfinished.js';
+import { CopyCache, type CacheSettings } from './cache.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
 export const publishChannel = diagnostics.channel('dyad-fs:dmd:publish');
@@ -82,6 +83,8 @@ export interface DmdOptions extends MirrorOptions {
   peerTimeoutMs: number;
   /** How long a rank not renewed stays registered (--rank-lease); default 10 s. */
   rankLeaseMs?: number;
+  /** Eviction of copies pulled from other nodes (DYAD_CACHE_*); none by default. */
+  cache?: CacheSettings;
   log: DmdLog;
 }
 
@@ -106,6 +109,9 @@ export class DmdFs extends MirrorFs {
   /** Storage files marked unfinished (unfinished.ts) by this daemon, until their last writer closes them normally. */
   private readonly unfinished = new Set<Node>();
   private readonly marks: UnfinishedMarks;
+  /** Copies of other nodes' files kept here, for eviction (cache.ts); tracks nothing unless enabled. */
+  private readonly cache: CopyCache<FileRecord>;
+  private trimScheduled = false;
   /** Our records withdrawn while their files are open for writing, by path: the file as recorded, and the record. */
   private readonly withdrawn = new Map<string, { stamp: string; rec: FileRecord }>();
   /** Publications the KVS failed, by path: the last wait before trying again. */
@@ -119,8 +125,10 @@ export class DmdFs extends MirrorFs {
     this.marks = new UnfinishedMarks((errno) =>
       o.log.warn(`the storage takes no user extended attributes (${errno === errnos.ENOTSUP ? 'ENOTSUP' : `errno ${errno}`}): a restart cannot tell the files of writers that never finished, and publishes them`),
     );
+    this.cache = new CopyCache<FileRecord>(o.cache ?? { capacityBytes: 0, policy: 'NONE', lowWatermark: 1, graceMs: 0 }, (upath, rec) => this.evictCopy(upath, rec));
     this.origin = o.origin !== undefined ? new Origin(o.origin) : undefined;
     this.fetcher = new Fetcher({
+      onCopy: this.cache.enabled ? (upath, rec) => this.copyLanded(upath, rec) : undefined,
       origin: this.origin,
       kvs: o.kvs,
       ns: o.ns,
@@ -359,6 +367,7 @@ export class DmdFs extends MirrorFs {
       return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => super.open(ctx, nodeid, flags));
     }
     if (!reading && (this.published.has(upath) || this.o.sharedStorage)) return this.withdrawForRewrite(upath).then(() => super.open(ctx, nodeid, flags));
+    if (reading) this.cache.touch(upath);
     return super.open(ctx, nodeid, flags);
   }
 
@@ -479,6 +488,8 @@ export class DmdFs extends MirrorFs {
   }
 
   protected override afterWriteOpen(node: Node, fd: number): void {
+    // Written here: this node's file now, published as such at its close.
+    if (this.cache.enabled) this.notACopy(this.rel(node));
     if (this.unfinished.has(node)) return;
     this.marks.mark(fd);
     this.unfinished.add(node);
@@ -581,6 +592,75 @@ export class DmdFs extends MirrorFs {
     this.retries.clear();
   }
 
+  // ---- copies of other nodes' files: eviction (DYAD_CACHE_*) ---------------
+
+  private copyLanded(upath: string, rec: FileRecord): void {
+    this.cache.add(upath, rec.size, rec);
+    this.trimSoon();
+  }
+
+  /**
+   * Evicts once the loop has run what is queued: the readers whose pulls
+   * just landed have opened their files by then, and an open file stays.
+   */
+  private trimSoon(): void {
+    if (this.trimScheduled || this.cache.usedBytes <= 0) return;
+    this.trimScheduled = true;
+    setImmediate(() => {
+      this.trimScheduled = false;
+      const before = this.cache.usedBytes;
+      const gone = this.cache.trim((upath) => this.fetcher.fetching(upath));
+      if (gone.length) this.o.log.info(`evicted ${gone.length} copies of other nodes' files (${before - this.cache.usedBytes} B); copies kept: ${this.cache.usedBytes} B`);
+    });
+  }
+
+  /**
+   * Removes a pulled copy from storage unless a program has it open. Its
+   * node, if the kernel knows one, shows the record again as a remote file,
+   * so an open through a name the kernel still caches pulls it once more.
+   */
+  private evictCopy(upath: string, rec: FileRecord): boolean {
+    const abs = this.storage.abs(upath);
+    let st: fs.BigIntStats | undefined;
+    try {
+      st = lstatIfExists(abs);
+    } catch {
+      return false;
+    }
+    if (st === undefined) {
+      this.fetcher.dropCopy(upath);
+      return true;
+    }
+    // Changed here since it landed (a write through the mount would have
+    // dropped it already): not the owner's bytes any more, so not a copy.
+    if (!st.isFile() || Number(st.size) !== rec.size) return false;
+    const node = this.byIno.get(Number(st.ino));
+    if (node && this.inUse(node)) return false;
+    try {
+      fs.unlinkSync(abs);
+    } catch (err) {
+      this.o.log.warn(`eviction of ${upath} failed: ${(err as Error).message}`);
+      return false;
+    }
+    this.fetcher.dropCopy(upath);
+    if (node) {
+      this.byIno.delete(node.ino);
+      this.virtual.set(node.id, { rec, isDir: false });
+    }
+    return true;
+  }
+
+  private inUse(node: Node): boolean {
+    if (node.backing || node.openFds.size > 0) return true;
+    for (const h of this.handles.values()) if (h.node === node) return true;
+    return false;
+  }
+
+  /** A path no longer holds the copy it held: the others stop counting on it. */
+  private notACopy(upath: string): void {
+    if (this.cache.remove(upath)) this.fetcher.dropCopy(upath);
+  }
+
   /**
    * After a restart: publish what the storage holds, so a node that comes
    * back serves its files again. Files that are copies pulled from another
@@ -618,6 +698,8 @@ export class DmdFs extends MirrorFs {
         const sameSize = rec?.kind === 'file' && rec.size === Number(st.size);
         if (sameSize && (rec.owner !== this.o.rank || rec.mtimeMs === Number(st.mtimeNs / 1_000_000n))) {
           if (rec.owner === this.o.rank) this.published.set(upath, `${st.mtimeNs}:${st.size}`);
+          // A copy pulled before the restart: as old as its file, as recently used as its atime says.
+          else if (!this.fetcher.isLocalOwner(rec.owner)) this.cache.add(upath, rec.size, rec, Number(st.mtimeMs), Number(st.atimeMs));
           kept++;
           continue;
         }
@@ -628,12 +710,14 @@ export class DmdFs extends MirrorFs {
       }
     };
     await walk('');
+    this.trimSoon();
     return { published, kept, unfinished };
   }
 
   /** A file we published is gone: so is its record, before unlink() returns. */
   protected override afterRemove(rel: string): void | Promise<void> {
     this.fetcher.forgetDirs();
+    this.notACopy(rel);
     this.withdrawn.delete(rel);
     if (!this.published.delete(rel)) return;
     return this.unpublish(rel);
@@ -646,6 +730,9 @@ export class DmdFs extends MirrorFs {
    * say it is complete has readers waiting on the new names).
    */
   protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {
+    // A copy under another name is not where its record says.
+    this.notACopy(fromRel);
+    for (const p of this.cache.removeUnder(fromRel)) this.fetcher.dropCopy(p);
     if (node?.isDir) {
       this.fetcher.forgetDirs();
       const inside = [...this.published.keys()].filter((k) => k.startsWith(`${fromRel}/`));

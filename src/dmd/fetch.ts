@@ -53,6 +53,8 @@ export interface FetcherOptions {
   /** Where a file no node has is copied from (then published as ours). */
   origin?: Origin;
   log: FetchLog;
+  /** A copy of another owner's file landed in storage (pulled, or with its publication). */
+  onCopy?: (upath: string, rec: FileRecord) => void;
 }
 
 interface Flight {
@@ -164,7 +166,10 @@ export class Fetcher {
     }
     if (!this.o.transfer) throw new DyadError('DYAD_ENODTL', errnos.EIO, `${upath}: no transfer service configured`);
     this.ensureDir(path.dirname(dest));
-    if (this.landPushed(upath, rec, dest)) return rec;
+    if (this.landPushed(upath, rec, dest)) {
+      this.o.onCopy?.(upath, rec);
+      return rec;
+    }
     try {
       await this.pullFrom(rec.owner, upath, rec, dest, signal);
     } catch (err) {
@@ -179,7 +184,19 @@ export class Fetcher {
       }
     }
     this.recordCopy(upath, rec);
+    this.o.onCopy?.(upath, rec);
     return rec;
+  }
+
+  /** Is a fetch of upath under way? */
+  fetching(upath: string): boolean {
+    return this.flights.has(upath);
+  }
+
+  /** This node no longer holds its copy of upath: the others stop counting on it. */
+  dropCopy(upath: string): void {
+    if (this.copies.delete(upath)) return; // its record was not sent yet
+    this.o.kvs.unpublish(this.o.ns, replicaPath(this.o.rank, upath)).catch((e: Error) => this.o.log.debug(`replica record for ${upath}: ${e.message}`));
   }
 
   /**

@@ -12,6 +12,7 @@ import { MAX_PUSHED_BYTES } from '../kvs/embedded/protocol.js';
 import { parseDyadUrl } from '../kvs/embedded/client.js';
 import { parseEtcdUrl } from '../kvs/etcd/url.js';
 import { checkNamespace } from '../kvs/validate.js';
+import type { CachePolicyName } from '../dmd/cache.js';
 
 export type Source = 'flag' | 'env' | 'default';
 
@@ -42,6 +43,10 @@ export interface Flags {
   peerTimeout?: string;
   pushMax?: string;
   origin?: string;
+  cacheCapacity?: string;
+  cachePolicy?: string;
+  cacheLowWatermark?: string;
+  cacheGracePeriod?: string;
 }
 
 export interface DyadConfig {
@@ -64,6 +69,10 @@ export interface DyadConfig {
   peerTimeoutMs: Setting<number>;
   pushMaxBytes: Setting<number>;
   origin: Setting<string | undefined>;
+  cacheCapacityBytes: Setting<number>;
+  cachePolicy: Setting<CachePolicyName>;
+  cacheLowWatermark: Setting<number>;
+  cacheGraceMs: Setting<number>;
 }
 
 type Env = NodeJS.ProcessEnv;
@@ -135,6 +144,34 @@ export function parseDtl(v: string, name: string): 'TCP' | 'UCX' {
   if (v === '') return 'TCP';
   for (const [mode, dtl] of modes) if (mode.startsWith(v)) return dtl;
   throw new ConfigError(`${name}=${v}: unknown transfer mode (expected TCP, FLUX_RPC or UCX)`);
+}
+
+/** A byte count: DYAD's plain integer, or with a binary suffix (K, M, G, T; "KiB" and "KB" alike). */
+export function parseBytes(v: string, name: string): number {
+  const m = /^\s*(\d+)\s*(?:([kmgt])(?:i?b)?)?\s*$/i.exec(v);
+  const n = m ? Number(m[1]) * 1024 ** ' kmgt'.indexOf((m[2] ?? ' ').toLowerCase()) : NaN;
+  if (!Number.isSafeInteger(n)) throw new ConfigError(`${name}=${v}: expected a number of bytes, optionally with K, M, G or T`);
+  return n;
+}
+
+/** DYAD matches cache policies as it does DTL modes: by case-sensitive prefix. */
+export function parseCachePolicy(v: string, name: string): CachePolicyName {
+  if (v === '') return 'LRU';
+  for (const p of ['LRU', 'FIFO', 'NONE'] as const) if (p.startsWith(v)) return p;
+  throw new ConfigError(`${name}=${v}: unknown cache policy (expected LRU, FIFO or NONE)`);
+}
+
+function fraction(v: string, name: string): number {
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n) || n <= 0 || n > 1) throw new ConfigError(`${name}=${v}: expected a fraction above 0 and at most 1`);
+  return n;
+}
+
+/** Seconds that may be 0, for a grace period (no timer holds them). */
+function secondsOrZero(v: string, name: string): number {
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n) || n < 0) throw new ConfigError(`${name}=${v}: expected a number of seconds >= 0`);
+  return Math.round(n * 1000);
 }
 
 /** The KVS's own rule (its secret file is named after the namespace), so `dyad config` and a start agree. */
@@ -222,6 +259,11 @@ export function resolveConfig(mountpoint: string | undefined, f: Flags, env: Env
     pushMaxBytes: pick(f.pushMax, '--push-max', env, ['DYAD_PUSH_MAX'], int(0, MAX_PUSHED_BYTES), 16 << 10),
     // Checked at start (it must be a directory outside the mount): see Daemon.
     origin: pick(f.origin, '--origin', env, ['DYAD_PATH_ORIGIN'], (v) => path.resolve(v), undefined as string | undefined),
+    // DYAD's cache eviction; here it evicts copies of other nodes' files only (src/dmd/cache.ts).
+    cacheCapacityBytes: pick(f.cacheCapacity, '--cache-capacity', env, ['DYAD_CACHE_CAPACITY'], parseBytes, 0),
+    cachePolicy: pick(f.cachePolicy, '--cache-policy', env, ['DYAD_CACHE_POLICY'], parseCachePolicy, 'LRU' as CachePolicyName),
+    cacheLowWatermark: pick(f.cacheLowWatermark, '--cache-low-watermark', env, ['DYAD_CACHE_LOW_WATERMARK'], fraction, 0.8),
+    cacheGraceMs: pick(f.cacheGracePeriod, '--cache-grace-period', env, ['DYAD_CACHE_GRACE_PERIOD'], secondsOrZero, 5000),
   };
   if (cfg.kvs.value && cfg.kvsServe.value) {
     throw new ConfigError('--kvs and --kvs-serve exclude each other: a daemon either serves the embedded KVS or uses one');

@@ -1,0 +1,87 @@
+/**
+ * DYAD_CACHE_* on a mount: copies pulled from other nodes beyond the
+ * capacity are evicted, least recently opened first, never while open, and
+ * come back by a pull; a node's own files are never evicted. Two nodes,
+ * plain tools.
+ */
+import t from 'tap';
+import fs from 'node:fs';
+import path from 'node:path';
+import { createHash } from 'node:crypto';
+import { spawn } from 'node:child_process';
+import { cluster, mountCli, pulls, sh, sleep, waitExit } from './helpers/mount.js';
+
+const SIZE = 100_000;
+const content = (i: number) => Buffer.alloc(SIZE, `file ${i} `);
+const md5 = (b: Buffer) => createHash('md5').update(b).digest('hex');
+
+t.test('copies beyond the capacity are evicted least recently opened first, never while open, and pulled again when opened', async (t) => {
+  // Node 1 keeps 3 copies at most (300,000 B), and evicts down to 2 (0.7).
+  // Node 0, the owner, is given a capacity it is far beyond: its own files stay.
+  const cacheArgs = ['--cache-grace-period', '0', '--cache-low-watermark', '0.7', '--log-level', 'debug'];
+  const c = await cluster(t, 2, cacheArgs, (rank) => ['--cache-capacity', rank === 0 ? '1' : String(3 * SIZE)]);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  for (let i = 1; i <= 5; i++) fs.writeFileSync(path.join(p.mnt, `f${i}`), content(i));
+  const read = async (i: number) => {
+    const r = await sh(`timeout 20 md5sum < ${path.join(q.mnt, `f${i}`)}`, { timeoutMs: 30_000 });
+    t.equal(r.stdout.split(' ')[0], md5(content(i)), `f${i} reads whole on node 1 (${r.stderr})`);
+  };
+  const kept = () =>
+    fs
+      .readdirSync(q.storage)
+      .filter((n) => /^f\d$/.test(n))
+      .sort();
+
+  for (let i = 1; i <= 5; i++) await read(i);
+  // f4 passed the capacity: f1 and f2 went, down to 200,000 B; f5 fits.
+  t.same(kept(), ['f3', 'f4', 'f5'], 'the first two copies were evicted when the fourth landed');
+  t.match(fs.readFileSync(q.log, 'utf8'), /evicted 2 copies of other nodes' files \(200000 B\); copies kept: 200000 B/, 'the log says so');
+  t.same(fs.readdirSync(p.storage).sort(), ['f1', 'f2', 'f3', 'f4', 'f5'], "the owner's files stay, whatever its capacity");
+  t.equal(fs.statSync(path.join(q.mnt, 'f1')).size, SIZE, 'an evicted copy still shows, from its record');
+
+  // Least recently opened, not first landed: f3 is read again, then f1
+  // comes back, and f4 and f5 go.
+  await read(3);
+  const before = pulls(q.log);
+  await read(1);
+  t.equal(pulls(q.log), before + 1, 'an evicted copy is pulled again at its next open');
+  t.same(kept(), ['f1', 'f3'], 'the copies opened longest ago went');
+
+  // A copy open in a program stays, though it was opened longest ago.
+  const holder = spawn('python3', ['-c', 'import sys, time\nf = open(sys.argv[1], "rb")\nprint("open", flush=True)\ntime.sleep(600)', path.join(q.mnt, 'f3')], { stdio: ['ignore', 'pipe', 'inherit'] });
+  t.teardown(() => holder.kill('SIGKILL'));
+  await new Promise((resolve) => holder.stdout!.once('data', resolve));
+  await read(1);
+  await read(4);
+  await read(5);
+  t.same(kept(), ['f3', 'f5'], 'the open copy stayed; the next least recent ones went');
+  holder.kill('SIGKILL');
+  // What node 1 evicted is whole again from node 0 at any time.
+  for (const i of [1, 2, 4]) await read(i);
+});
+
+t.test('a restarted node counts the copies in its storage, and evicts what exceeds its capacity', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  for (let i = 1; i <= 4; i++) fs.writeFileSync(path.join(p.mnt, `f${i}`), content(i));
+  for (let i = 1; i <= 4; i++) {
+    const r = await sh(`timeout 20 cat ${path.join(q.mnt, `f${i}`)} > /dev/null`, { timeoutMs: 30_000 });
+    t.equal(r.code, 0, r.stderr);
+  }
+  const copies = () => fs.readdirSync(q.storage).filter((n) => /^f\d$/.test(n)).length;
+  t.equal(copies(), 4, 'without a capacity every copy stays');
+  process.kill(q.pid, 'SIGKILL');
+  await waitExit(q.pid);
+  const again = await mountCli(t, q.mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', '1', '--storage', q.storage, '--cache-capacity', String(2.5 * SIZE), '--cache-low-watermark', '0.5', '--cache-grace-period', '0']);
+  let evicted = '';
+  for (let i = 0; i < 200 && !evicted; i++) {
+    evicted = /evicted \d+ copies[^\n]*/.exec(fs.readFileSync(again.log, 'utf8'))?.[0] ?? '';
+    if (!evicted) await sleep(50);
+  }
+  t.equal(evicted, "evicted 3 copies of other nodes' files (300000 B); copies kept: 100000 B", 'the scan counted the 4 copies, and evicted down to the low watermark');
+  t.equal(copies(), 1, 'one copy is left in storage');
+  for (let i = 1; i <= 4; i++) {
+    const r = await sh(`timeout 20 md5sum < ${path.join(again.mnt, `f${i}`)}`, { timeoutMs: 30_000 });
+    t.equal(r.stdout.split(' ')[0], md5(content(i)), `f${i} reads whole (${r.stderr})`);
+  }
+});
