@@ -9,7 +9,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { createHash } from 'node:crypto';
 import { spawn } from 'node:child_process';
-import { cluster, mountCli, pulls, sh, sleep, waitExit } from './helpers/mount.js';
+import { cluster, mountCli, pulls, sh, sleep, tmpdir, waitExit } from './helpers/mount.js';
+import { openKvs } from '../src/kvs/index.js';
 
 const SIZE = 100_000;
 const content = (i: number) => Buffer.alloc(SIZE, `file ${i} `);
@@ -35,7 +36,7 @@ t.test('copies beyond the capacity are evicted least recently opened first, neve
   for (let i = 1; i <= 5; i++) await read(i);
   // f4 passed the capacity: f1 and f2 went, down to 200,000 B; f5 fits.
   t.same(kept(), ['f3', 'f4', 'f5'], 'the first two copies were evicted when the fourth landed');
-  t.match(fs.readFileSync(q.log, 'utf8'), /evicted 2 copies of other nodes' files \(200000 B\); copies kept: 200000 B/, 'the log says so');
+  t.match(fs.readFileSync(q.log, 'utf8'), /evicted 2 copies \(200000 B\); copies kept: 200000 B/, 'the log says so');
   t.same(fs.readdirSync(p.storage).sort(), ['f1', 'f2', 'f3', 'f4', 'f5'], "the owner's files stay, whatever its capacity");
   t.equal(fs.statSync(path.join(q.mnt, 'f1')).size, SIZE, 'an evicted copy still shows, from its record');
 
@@ -78,10 +79,77 @@ t.test('a restarted node counts the copies in its storage, and evicts what excee
     evicted = /evicted \d+ copies[^\n]*/.exec(fs.readFileSync(again.log, 'utf8'))?.[0] ?? '';
     if (!evicted) await sleep(50);
   }
-  t.equal(evicted, "evicted 3 copies of other nodes' files (300000 B); copies kept: 100000 B", 'the scan counted the 4 copies, and evicted down to the low watermark');
+  t.equal(evicted, 'evicted 3 copies (300000 B); copies kept: 100000 B', 'the scan counted the 4 copies, and evicted down to the low watermark');
   t.equal(copies(), 1, 'one copy is left in storage');
   for (let i = 1; i <= 4; i++) {
     const r = await sh(`timeout 20 md5sum < ${path.join(again.mnt, `f${i}`)}`, { timeoutMs: 30_000 });
     t.equal(r.stdout.split(' ')[0], md5(content(i)), `f${i} reads whole (${r.stderr})`);
+  }
+});
+
+t.test("copies from the origin are evicted too, and their publication withdrawn; one written here is the node's own", async (t) => {
+  const base = tmpdir(t);
+  const origin = path.join(base, 'origin');
+  fs.mkdirSync(origin);
+  for (let i = 1; i <= 4; i++) fs.writeFileSync(path.join(origin, `s${i}`), content(i));
+  // Node 0 keeps 2 copies, and evicts down to 1.
+  const c = await cluster(t, 2, ['--origin', origin, '--log-level', 'debug'], (rank) => (rank === 0 ? ['--cache-capacity', String(2 * SIZE), '--cache-low-watermark', '0.5', '--cache-grace-period', '0'] : []));
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  const readOn = async (mnt: string, i: number) => {
+    const r = await sh(`timeout 20 md5sum < ${path.join(mnt, `s${i}`)}`, { timeoutMs: 30_000 });
+    t.equal(r.stdout.split(' ')[0], md5(content(i)), `s${i} reads whole (${r.stderr})`);
+  };
+  const kept = () =>
+    fs
+      .readdirSync(p.storage)
+      .filter((n) => /^s\d$/.test(n))
+      .sort();
+  await readOn(p.mnt, 1);
+  // Written here: this node's own from now on, whatever the capacity.
+  fs.appendFileSync(path.join(p.mnt, 's1'), 'and more');
+  t.equal(fs.readFileSync(path.join(q.mnt, 's1'), 'utf8'), content(1).toString() + 'and more', 'the rewritten copy is published as it is now');
+  for (const i of [2, 3, 4]) await readOn(p.mnt, i);
+  t.same(kept(), ['s1', 's4'], 'origin copies beyond the capacity went; the one written here stayed');
+  const kvs = await openKvs(c.kvsUrl, { secret: fs.readFileSync(c.secretFile, 'utf8').trim(), env: {} });
+  t.teardown(() => kvs.close());
+  // Withdrawn in the background, moments after the eviction.
+  let rec = await kvs.lookup('dyad', 's2');
+  for (let i = 0; i < 100 && rec; i++) {
+    await sleep(50);
+    rec = await kvs.lookup('dyad', 's2');
+  }
+  t.equal(rec, undefined, "an evicted origin copy's publication is withdrawn");
+  t.equal((await kvs.lookup('dyad', 's4'))?.owner, 0, 'a kept one stays published by its node');
+  // Node 0 no longer offers s2: node 1 copies it from the origin itself.
+  await readOn(q.mnt, 2);
+  t.equal((await kvs.lookup('dyad', 's2'))?.owner, 1, 'the next reader took it from the origin, and published it');
+  // And node 0 reads s3 again: from the origin, or from node 1, either way whole.
+  await readOn(p.mnt, 3);
+});
+
+t.test('a restarted node knows the origin copies in its storage by their mark, and evicts them like the others', async (t) => {
+  const base = tmpdir(t);
+  const origin = path.join(base, 'origin');
+  fs.mkdirSync(origin);
+  for (let i = 1; i <= 3; i++) fs.writeFileSync(path.join(origin, `s${i}`), content(i));
+  const c = await cluster(t, 2, ['--origin', origin]);
+  const q = c.nodes[1]!;
+  for (let i = 1; i <= 3; i++) {
+    const r = await sh(`timeout 20 cat ${path.join(q.mnt, `s${i}`)} > /dev/null`, { timeoutMs: 30_000 });
+    t.equal(r.code, 0, r.stderr);
+  }
+  process.kill(q.pid, 'SIGKILL');
+  await waitExit(q.pid);
+  const again = await mountCli(t, q.mnt, ['--kvs', c.kvsUrl, '--secret-file', c.secretFile, '--rank', '1', '--storage', q.storage, '--origin', origin, '--cache-capacity', String(1.5 * SIZE), '--cache-low-watermark', '0.7', '--cache-grace-period', '0']);
+  let evicted = '';
+  for (let i = 0; i < 200 && !evicted; i++) {
+    evicted = /evicted \d+ copies[^\n]*/.exec(fs.readFileSync(again.log, 'utf8'))?.[0] ?? '';
+    if (!evicted) await sleep(50);
+  }
+  t.equal(evicted, 'evicted 2 copies (200000 B); copies kept: 100000 B', 'the scan counted the 3 origin copies, and evicted down to the low watermark');
+  t.equal(fs.readdirSync(q.storage).filter((n) => /^s\d$/.test(n)).length, 1, 'one is left in storage');
+  for (let i = 1; i <= 3; i++) {
+    const r = await sh(`timeout 20 md5sum < ${path.join(c.nodes[0]!.mnt, `s${i}`)}`, { timeoutMs: 30_000 });
+    t.equal(r.stdout.split(' ')[0], md5(content(i)), `s${i} reads whole on the other node (${r.stderr})`);
   }
 });

@@ -29,7 +29,8 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("fdsLinkingTo", Napi::Function::New(env, FdsLinkingTo));
   exports.Set("fsetxattr", Napi::Function::New(env, Fsetxattr));
   exports.Set("removexattr", Napi::Function::New(env, Removexattr));
-  exports.Set("getxattrSize", Napi::Function::New(env, GetxattrSize));
+  exports.Set("lgetxattr", Napi::Function::New(env, Lgetxattr));
+  exports.Set("lsetxattr", Napi::Function::New(env, Lsetxattr));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   return exports;
 }

@@ -67,13 +67,24 @@ Napi::Value Removexattr(const Napi::CallbackInfo& info) {
   return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
 }
 
-// getxattrSize(path, name) -> the value's size | -errno (ENODATA: not set);
-// a symlink is not followed.
-Napi::Value GetxattrSize(const Napi::CallbackInfo& info) {
+// lgetxattr(path, name) -> the value as a string (up to 255 bytes) | -errno
+// (-ENODATA: not set); a symlink is not followed.
+Napi::Value Lgetxattr(const Napi::CallbackInfo& info) {
   std::string path = info[0].As<Napi::String>().Utf8Value();
   std::string name = info[1].As<Napi::String>().Utf8Value();
-  ssize_t n = lgetxattr(path.c_str(), name.c_str(), nullptr, 0);
-  return Napi::Number::New(info.Env(), n < 0 ? -errno : double(n));
+  char value[256];
+  ssize_t n = lgetxattr(path.c_str(), name.c_str(), value, sizeof value - 1);
+  if (n < 0) return Napi::Number::New(info.Env(), -errno);
+  return Napi::String::New(info.Env(), value, size_t(n));
+}
+
+// lsetxattr(path, name, value: Buffer) -> 0 | -errno; a symlink is not followed.
+Napi::Value Lsetxattr(const Napi::CallbackInfo& info) {
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  std::string name = info[1].As<Napi::String>().Utf8Value();
+  Napi::Buffer<uint8_t> value = info[2].As<Napi::Buffer<uint8_t>>();
+  int rc = lsetxattr(path.c_str(), name.c_str(), value.Data(), value.Length(), 0);
+  return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
 }
 
 // Calls fn(entry) for each entry of an open directory but "." and "..".

@@ -9,4 +9,5 @@ Napi::Value Utimens(const Napi::CallbackInfo& info);
 Napi::Value FdsLinkingTo(const Napi::CallbackInfo& info);
 Napi::Value Fsetxattr(const Napi::CallbackInfo& info);
 Napi::Value Removexattr(const Napi::CallbackInfo& info);
-Napi::Value GetxattrSize(const Napi::CallbackInfo& info);
+Napi::Value Lgetxattr(const Napi::CallbackInfo& info);
+Napi::Value Lsetxattr(const Napi::CallbackInfo& info);

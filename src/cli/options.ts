@@ -69,7 +69,7 @@ export function addDyadOptions(cmd: Command): Command {
     .option('--origin <dir>', 'read-through: a file found nowhere (not local, not published) but present under DIR, e.g. a dataset on the parallel file system, is copied into storage and published for the other nodes (DYAD_PATH_ORIGIN)')
     .option('--push-max <bytes>', 'files up to this size travel with their publication to watching nodes, which then need no transfer; 0 = never (DYAD_PUSH_MAX; default 16384)')
     .option('--peer-timeout <seconds>', 'a silent or unreachable owner fails a pull with EIO after this long (default 10)')
-    .option('--cache-capacity <bytes>', 'keep at most this many bytes of copies pulled from other nodes (K, M, G, T suffixes); the least used go beyond it, and are pulled again when next opened; files this node owns are never evicted (DYAD_CACHE_CAPACITY; default 0: keep all)')
+    .option('--cache-capacity <bytes>', 'keep at most this many bytes of copies pulled from other nodes or copied from the origin (K, M, G, T suffixes); the least used go beyond it, and are fetched again when next opened; files written here are never evicted (DYAD_CACHE_CAPACITY; default 0: keep all)')
     .option('--cache-policy <policy>', 'which copies go first: LRU (least recently opened) or FIFO (first pulled); NONE never evicts (DYAD_CACHE_POLICY; default LRU)')
     .option('--cache-low-watermark <fraction>', 'evict down to this fraction of the capacity (DYAD_CACHE_LOW_WATERMARK; default 0.8)')
     .option('--cache-grace-period <seconds>', 'copies opened this recently are not evicted (DYAD_CACHE_GRACE_PERIOD; default 5)')

@@ -3,10 +3,12 @@
  * they outgrow DYAD_CACHE_CAPACITY (DYAD's cache eviction, made safe).
  *
  * What counts: files pulled from another owner (or landed with their
- * publication). A file this node owns, written here or copied from the
- * origin, is never evicted: it may be the only copy anywhere, and DYAD,
- * which evicts those too, leaves readers elsewhere failing on a record
- * whose file is gone. An evicted copy comes back by a pull at its next open.
+ * publication), and files copied from the origin (--origin), which this
+ * node publishes as their owner but the origin still has. A file written
+ * here is never evicted: it may be the only copy anywhere, and DYAD, which
+ * evicts those too, leaves readers elsewhere failing on a record whose file
+ * is gone. An evicted copy comes back at its next open, by a pull or from
+ * the origin.
  *
  * When the copies pass the capacity, the least recently opened (LRU) or the
  * first landed (FIFO) go first, down to the low watermark. A copy opened
@@ -72,21 +74,21 @@ export class CopyCache<R> {
     if (c) c.usedMs = this.now();
   }
 
-  /** No longer a copy to account for (removed, renamed, written here). */
-  remove(upath: string): boolean {
+  /** No longer a copy to account for (removed, renamed, written here): what was kept of it, if it was one. */
+  remove(upath: string): R | undefined {
     const c = this.copies.get(upath);
-    if (!c) return false;
+    if (!c) return undefined;
     this.copies.delete(upath);
     this.bytes -= c.size;
-    return true;
+    return c.rec;
   }
 
   /** Copies under a directory that went away or moved (their paths changed). */
-  removeUnder(dir: string): string[] {
+  removeUnder(dir: string): Array<[string, R]> {
     const prefix = `${dir}/`;
-    const gone = [...this.copies.keys()].filter((p) => p.startsWith(prefix));
-    for (const p of gone) this.remove(p);
-    return gone;
+    const gone = [...this.copies].filter(([p]) => p.startsWith(prefix));
+    for (const [p] of gone) this.remove(p);
+    return gone.map(([p, c]) => [p, c.rec]);
   }
 
   /**

@@ -29,7 +29,7 @@ import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX, isStalePart } from '../dtl/part.js';
-import { UnfinishedMarks } from './unfinished.js';
+import { StorageMarks } from './marks.js';
 import { CopyCache, type CacheSettings } from './cache.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
@@ -88,6 +88,12 @@ export interface DmdOptions extends MirrorOptions {
   log: DmdLog;
 }
 
+/** A copy kept for eviction: its record, and whether it came from the origin (then this node is its owner). */
+interface CopyOf {
+  rec: FileRecord;
+  fromOrigin: boolean;
+}
+
 interface Virtual {
   /** The record the node shows; undefined while nothing is published yet. */
   rec?: FileRecord;
@@ -106,11 +112,11 @@ export class DmdFs extends MirrorFs {
   private readonly published = new Map<string, string>();
   /** Files a writer was killed holding: whatever they hold is not what it meant to write. */
   private readonly torn = new Map<Node, number>();
-  /** Storage files marked unfinished (unfinished.ts) by this daemon, until their last writer closes them normally. */
+  /** Storage files marked "writing" (marks.ts) by this daemon, until their last writer closes them normally. */
   private readonly unfinished = new Set<Node>();
-  private readonly marks: UnfinishedMarks;
-  /** Copies of other nodes' files kept here, for eviction (cache.ts); tracks nothing unless enabled. */
-  private readonly cache: CopyCache<FileRecord>;
+  private readonly marks: StorageMarks;
+  /** Copies of other nodes' and the origin's files kept here, for eviction (cache.ts); tracks nothing unless enabled. */
+  private readonly cache: CopyCache<CopyOf>;
   private trimScheduled = false;
   /** Our records withdrawn while their files are open for writing, by path: the file as recorded, and the record. */
   private readonly withdrawn = new Map<string, { stamp: string; rec: FileRecord }>();
@@ -122,13 +128,14 @@ export class DmdFs extends MirrorFs {
 
   constructor(storage: Storage, private readonly o: DmdOptions) {
     super(storage, o);
-    this.marks = new UnfinishedMarks((errno) =>
-      o.log.warn(`the storage takes no user extended attributes (${errno === errnos.ENOTSUP ? 'ENOTSUP' : `errno ${errno}`}): a restart cannot tell the files of writers that never finished, and publishes them`),
+    this.marks = new StorageMarks((errno) =>
+      o.log.warn(`the storage takes no user extended attributes (${errno === errnos.ENOTSUP ? 'ENOTSUP' : `errno ${errno}`}): a restart cannot tell the files of writers that never finished, and publishes them; and it keeps the origin's files copied here as this node's own, never evicted`),
     );
-    this.cache = new CopyCache<FileRecord>(o.cache ?? { capacityBytes: 0, policy: 'NONE', lowWatermark: 1, graceMs: 0 }, (upath, rec) => this.evictCopy(upath, rec));
+    this.cache = new CopyCache<CopyOf>(o.cache ?? { capacityBytes: 0, policy: 'NONE', lowWatermark: 1, graceMs: 0 }, (upath, c) => this.evictCopy(upath, c));
     this.origin = o.origin !== undefined ? new Origin(o.origin) : undefined;
     this.fetcher = new Fetcher({
-      onCopy: this.cache.enabled ? (upath, rec) => this.copyLanded(upath, rec) : undefined,
+      onCopy: this.cache.enabled ? (upath, rec) => this.copyLanded(upath, { rec, fromOrigin: false }) : undefined,
+      onOriginCopy: (upath, rec) => this.originCopied(upath, rec),
       origin: this.origin,
       kvs: o.kvs,
       ns: o.ns,
@@ -491,7 +498,7 @@ export class DmdFs extends MirrorFs {
     // Written here: this node's file now, published as such at its close.
     if (this.cache.enabled) this.notACopy(this.rel(node));
     if (this.unfinished.has(node)) return;
-    this.marks.mark(fd);
+    this.marks.set(fd, 'writing');
     this.unfinished.add(node);
   }
 
@@ -592,11 +599,20 @@ export class DmdFs extends MirrorFs {
     this.retries.clear();
   }
 
-  // ---- copies of other nodes' files: eviction (DYAD_CACHE_*) ---------------
+  // ---- copies (of other nodes' and the origin's files): eviction, DYAD_CACHE_* ----
 
-  private copyLanded(upath: string, rec: FileRecord): void {
-    this.cache.add(upath, rec.size, rec);
+  private copyLanded(upath: string, c: CopyOf): void {
+    this.cache.add(upath, c.rec.size, c);
     this.trimSoon();
+  }
+
+  /**
+   * A file copied from the origin and published as ours: marked as such
+   * (marks.ts), so that a restart still knows it may be evicted.
+   */
+  private originCopied(upath: string, rec: FileRecord): void {
+    this.marks.set(this.storage.abs(upath), 'origin');
+    if (this.cache.enabled) this.copyLanded(upath, { rec, fromOrigin: true });
   }
 
   /**
@@ -610,16 +626,18 @@ export class DmdFs extends MirrorFs {
       this.trimScheduled = false;
       const before = this.cache.usedBytes;
       const gone = this.cache.trim((upath) => this.fetcher.fetching(upath));
-      if (gone.length) this.o.log.info(`evicted ${gone.length} copies of other nodes' files (${before - this.cache.usedBytes} B); copies kept: ${this.cache.usedBytes} B`);
+      if (gone.length) this.o.log.info(`evicted ${gone.length} copies (${before - this.cache.usedBytes} B); copies kept: ${this.cache.usedBytes} B`);
     });
   }
 
   /**
-   * Removes a pulled copy from storage unless a program has it open. Its
-   * node, if the kernel knows one, shows the record again as a remote file,
-   * so an open through a name the kernel still caches pulls it once more.
+   * Removes a copy from storage unless a program has it open. Its node, if
+   * the kernel knows one, shows the record again as a remote file, so an
+   * open through a name the kernel still caches fetches it once more. An
+   * origin copy's record is withdrawn: the next reader anywhere copies it
+   * from the origin again.
    */
-  private evictCopy(upath: string, rec: FileRecord): boolean {
+  private evictCopy(upath: string, c: CopyOf): boolean {
     const abs = this.storage.abs(upath);
     let st: fs.BigIntStats | undefined;
     try {
@@ -628,12 +646,12 @@ export class DmdFs extends MirrorFs {
       return false;
     }
     if (st === undefined) {
-      this.fetcher.dropCopy(upath);
+      this.forgetCopy(upath, c);
       return true;
     }
     // Changed here since it landed (a write through the mount would have
     // dropped it already): not the owner's bytes any more, so not a copy.
-    if (!st.isFile() || Number(st.size) !== rec.size) return false;
+    if (!st.isFile() || Number(st.size) !== c.rec.size) return false;
     const node = this.byIno.get(Number(st.ino));
     if (node && this.inUse(node)) return false;
     try {
@@ -642,12 +660,26 @@ export class DmdFs extends MirrorFs {
       this.o.log.warn(`eviction of ${upath} failed: ${(err as Error).message}`);
       return false;
     }
-    this.fetcher.dropCopy(upath);
+    this.forgetCopy(upath, c);
     if (node) {
       this.byIno.delete(node.ino);
-      this.virtual.set(node.id, { rec, isDir: false });
+      this.virtual.set(node.id, { rec: c.rec, isDir: false });
     }
     return true;
+  }
+
+  /** The others stop counting on this node's copy. */
+  private forgetCopy(upath: string, c: CopyOf): void {
+    if (!c.fromOrigin) {
+      this.fetcher.dropCopy(upath);
+      return;
+    }
+    this.published.delete(upath);
+    // Unless another node's copy from the origin has been published since.
+    void this.o.kvs
+      .lookup(this.o.ns, upath)
+      .then((rec) => (rec?.owner === this.o.rank ? this.o.kvs.unpublish(this.o.ns, upath) : false))
+      .catch((e: Error) => this.o.log.warn(`withdrawing the record of evicted ${upath}: ${e.message}`));
   }
 
   private inUse(node: Node): boolean {
@@ -656,9 +688,12 @@ export class DmdFs extends MirrorFs {
     return false;
   }
 
-  /** A path no longer holds the copy it held: the others stop counting on it. */
+  /** A path no longer holds the copy it held (removed, renamed, written here). */
   private notACopy(upath: string): void {
-    if (this.cache.remove(upath)) this.fetcher.dropCopy(upath);
+    const c = this.cache.remove(upath);
+    // A pulled copy's replica record goes; an origin copy's own record stays
+    // with the file (unlink and rename see to it).
+    if (c && !c.fromOrigin) this.fetcher.dropCopy(upath);
   }
 
   /**
@@ -689,7 +724,8 @@ export class DmdFs extends MirrorFs {
           continue;
         }
         if (!e.isFile()) continue;
-        if (this.marks.has(this.storage.abs(upath))) {
+        const mark = this.marks.get(this.storage.abs(upath));
+        if (mark === 'writing') {
           unfinished.push(upath);
           continue;
         }
@@ -699,7 +735,8 @@ export class DmdFs extends MirrorFs {
         if (sameSize && (rec.owner !== this.o.rank || rec.mtimeMs === Number(st.mtimeNs / 1_000_000n))) {
           if (rec.owner === this.o.rank) this.published.set(upath, `${st.mtimeNs}:${st.size}`);
           // A copy pulled before the restart: as old as its file, as recently used as its atime says.
-          else if (!this.fetcher.isLocalOwner(rec.owner)) this.cache.add(upath, rec.size, rec, Number(st.mtimeMs), Number(st.atimeMs));
+          else if (!this.fetcher.isLocalOwner(rec.owner)) this.cache.add(upath, rec.size, { rec, fromOrigin: false }, Number(st.mtimeMs), Number(st.atimeMs));
+          if (rec.owner === this.o.rank && mark === 'origin') this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
           kept++;
           continue;
         }
@@ -707,6 +744,10 @@ export class DmdFs extends MirrorFs {
           () => published++,
           () => undefined, // publish() logged it
         );
+        if (mark === 'origin' && this.cache.enabled) {
+          const rec = await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
+          if (rec?.owner === this.o.rank) this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
+        }
       }
     };
     await walk('');
@@ -732,7 +773,7 @@ export class DmdFs extends MirrorFs {
   protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {
     // A copy under another name is not where its record says.
     this.notACopy(fromRel);
-    for (const p of this.cache.removeUnder(fromRel)) this.fetcher.dropCopy(p);
+    for (const [p, c] of this.cache.removeUnder(fromRel)) if (!c.fromOrigin) this.fetcher.dropCopy(p);
     if (node?.isDir) {
       this.fetcher.forgetDirs();
       const inside = [...this.published.keys()].filter((k) => k.startsWith(`${fromRel}/`));

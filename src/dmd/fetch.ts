@@ -55,6 +55,8 @@ export interface FetcherOptions {
   log: FetchLog;
   /** A copy of another owner's file landed in storage (pulled, or with its publication). */
   onCopy?: (upath: string, rec: FileRecord) => void;
+  /** A copy of the origin's file landed in storage, published as ours. */
+  onOriginCopy?: (upath: string, rec: FileRecord) => void;
 }
 
 interface Flight {
@@ -155,6 +157,10 @@ export class Fetcher {
     }
     if (this.isLocalOwner(rec.owner)) {
       if (fs.existsSync(dest)) return rec;
+      // Ours, from the origin, and evicted while its record was being
+      // withdrawn: the origin still has it.
+      const copied = rec.owner === this.o.rank && this.o.origin ? await this.fromOrigin(upath, signal) : undefined;
+      if (copied) return copied;
       // Another rank counted as this node's (DYAD_SERVICE_MUX) whose file is
       // not here: the ranks do not share one storage after all.
       const why =
@@ -225,6 +231,7 @@ export class Fetcher {
     }
     if (!c) return undefined;
     const rec = await this.o.kvs.publish(this.o.ns, upath, { owner: this.o.rank, size: c.size, mode: c.mode, mtimeMs: c.mtimeMs, digest: c.digest });
+    this.o.onOriginCopy?.(upath, rec);
     const ms = Number(process.hrtime.bigint() - started) / 1e6;
     if (pullChannel.hasSubscribers) pullChannel.publish({ upath, owner: -1, bytes: c.size, ms, origin: true });
     this.o.log.debug(`copied ${upath} (${c.size} B) from the origin in ${ms.toFixed(2)} ms and published it`);

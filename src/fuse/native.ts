@@ -49,8 +49,9 @@ export interface NativeAddon {
   fsetxattr(fd: number, name: string, value: Buffer): number;
   /** fremovexattr for a descriptor, lremovexattr for a path. */
   removexattr(target: number | string, name: string): number;
-  /** lgetxattr's size of the value, or -errno (-ENODATA: not set). */
-  getxattrSize(path: string, name: string): number;
+  /** A short attribute's value (at most 255 bytes), or -errno (-ENODATA: not set). */
+  lgetxattr(path: string, name: string): string | number;
+  lsetxattr(path: string, name: string, value: Buffer): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

@@ -278,7 +278,7 @@ export class Daemon {
       (err: Error) => log.warn(`storage scan failed: ${err.message}`),
     );
     log.info(
-      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''}${cfg.cacheCapacityBytes.value > 0 && cfg.cachePolicy.value !== 'NONE' ? `, copies of other nodes' files kept up to ${cfg.cacheCapacityBytes.value} B (${cfg.cachePolicy.value})` : ''})`,
+      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''}${cfg.cacheCapacityBytes.value > 0 && cfg.cachePolicy.value !== 'NONE' ? `, copies kept up to ${cfg.cacheCapacityBytes.value} B (${cfg.cachePolicy.value})` : ''})`,
     );
   }
 
