@@ -1,7 +1,8 @@
 /**
  * DYAD_CACHE_* on a mount: copies pulled from other nodes beyond the
  * capacity are evicted, least recently opened first, never while open, and
- * come back by a pull; a node's own files are never evicted. Two nodes,
+ * come back by a pull or from the origin; files written on a node are never
+ * evicted, nor is a copy whose origin file changed. Two nodes,
  * plain tools.
  */
 import t from 'tap';
@@ -108,22 +109,25 @@ t.test("copies from the origin are evicted too, and their publication withdrawn;
   // Written here: this node's own from now on, whatever the capacity.
   fs.appendFileSync(path.join(p.mnt, 's1'), 'and more');
   t.equal(fs.readFileSync(path.join(q.mnt, 's1'), 'utf8'), content(1).toString() + 'and more', 'the rewritten copy is published as it is now');
-  for (const i of [2, 3, 4]) await readOn(p.mnt, i);
-  t.same(kept(), ['s1', 's4'], 'origin copies beyond the capacity went; the one written here stayed');
+  for (const i of [2, 3]) await readOn(p.mnt, i);
+  // The dataset changes under s2: node 0's copy of the old one may be the last.
+  fs.writeFileSync(path.join(origin, 's2'), content(9));
+  await readOn(p.mnt, 4);
+  t.same(kept(), ['s1', 's2', 's4'], 'origin copies beyond the capacity went; the one written here stayed, and so did one whose origin file changed');
   const kvs = await openKvs(c.kvsUrl, { secret: fs.readFileSync(c.secretFile, 'utf8').trim(), env: {} });
   t.teardown(() => kvs.close());
   // Withdrawn in the background, moments after the eviction.
-  let rec = await kvs.lookup('dyad', 's2');
+  let rec = await kvs.lookup('dyad', 's3');
   for (let i = 0; i < 100 && rec; i++) {
     await sleep(50);
-    rec = await kvs.lookup('dyad', 's2');
+    rec = await kvs.lookup('dyad', 's3');
   }
   t.equal(rec, undefined, "an evicted origin copy's publication is withdrawn");
   t.equal((await kvs.lookup('dyad', 's4'))?.owner, 0, 'a kept one stays published by its node');
-  // Node 0 no longer offers s2: node 1 copies it from the origin itself.
-  await readOn(q.mnt, 2);
-  t.equal((await kvs.lookup('dyad', 's2'))?.owner, 1, 'the next reader took it from the origin, and published it');
-  // And node 0 reads s3 again: from the origin, or from node 1, either way whole.
+  // Node 0 no longer offers s3: node 1 copies it from the origin itself.
+  await readOn(q.mnt, 3);
+  t.equal((await kvs.lookup('dyad', 's3'))?.owner, 1, 'the next reader took it from the origin, and published it');
+  // And node 0 reads s3 again: from node 1 now, whole.
   await readOn(p.mnt, 3);
 });
 

@@ -42,8 +42,11 @@ export class CopyCache<R> {
 
   constructor(
     private readonly s: CacheSettings,
-    /** Removes one copy; false when it is in use and must stay. */
-    private readonly evict: (upath: string, rec: R) => boolean,
+    /**
+     * Removes one copy: 'evicted'; 'busy' when it is in use and must stay;
+     * 'not-a-copy' when it turned out to be the only one left (no longer counted).
+     */
+    private readonly evict: (upath: string, rec: R) => 'evicted' | 'busy' | 'not-a-copy',
     private readonly now: () => number = Date.now,
   ) {}
 
@@ -105,9 +108,10 @@ export class CopyCache<R> {
     for (const [upath, c] of order) {
       if (this.bytes <= target) break;
       if (now - c.usedMs < this.s.graceMs || keep(upath)) continue;
-      if (!this.evict(upath, c.rec)) continue;
+      const done = this.evict(upath, c.rec);
+      if (done === 'busy') continue;
       this.remove(upath);
-      evicted.push(upath);
+      if (done === 'evicted') evicted.push(upath);
     }
     return evicted;
   }

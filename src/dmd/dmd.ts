@@ -611,8 +611,22 @@ export class DmdFs extends MirrorFs {
    * (marks.ts), so that a restart still knows it may be evicted.
    */
   private originCopied(upath: string, rec: FileRecord): void {
-    this.marks.set(this.storage.abs(upath), 'origin');
+    const abs = this.storage.abs(upath);
+    this.marks.set(abs, 'origin');
+    // Published as ours: a rewrite withdraws it first, an unlink or a rename takes the record along.
+    const st = lstatIfExists(abs);
+    if (st) this.published.set(upath, `${st.mtimeNs}:${st.size}`);
     if (this.cache.enabled) this.copyLanded(upath, { rec, fromOrigin: true });
+  }
+
+  /**
+   * Is the origin's file still what this node copied? Else the copy here
+   * may be the only one left (the dataset changed or went): not evictable.
+   * A file renamed since keeps its mark, and fails this too.
+   */
+  private originStillHas(upath: string, rec: FileRecord): boolean {
+    const o = this.origin?.stat(upath);
+    return o?.kind === 'file' && o.size === rec.size && o.mtimeMs === rec.mtimeMs;
   }
 
   /**
@@ -637,35 +651,36 @@ export class DmdFs extends MirrorFs {
    * origin copy's record is withdrawn: the next reader anywhere copies it
    * from the origin again.
    */
-  private evictCopy(upath: string, c: CopyOf): boolean {
+  private evictCopy(upath: string, c: CopyOf): 'evicted' | 'busy' | 'not-a-copy' {
     const abs = this.storage.abs(upath);
     let st: fs.BigIntStats | undefined;
     try {
       st = lstatIfExists(abs);
     } catch {
-      return false;
+      return 'busy';
     }
     if (st === undefined) {
       this.forgetCopy(upath, c);
-      return true;
+      return 'not-a-copy';
     }
     // Changed here since it landed (a write through the mount would have
     // dropped it already): not the owner's bytes any more, so not a copy.
-    if (!st.isFile() || Number(st.size) !== c.rec.size) return false;
+    if (!st.isFile() || Number(st.size) !== c.rec.size) return 'not-a-copy';
+    if (c.fromOrigin && !this.originStillHas(upath, c.rec)) return 'not-a-copy';
     const node = this.byIno.get(Number(st.ino));
-    if (node && this.inUse(node)) return false;
+    if (node && this.inUse(node)) return 'busy';
     try {
       fs.unlinkSync(abs);
     } catch (err) {
       this.o.log.warn(`eviction of ${upath} failed: ${(err as Error).message}`);
-      return false;
+      return 'busy';
     }
     this.forgetCopy(upath, c);
     if (node) {
       this.byIno.delete(node.ino);
       this.virtual.set(node.id, { rec: c.rec, isDir: false });
     }
-    return true;
+    return 'evicted';
   }
 
   /** The others stop counting on this node's copy. */
@@ -736,7 +751,7 @@ export class DmdFs extends MirrorFs {
           if (rec.owner === this.o.rank) this.published.set(upath, `${st.mtimeNs}:${st.size}`);
           // A copy pulled before the restart: as old as its file, as recently used as its atime says.
           else if (!this.fetcher.isLocalOwner(rec.owner)) this.cache.add(upath, rec.size, { rec, fromOrigin: false }, Number(st.mtimeMs), Number(st.atimeMs));
-          if (rec.owner === this.o.rank && mark === 'origin') this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
+          if (rec.owner === this.o.rank && mark === 'origin' && this.originStillHas(upath, rec)) this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
           kept++;
           continue;
         }
@@ -746,7 +761,7 @@ export class DmdFs extends MirrorFs {
         );
         if (mark === 'origin' && this.cache.enabled) {
           const rec = await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
-          if (rec?.owner === this.o.rank) this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
+          if (rec?.owner === this.o.rank && this.originStillHas(upath, rec)) this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
         }
       }
     };

@@ -11,7 +11,7 @@ import path from 'node:path';
 import diagnostics from 'node:diagnostics_channel';
 import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
-import { DyadError, errnoOf, errnos } from '../errors.js';
+import { DyadError, errnoName, errnoOf, errnos } from '../errors.js';
 import type { Storage } from './storage.js';
 import type { Origin, OriginCopy } from './origin.js';
 import { landWhole } from '../dtl/sink.js';
@@ -143,7 +143,7 @@ export class Fetcher {
    * `originFirst`: the caller has just seen no record (saves the round trip
    * asking again; a publication in between only costs an equal copy).
    */
-  private async fetch(upath: string, signal: AbortSignal, known?: FileRecord, originFirst = false): Promise<FileRecord> {
+  private async fetch(upath: string, signal: AbortSignal, known?: FileRecord, originFirst = false, again = false): Promise<FileRecord> {
     let rec = known ?? (originFirst && this.o.origin ? undefined : await this.o.kvs.lookup(this.o.ns, upath));
     if (!rec && this.o.origin) {
       const copied = await this.fromOrigin(upath, signal);
@@ -181,6 +181,18 @@ export class Fetcher {
     } catch (err) {
       const errno = errnoOf(err);
       if (errno === errnos.EINTR || errno === errnos.ENOSPC) throw err;
+      // The record may be older than the file (read from this node's cache
+      // before the news of a rewrite arrived): the store's current one
+      // decides, once. A replica or the origin would hand back old bytes.
+      if (!again) {
+        let now = await (this.o.kvs.lookupFresh ?? this.o.kvs.lookup).call(this.o.kvs, this.o.ns, upath).catch(() => rec);
+        if (now === undefined || now.version !== rec.version || now.owner !== rec.owner || now.digest !== rec.digest) {
+          this.o.log.debug(`${upath}: its record changed during the pull (${errnoName(errno)}); fetching the current one`);
+          // Withdrawn while its file is rewritten: wait for it, as any reader would.
+          now ??= await this.o.kvs.wait(this.o.ns, upath, { signal });
+          return this.fetch(upath, signal, now, false, true);
+        }
+      }
       // The owner is gone or lost the file: a node that pulled it earlier may still have it.
       if (!(await this.pullFromReplica(upath, rec, dest, signal))) {
         // Or the origin has it: this node then takes over as its owner.

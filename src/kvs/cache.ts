@@ -132,6 +132,17 @@ export class CachedKvs implements Kvs {
     return rec;
   }
 
+  async lookupFresh(ns: string, upath: string): Promise<FileRecord | undefined> {
+    const st = this.state(ns);
+    const t0 = this.tick;
+    const mode = st.mode;
+    const rec = await this.inner.lookup(ns, upath);
+    this.remember(st, mode, t0, ns, upath, rec);
+    // A record the store no longer has must not be served from here either.
+    if (rec === undefined) this.records.delete(key(ns, upath));
+    return rec;
+  }
+
   known(ns: string, upath: string): FileRecord | undefined | null {
     // Not counted: the lookup that usually follows counts once.
     return this.cachedRecord(this.state(ns), ns, upath, false, false);

@@ -58,6 +58,11 @@ export interface Kvs {
   publish(ns: string, upath: string, rec: PublishInput, opts?: PublishOptions): Promise<FileRecord>;
   /** Non-blocking; '' is the namespace root, a directory holding published files is kind 'dir'. */
   lookup(ns: string, upath: string): Promise<FileRecord | undefined>;
+  /**
+   * A lookup that asks the store itself, past any cache of this client (and
+   * refreshes that cache). Optional: without it, lookup() already asks.
+   */
+  lookupFresh?(ns: string, upath: string): Promise<FileRecord | undefined>;
   /** Resolves once upath exists (file or directory); pushed by the server, never polled. */
   wait(ns: string, upath: string, opts?: WaitOptions): Promise<FileRecord>;
   /**
