@@ -188,8 +188,9 @@ export class Fetcher {
         let now = await (this.o.kvs.lookupFresh ?? this.o.kvs.lookup).call(this.o.kvs, this.o.ns, upath).catch(() => rec);
         if (now === undefined || now.version !== rec.version || now.owner !== rec.owner || now.digest !== rec.digest) {
           this.o.log.debug(`${upath}: its record changed during the pull (${errnoName(errno)}); fetching the current one`);
-          // Withdrawn while its file is rewritten: wait for it, as any reader would.
-          now ??= await this.o.kvs.wait(this.o.ns, upath, { signal });
+          // Withdrawn (its file rewritten, or an origin copy evicted):
+          // fetched as a name nobody publishes, from the origin if it has
+          // it, else waited for.
           return this.fetch(upath, signal, now, false, true);
         }
       }
