@@ -83,7 +83,7 @@ export interface DmdOptions extends MirrorOptions {
   peerTimeoutMs: number;
   /** How long a rank not renewed stays registered (--rank-lease); default 10 s. */
   rankLeaseMs?: number;
-  /** Eviction of copies pulled from other nodes (DYAD_CACHE_*); none by default. */
+  /** Eviction of copies pulled from other nodes or copied from the origin (DYAD_CACHE_*); none by default. */
   cache?: CacheSettings;
   log: DmdLog;
 }
@@ -719,7 +719,7 @@ export class DmdFs extends MirrorFs {
   async republishStorage(): Promise<{ published: number; kept: number; unfinished: string[] }> {
     let published = 0;
     let kept = 0;
-    // Marked by a writer that never closed them (unfinished.ts): killed, or
+    // Marked by a writer that never closed them (marks.ts): killed, or
     // cut off when the last daemon stopped. Their bytes may stop anywhere.
     const unfinished: string[] = [];
     const walk = async (rel: string): Promise<void> => {
