@@ -88,6 +88,7 @@ export class CopyCache<R> {
 
   /** Copies under a directory that went away or moved (their paths changed). */
   removeUnder(dir: string): Array<[string, R]> {
+    if (this.copies.size === 0) return [];
     const prefix = `${dir}/`;
     const gone = [...this.copies].filter(([p]) => p.startsWith(prefix));
     for (const [p] of gone) this.remove(p);

@@ -29,7 +29,7 @@ import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
 import { digestBuffer, digestFile } from '../dtl/digest.js';
 import { PART_PREFIX, isStalePart } from '../dtl/part.js';
-import { StorageMarks } from './marks.js';
+import { StorageMarks, type StorageMark } from './marks.js';
 import { CopyCache, type CacheSettings } from './cache.js';
 import { DyadError, errnoOf, errnos } from '../errors.js';
 
@@ -703,12 +703,16 @@ export class DmdFs extends MirrorFs {
     return false;
   }
 
-  /** A path no longer holds the copy it held (removed, renamed, written here). */
-  private notACopy(upath: string): void {
-    const c = this.cache.remove(upath);
-    // A pulled copy's replica record goes; an origin copy's own record stays
-    // with the file (unlink and rename see to it).
-    if (c && !c.fromOrigin) this.fetcher.dropCopy(upath);
+  /**
+   * A path, and any path under it, no longer holds the copy it held
+   * (removed, renamed, written here). A pulled copy's replica record goes;
+   * an origin copy's own record stays with the file (unlink and rename see
+   * to it).
+   */
+  private notACopy(rel: string): void {
+    const c = this.cache.remove(rel);
+    if (c && !c.fromOrigin) this.fetcher.dropCopy(rel);
+    for (const [p, under] of this.cache.removeUnder(rel)) if (!under.fromOrigin) this.fetcher.dropCopy(p);
   }
 
   /**
@@ -749,25 +753,37 @@ export class DmdFs extends MirrorFs {
         const sameSize = rec?.kind === 'file' && rec.size === Number(st.size);
         if (sameSize && (rec.owner !== this.o.rank || rec.mtimeMs === Number(st.mtimeNs / 1_000_000n))) {
           if (rec.owner === this.o.rank) this.published.set(upath, `${st.mtimeNs}:${st.size}`);
-          // A copy pulled before the restart: as old as its file, as recently used as its atime says.
-          else if (!this.fetcher.isLocalOwner(rec.owner)) this.cache.add(upath, rec.size, { rec, fromOrigin: false }, Number(st.mtimeMs), Number(st.atimeMs));
-          if (rec.owner === this.o.rank && mark === 'origin' && this.originStillHas(upath, rec)) this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
+          this.countFound(upath, st, rec, mark);
           kept++;
           continue;
         }
-        await this.publish(upath).then(
-          () => published++,
-          () => undefined, // publish() logged it
+        const ok = await this.publish(upath).then(
+          () => true,
+          () => false, // publish() logged it
         );
-        if (mark === 'origin' && this.cache.enabled) {
-          const rec = await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined);
-          if (rec?.owner === this.o.rank && this.originStillHas(upath, rec)) this.cache.add(upath, rec.size, { rec, fromOrigin: true }, Number(st.mtimeMs), Number(st.atimeMs));
-        }
+        if (!ok) continue;
+        published++;
+        // Its record, from this node's KVS cache, which the publication filled.
+        const out = mark === 'origin' && this.cache.enabled ? await this.o.kvs.lookup(this.o.ns, upath).catch(() => undefined) : undefined;
+        if (out) this.countFound(upath, st, out, mark);
       }
     };
     await walk('');
     this.trimSoon();
     return { published, kept, unfinished };
+  }
+
+  /**
+   * A restart found `upath` in storage under `rec`: counted for eviction if
+   * it is a copy, as old as its file and as recently used as its atime says.
+   * One pulled from another node is known by its record; one copied from
+   * the origin, published as ours, by its mark.
+   */
+  private countFound(upath: string, st: fs.BigIntStats, rec: FileRecord, mark: StorageMark | undefined): void {
+    if (!this.cache.enabled) return;
+    const fromOrigin = rec.owner === this.o.rank;
+    if (fromOrigin ? mark !== 'origin' || !this.originStillHas(upath, rec) : this.fetcher.isLocalOwner(rec.owner)) return;
+    this.cache.add(upath, rec.size, { rec, fromOrigin }, Number(st.mtimeMs), Number(st.atimeMs));
   }
 
   /** A file we published is gone: so is its record, before unlink() returns. */
@@ -788,7 +804,6 @@ export class DmdFs extends MirrorFs {
   protected override afterRename(fromRel: string, toRel: string, node: Node | undefined): void | Promise<void> {
     // A copy under another name is not where its record says.
     this.notACopy(fromRel);
-    for (const [p, c] of this.cache.removeUnder(fromRel)) if (!c.fromOrigin) this.fetcher.dropCopy(p);
     if (node?.isDir) {
       this.fetcher.forgetDirs();
       const inside = [...this.published.keys()].filter((k) => k.startsWith(`${fromRel}/`));

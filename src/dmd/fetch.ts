@@ -185,7 +185,8 @@ export class Fetcher {
       // before the news of a rewrite arrived): the store's current one
       // decides, once. A replica or the origin would hand back old bytes.
       if (!again) {
-        let now = await (this.o.kvs.lookupFresh ?? this.o.kvs.lookup).call(this.o.kvs, this.o.ns, upath).catch(() => rec);
+        const kvs = this.o.kvs;
+        const now = await (kvs.lookupFresh ? kvs.lookupFresh(this.o.ns, upath) : kvs.lookup(this.o.ns, upath)).catch(() => rec);
         if (now === undefined || now.version !== rec.version || now.owner !== rec.owner || now.digest !== rec.digest) {
           this.o.log.debug(`${upath}: its record changed during the pull (${errnoName(errno)}); fetching the current one`);
           // Withdrawn (its file rewritten, or an origin copy evicted):

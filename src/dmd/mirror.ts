@@ -449,16 +449,18 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     const acc = flags & O_ACCMODE;
     const writable = acc !== O_RDONLY;
     let fh: number;
+    let fd: number;
     let reply: OpenReply;
     if (this.passthrough) {
       if (flags & O_TRUNC && !created) fs.truncateSync(p, 0);
       const backingId = this.backingFor(node, p, opened);
       fh = this.nextFh++;
-      this.handles.set(fh, { fd: node.backing!.fd, node, flags, passthrough: true, writable, opener: ctx.pid });
+      fd = node.backing!.fd;
+      this.handles.set(fh, { fd, node, flags, passthrough: true, writable, opener: ctx.pid });
       reply = { fh, backingId, noFlush: !writable };
     } else {
       const keep = acc | (flags & (O_APPEND | O_TRUNC | O_DIRECT | O_SYNC | O_DSYNC | O_NOATIME));
-      const fd = fs.openSync(p, (created ? keep & ~O_TRUNC : keep) | O_NOFOLLOW);
+      fd = fs.openSync(p, (created ? keep & ~O_TRUNC : keep) | O_NOFOLLOW);
       fh = this.nextFh++;
       node.openFds.add(fd);
       this.handles.set(fh, { fd, node, flags, passthrough: false, writable, opener: ctx.pid });
@@ -471,7 +473,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       node.cacheStamp = stamp;
       reply = { fh, noFlush: !writable, directIo: (flags & O_DIRECT) !== 0, keepCache };
     }
-    if (writable) this.afterWriteOpen(node, this.handles.get(fh)!.fd);
+    if (writable) this.afterWriteOpen(node, fd);
     return reply;
   }
 

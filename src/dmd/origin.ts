@@ -121,7 +121,11 @@ export class Origin {
         pos += n;
       }
       // The copy keeps the origin's mtime, so every node shows the same one.
-      fs.futimesSync(part.fd, st.atime, st.mtime);
+      // In seconds with their fraction: a Date would cut it to the
+      // millisecond, and the copy's mtime would then fall 1 ms after the
+      // one published about half the time (a restart takes that for a
+      // changed file, republishes it, and no longer sees an origin copy).
+      fs.futimesSync(part.fd, st.atimeMs / 1000, st.mtimeMs / 1000);
       await part.land(false);
       return { size: pos, mode: st.mode, mtimeMs: Math.floor(st.mtimeMs), digest: formatDigest(crc, DIGEST_ALGO) };
     } catch (err) {

@@ -124,12 +124,7 @@ export class CachedKvs implements Kvs {
   async lookup(ns: string, upath: string): Promise<FileRecord | undefined> {
     const st = this.state(ns);
     const hit = this.cachedRecord(st, ns, upath, false);
-    if (hit !== null) return hit;
-    const t0 = this.tick;
-    const mode = st.mode;
-    const rec = await this.inner.lookup(ns, upath);
-    this.remember(st, mode, t0, ns, upath, rec);
-    return rec;
+    return hit !== null ? hit : this.lookupFresh(ns, upath);
   }
 
   async lookupFresh(ns: string, upath: string): Promise<FileRecord | undefined> {
@@ -137,9 +132,10 @@ export class CachedKvs implements Kvs {
     const t0 = this.tick;
     const mode = st.mode;
     const rec = await this.inner.lookup(ns, upath);
-    this.remember(st, mode, t0, ns, upath, rec);
-    // A record the store no longer has must not be served from here either.
+    // A record the store no longer has must not be served from here either
+    // (an absence is then remembered as any other, where absences are).
     if (rec === undefined) this.records.delete(key(ns, upath));
+    this.remember(st, mode, t0, ns, upath, rec);
     return rec;
   }
 
