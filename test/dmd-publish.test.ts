@@ -51,7 +51,8 @@ async function readDuringRewrite(t: Test, pFile: string, qFile: string): Promise
   const wDone = exited(w);
   let wOut = '';
   w.stdout!.on('data', (d: Buffer) => (wOut += d));
-  for (let i = 0; i < 400 && !wOut.includes('writing'); i++) await sleep(50);
+  // Whole lines only: with PYTHONUNBUFFERED set, print() writes the word and its newline apart.
+  for (let i = 0; i < 400 && !wOut.includes('writing\n'); i++) await sleep(50);
   t.equal(wOut, 'writing\n', 'the producer is half way through its rewrite');
   const r = spawn('python3', ['-c', 'import sys\nsys.stdout.write(open(sys.argv[1]).read())', qFile], { stdio: ['ignore', 'pipe', 'pipe'] });
   t.teardown(() => r.kill('SIGKILL'));
