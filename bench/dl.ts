@@ -55,7 +55,8 @@ async function epoch(prog: string, dirs: [string, string], samples: number, e: n
 export async function main(args: string[]): Promise<void> {
   const { values } = parseArgs({ args, options: { samples: { type: 'string', default: '512' }, origin: { type: 'string' }, 'cache-capacity': { type: 'string' } } });
   const capacity = values['cache-capacity'];
-  const cacheArgs = capacity === undefined ? [] : ['--cache-capacity', capacity, '--cache-grace-period', '0'];
+  const capped = capacity !== undefined;
+  const cacheArgs = capped ? ['--cache-capacity', capacity, '--cache-grace-period', '0'] : [];
   const samples = Number(values.samples);
   if (!Number.isInteger(samples) || samples < 2 || samples % 2) throw new Error('--samples must be an even number >= 2');
   const size = 64 << 10;
@@ -99,8 +100,7 @@ export async function main(args: string[]): Promise<void> {
     }
     // The most a node's storage held at the end: what it had to have room for.
     const stored = Math.max(...[0, 1].map((r) => storageBytes(path.join(base, `s${r}`))));
-    console.log(`# ${samples} samples of 64 KiB (${mib.toFixed(0)} MiB), 2 nodes, origin ${origin}${capacity === undefined ? '' : `, --cache-capacity ${capacity} per node`}`);
-    const capped = capacity !== undefined;
+    console.log(`# ${samples} samples of 64 KiB (${mib.toFixed(0)} MiB), 2 nodes, origin ${origin}${capped ? `, --cache-capacity ${capacity} per node` : ''}`);
     const rows: Row[] = [
       { what: `epoch 0 (dyad-fs: each sample copied from the origin once, published)`, value: through[0]!, unit: 's', baseline: { name: 'read from the origin', value: direct[0]! }, better: 'lower' },
       { what: `epoch 1 (dyad-fs: each sample pulled from the other node${capped ? ', or copied again where it was evicted' : ''})`, value: through[1]!, unit: 's', baseline: { name: 'read from the origin', value: direct[1]! }, better: 'lower' },

@@ -28,6 +28,11 @@ export interface CacheSettings {
   graceMs: number;
 }
 
+/** Do these settings ever evict? */
+export function evicts(s: CacheSettings): boolean {
+  return s.capacityBytes > 0 && s.policy !== 'NONE';
+}
+
 interface Copy<R> {
   rec: R;
   size: number;
@@ -52,7 +57,7 @@ export class CopyCache<R> {
 
   /** Does this cache ever evict? Without it nothing needs tracking. */
   get enabled(): boolean {
-    return this.s.capacityBytes > 0 && this.s.policy !== 'NONE';
+    return evicts(this.s);
   }
 
   get usedBytes(): number {

@@ -12,6 +12,7 @@ import { requestChannel } from '../fuse/session.js';
 import { canonicalMountpoint, clearStaleMount, isDyadMount, mountAt } from '../fuse/mount.js';
 import { DmdFs } from '../dmd/dmd.js';
 import { Storage } from '../dmd/storage.js';
+import { evicts, type CacheSettings } from '../dmd/cache.js';
 import { ConfigError, DyadError, errnos, pathError, systemError } from '../errors.js';
 import { CachedKvs, EtcdKvs, KvsServer, SecretSource, openKvs, secretPath, type Kvs } from '../kvs/index.js';
 import { backendFor } from '../dtl/index.js';
@@ -222,6 +223,12 @@ export class Daemon {
 
     const isRoot = process.getuid?.() === 0;
     const wantPassthrough = this.opts.passthrough === 'auto' && isRoot;
+    const cache: CacheSettings = {
+      capacityBytes: cfg.cacheCapacityBytes.value,
+      policy: cfg.cachePolicy.value,
+      lowWatermark: cfg.cacheLowWatermark.value,
+      graceMs: cfg.cacheGraceMs.value,
+    };
     const fsys = new DmdFs(this.storage, {
       passthrough: wantPassthrough,
       ttlMs: this.opts.ttlMs,
@@ -240,12 +247,7 @@ export class Daemon {
       rankLeaseMs: this.opts.rankLeaseMs,
       pushMaxBytes: cfg.pushMaxBytes.value,
       origin,
-      cache: {
-        capacityBytes: cfg.cacheCapacityBytes.value,
-        policy: cfg.cachePolicy.value,
-        lowWatermark: cfg.cacheLowWatermark.value,
-        graceMs: cfg.cacheGraceMs.value,
-      },
+      cache,
       log,
     });
     this.fs = fsys;
@@ -278,7 +280,7 @@ export class Daemon {
       (err: Error) => log.warn(`storage scan failed: ${err.message}`),
     );
     log.info(
-      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''}${cfg.cacheCapacityBytes.value > 0 && cfg.cachePolicy.value !== 'NONE' ? `, copies kept up to ${cfg.cacheCapacityBytes.value} B (${cfg.cachePolicy.value})` : ''})`,
+      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''}${evicts(cache) ? `, copies kept up to ${cache.capacityBytes} B (${cache.policy})` : ''})`,
     );
   }
 
