@@ -127,6 +127,42 @@ t.test('close() of one of several descriptors does not publish a file still bein
   t.equal((await handed).out, 'late\n', 'what the child wrote after the parent closed is what was published');
 });
 
+/**
+ * Runs python3 with `prog`; if it is not done in 20 s, kills the daemon
+ * `pid`, the only way to free a program stuck in a close() the daemon never
+ * answers. Resolves with its exit code, or 'stuck'.
+ */
+function runUnlessStuck(prog: string, args: string[], pid: number): Promise<number | 'stuck'> {
+  return new Promise((resolve) => {
+    const child = spawn('python3', ['-c', prog, ...args], { stdio: 'ignore' });
+    const timer = setTimeout(() => {
+      process.kill(pid, 'SIGKILL');
+      resolve('stuck');
+    }, 20_000);
+    child.on('exit', (code) => {
+      clearTimeout(timer);
+      resolve(code ?? -1);
+    });
+  });
+}
+
+t.test('an execve that closes a file open for writing neither waits nor keeps it from being published', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  // Python opens files close-on-exec: the execve closes the file, and its
+  // FLUSH reaches the daemon in the middle of the execve.
+  const execs = `import os, sys\nf = open(sys.argv[1], "w")\nf.write("before exec\\n")\nf.flush()\nos.execv("/bin/true", ["true"])`;
+  t.equal(await runUnlessStuck(execs, [path.join(p.mnt, 'exec.txt')], p.pid), 0, 'the program ran on into the new one');
+  const r1 = await sh(`timeout 20 cat ${path.join(q.mnt, 'exec.txt')}`, { timeoutMs: 30_000 });
+  t.equal(r1.stdout, 'before exec\n', `published with what was written (${r1.stderr})`);
+  // A parent starts a child while it has a file open for writing: the
+  // child's execve closes the child's copy; the parent writes on.
+  const spawns = `import subprocess, sys\nf = open(sys.argv[1], "w")\nf.write("a\\n")\nf.flush()\nsubprocess.run(["true"], check=True)\nf.write("b\\n")\nf.close()`;
+  t.equal(await runUnlessStuck(spawns, [path.join(p.mnt, 'spawn.txt')], p.pid), 0, 'the parent started its child and finished');
+  const r2 = await sh(`timeout 20 cat ${path.join(q.mnt, 'spawn.txt')}`, { timeoutMs: 30_000 });
+  t.equal(r2.stdout, 'a\nb\n', `published once the parent closed it, with all it wrote (${r2.stderr})`);
+});
+
 t.test('bytes written through a mapping after close() are published again when the mapping goes (no passthrough)', async (t) => {
   // With passthrough the mapping holds the storage file itself, and the
   // kernel sends no RELEASE at munmap (docs/SEMANTICS.md, Publishing).

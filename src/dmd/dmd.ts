@@ -23,7 +23,7 @@ import { MirrorFs, NO_ENTRY, type Handle, type ListedEntry, type MirrorOptions, 
 import { Fetcher, REPLICAS } from './fetch.js';
 import { Origin, type OriginStat } from './origin.js';
 import { Storage, fstat, lstat, lstatIfExists } from './storage.js';
-import { callerOf, callerPath, callerRawPath, holdsDescriptorOn, killedBySignal, sameProcess, type Caller } from '../fuse/caller.js';
+import { callerOf, callerPath, callerRawPath, closerState, holdsDescriptorOn, killedBySignal, sameProcess, type Caller } from '../fuse/caller.js';
 import type { Attr, AttrReply, Entry, OpenReply, Refusal, RequestContext } from '../fuse/types.js';
 import type { FileRecord, Kvs, PublishInput } from '../kvs/types.js';
 import type { TransferClient } from '../dtl/types.js';
@@ -450,15 +450,20 @@ export class DmdFs extends MirrorFs {
   override flush(ctx: RequestContext, nodeid: number, fh: number): void | Promise<void> {
     const h = this.handle(fh);
     if (!h.writable || !ctx.pid) return;
+    const closer = closerState(ctx.pid);
     // The kernel closing the descriptors of a process a signal killed: its
     // file may be cut anywhere, and publishing it would hand readers a torn
     // copy as if complete (DYAD, whose close() is never called, publishes
     // nothing either). It stays unpublished, local to this node.
-    if (killedBySignal(ctx.pid)) {
+    if (closer !== 'running' && closer !== 'exec' && killedBySignal(ctx.pid)) {
       this.torn.set(h.node, ctx.pid);
       return;
     }
     if (!h.opener) return;
+    // execve closing a close-on-exec descriptor: nothing more may be read
+    // about this process until we answer (see closerState). It is published
+    // at the last RELEASE, which follows when no other descriptor is left.
+    if (closer === 'exec') return;
     // close() does not wait for an asynchronous publication, so nothing is
     // gained by starting it here rather than at the last RELEASE, which the
     // kernel sends moments later; waiting for that spares the descriptor

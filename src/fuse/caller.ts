@@ -221,6 +221,37 @@ export function sameProcess(tid: number, other: number): boolean {
   return tid === other || fs.existsSync(`/proc/${tid}/task/${other}`);
 }
 
+// The closing thread's /proc/<tid>/statm, kept per thread like the syscall file.
+const statmFds = new Map<number, number>();
+const statmBuf = Buffer.alloc(128);
+
+/**
+ * What the thread closing a file is doing, from /proc/<tid>/statm (the only
+ * question asked at every FLUSH before any other):
+ * - 'exiting': its memory is gone (do_exit releases it before it closes the
+ *   process's files);
+ * - 'exec': it is in execve, closing its close-on-exec descriptors: its new
+ *   memory holds no program yet (no text);
+ * - 'running': anything else.
+ * Undefined when /proc cannot tell.
+ *
+ * Why ask: during execve the kernel holds the process's exec lock, and
+ * reading its stat, syscall or memory, or its descriptors' links, waits
+ * for that lock, which is held until our reply to that very FLUSH. statm
+ * takes no such lock.
+ */
+export function closerState(tid: number): 'exiting' | 'exec' | 'running' | undefined {
+  const n = readProc(statmFds, tid, 'statm', statmBuf, 0);
+  if (n === undefined) return undefined;
+  // size resident shared text lib data dt, in pages
+  const fields = statmBuf.toString('latin1', 0, n).trim().split(' ');
+  const size = Number(fields[0]);
+  const text = Number(fields[3]);
+  if (!Number.isInteger(size) || !Number.isInteger(text)) return undefined;
+  if (size === 0) return 'exiting';
+  return text === 0 ? 'exec' : 'running';
+}
+
 // The closing thread's /proc/<tid>/stat, kept per thread like the syscall file.
 const statFds = new Map<number, number>();
 const statBuf = Buffer.alloc(1024);
