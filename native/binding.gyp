@@ -5,7 +5,7 @@
   "targets": [
     {
       "target_name": "dyadfuse",
-      "sources": ["src/device.cc", "src/mount.cc", "src/sender.cc", "src/receiver.cc", "src/crc32c.cc", "src/sys.cc", "src/addon.cc"],
+      "sources": ["src/device.cc", "src/mount.cc", "src/sender.cc", "src/receiver.cc", "src/crc32c.cc", "src/sys.cc", "src/creds.cc", "src/addon.cc"],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],
       "cflags_cc": ["-std=c++17", "-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]

@@ -6,6 +6,7 @@
 #include <napi.h>
 
 #include "crc32c.h"
+#include "creds.h"
 #include "device.h"
 #include "mount.h"
 #include "receiver.h"
@@ -31,6 +32,9 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("removexattr", Napi::Function::New(env, Removexattr));
   exports.Set("lgetxattr", Napi::Function::New(env, Lgetxattr));
   exports.Set("lsetxattr", Napi::Function::New(env, Lsetxattr));
+  exports.Set("actAs", Napi::Function::New(env, ActAs));
+  exports.Set("actAsSelf", Napi::Function::New(env, ActAsSelf));
+  exports.Set("accessAs", Napi::Function::New(env, AccessAs));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   return exports;
 }

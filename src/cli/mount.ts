@@ -23,6 +23,7 @@ const program = addDyadOptions(
   .option('--kvs-fsync', 'a served embedded KVS syncs its journal to disk before acknowledging (survives a machine crash, slower)')
   .option('--attr-timeout <seconds>', 'how long the kernel may cache names and attributes of local files', positiveNumber('--attr-timeout'), 60)
   .option('--spin <microseconds>', 'keep polling /dev/fuse this long after a request before sleeping (saves wake-ups on small files)', positiveNumber('--spin', 0xffffffff), 0)
+  .option('--kernel-permissions', 'let the kernel check permissions (default_permissions): a root daemon otherwise checks them itself, acting as the caller in storage, which spares a request per file created')
   .option('--background', 'start the daemon in the background and return once the mount is ready')
   .option('--log <file>', 'append log lines to this file instead of stderr')
   .addOption(new Option('--log-level <level>', 'log verbosity').choices(['error', 'warn', 'info', 'debug']).default('info'));
@@ -39,6 +40,7 @@ const opts = program.opts<
     rankLease?: number;
     attrTimeout: number;
     spin: number;
+    kernelPermissions?: boolean;
     background?: boolean;
     log?: string;
     logLevel: Level;
@@ -140,6 +142,7 @@ async function foreground(): Promise<void> {
     passthrough: opts.passthrough,
     ttlMs: opts.attrTimeout * 1000,
     spinUs: opts.spin,
+    kernelPermissions: !!opts.kernelPermissions,
     logger,
   });
   await daemon.start();

@@ -7,6 +7,11 @@
  * and reads, writes and mmap never reach the daemon. Without it the daemon
  * serves READ straight from the backing fd in native code.
  *
+ * Permissions: a root daemon checks them itself (the kernel's
+ * default_permissions costs a GETATTR of the directory after every file
+ * created in it): what it does in storage for a caller, it does with the
+ * caller's identity (fuse/identity.ts), so the storage's rules decide.
+ *
  * DYAD behaviour (waiting for missing files, publishing on close) is added
  * by subclasses through the protected hooks at the bottom.
  */
@@ -32,6 +37,7 @@ import {
   type StatFs,
 } from '../fuse/types.js';
 import { callerOf, type Caller } from '../fuse/caller.js';
+import { asCaller, checkAccess } from '../fuse/identity.js';
 import { DyadError, errnos } from '../errors.js';
 import { Storage, fstat, lstat, lstatIfExists, toAttr } from './storage.js';
 
@@ -39,6 +45,9 @@ const O_ACCMODE = 3;
 const { O_RDONLY, O_RDWR, O_WRONLY, O_APPEND, O_CREAT, O_EXCL, O_TRUNC, O_NOFOLLOW, O_DIRECT, O_SYNC, O_DSYNC, O_NOATIME } =
   fs.constants;
 const S_IFMT = 0o170000;
+const { R_OK, W_OK, X_OK } = fs.constants;
+/** In the flags of an OPEN made by execve (the kernel's __FMODE_EXEC). */
+const FMODE_EXEC = 0x20;
 
 /** LOOKUP's answer for a name that does not exist, returned rather than thrown (see Refusal). */
 export const NO_ENTRY = new Refusal(errnos.ENOENT);
@@ -67,6 +76,8 @@ export interface Node {
   cacheStamp?: string;
   /** Other names of a hard-linked file, so unlinking one keeps the node reachable. */
   aliases?: Array<{ parent: Node; name: string }>;
+  /** A directory everyone may search (all three execute bits), as last seen. */
+  searchable?: boolean;
 }
 
 export interface Handle {
@@ -98,6 +109,8 @@ export interface MirrorOptions {
   passthrough?: boolean;
   /** Entry and attribute validity for local files, in ms. */
   ttlMs?: number;
+  /** Leave permission checks to the kernel (default_permissions) even as root. */
+  kernelPermissions?: boolean;
 }
 
 export class MirrorFs extends EventEmitter implements FileSystem {
@@ -111,12 +124,18 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   protected readonly ttlMs: number;
   private readonly wantPassthrough: boolean;
   private readonly isRoot = process.getuid?.() === 0;
+  /** Mounted without default_permissions: this file system checks them (see the header). */
+  readonly checksPermissions: boolean;
 
   constructor(readonly storage: Storage, opts: MirrorOptions = {}) {
     super();
     this.ttlMs = opts.ttlMs ?? 60_000;
     this.wantPassthrough = opts.passthrough ?? true;
-    const st = lstat(storage.root);
+    // Only root can take on another user's identity; a daemon running as
+    // a user keeps the kernel's checks.
+    this.checksPermissions = this.isRoot && opts.kernelPermissions !== true;
+    // The directory itself (storage.root is the /proc link that reaches it).
+    const st = lstat(storage.abs(''));
     const root: Node = {
       id: FUSE_ROOT_ID,
       parent: undefined,
@@ -125,6 +144,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       isDir: true,
       openFds: new Set(),
       unlinked: false,
+      searchable: allSearch(st.mode),
     };
     this.nodes = new InodeTable(root);
   }
@@ -196,8 +216,21 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       node.id = this.nodes.add(node);
       this.byIno.set(ino, node);
     }
+    if (isDir) node.searchable = allSearch(st.mode);
     this.nodes.ref(node.id);
-    return { nodeid: node.id, generation: 0, attr: toAttr(st), entryTtlMs: this.ttlMs, attrTtlMs: this.ttlMs };
+    return { nodeid: node.id, generation: 0, attr: toAttr(st), entryTtlMs: this.entryTtl(parent), attrTtlMs: this.ttlMs };
+  }
+
+  /**
+   * How long the kernel may keep a name in `dir`. Without
+   * default_permissions the kernel checks no directory's search permission
+   * on its own: a path it has cached is walked without asking us. A
+   * directory some user may not search therefore lets no name of its own
+   * be cached, so every walk through it comes to LOOKUP, made as the
+   * caller. Names further down need not: walks to them pass that LOOKUP.
+   */
+  protected entryTtl(dir: Node): number {
+    return this.checksPermissions && dir.searchable === false ? 0 : this.ttlMs;
   }
 
   /**
@@ -219,7 +252,8 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   /** Makes a new file belong to the caller (the daemon runs as root). */
   protected own(ctx: RequestContext, parent: Node, p: string): void {
-    if (!this.isRoot || (ctx.uid === 0 && ctx.gid === 0)) return;
+    // Made with the caller's identity, it is the caller's already.
+    if (!this.isRoot || (ctx.uid === 0 && ctx.gid === 0) || this.checksPermissions) return;
     let gid = ctx.gid;
     const pst = fs.statSync(this.abs(parent));
     if (pst.mode & S_ISGID) gid = pst.gid;
@@ -232,7 +266,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     const dir = this.node(parent);
     // Missing names are the common case for producers and consumers: no
     // exception (and its stack trace) for them.
-    const st = lstatIfExists(this.storage.abs(this.childRel(dir, name)));
+    const p = this.storage.abs(this.childRel(dir, name));
+    // As the caller: a directory on the way it may not search gives EACCES.
+    const st = this.checksPermissions ? asCaller(ctx, () => lstatIfExists(p)) : lstatIfExists(p);
     if (st === undefined) {
       const caller = callerOf(ctx.pid);
       if (missingChannel.hasSubscribers) missingChannel.publish({ path: this.childRel(dir, name), caller, pid: ctx.pid });
@@ -257,6 +293,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     const h = fh !== undefined ? this.handles.get(fh) : undefined;
     const fd = h?.fd ?? (node.unlinked ? node.openFds.values().next().value : undefined) ?? node.backing?.fd;
     const st = fd !== undefined ? fstat(fd) : lstat(this.abs(node));
+    if (node.isDir) node.searchable = allSearch(st.mode);
     return { attr: toAttr(st), ttlMs: this.ttlMs };
   }
 
@@ -264,6 +301,33 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     const node = this.node(nodeid);
     const p = this.abs(node);
     const h = s.fh !== undefined ? this.handles.get(s.fh) : undefined;
+    // truncate(2) by path while the file is open elsewhere goes through our
+    // descriptor, which does not check: the caller must be allowed to write.
+    if (this.checksPermissions && s.valid & FATTR_SIZE && !h && !node.unlinked) checkAccess(ctx, p, W_OK, `truncate ${this.rel(node)}`);
+    this.maybeAsCaller(ctx, () => this.changeAttrs(node, p, h, s));
+    const fd = h?.fd ?? node.backing?.fd;
+    const st = fd !== undefined ? fstat(fd) : lstat(p);
+    if (node.isDir) this.searchabilityChanged(node, allSearch(st.mode));
+    this.afterChange(node);
+    return { attr: toAttr(st), ttlMs: this.ttlMs };
+  }
+
+  /** A directory closed to some users drops the names the kernel has cached in it (see entryTtl). */
+  private searchabilityChanged(dir: Node, searchable: boolean): void {
+    const was = dir.searchable;
+    dir.searchable = searchable;
+    if (!this.checksPermissions || searchable || was === false) return;
+    for (const n of this.byIno.values()) {
+      if (n.parent === dir) void this.session?.notifyInvalEntry(dir.id, n.name);
+    }
+  }
+
+  /** Runs a caller's storage calls as the caller when this file system checks permissions. */
+  protected maybeAsCaller<T>(ctx: RequestContext, fn: () => T): T {
+    return this.checksPermissions ? asCaller(ctx, fn) : fn();
+  }
+
+  private changeAttrs(node: Node, p: string, h: Handle | undefined, s: SetAttrIn): void {
     if (s.valid & FATTR_MODE && s.mode !== undefined) {
       if (h) fs.fchmodSync(h.fd, s.mode & 0o7777);
       else fs.chmodSync(p, s.mode & 0o7777);
@@ -289,10 +353,6 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       const rc = native.utimens(p, as, an, ms, mn, true);
       if (rc < 0) throw new DyadError('DYAD_ESETATTR', -rc, `utimens ${this.rel(node)} failed`);
     }
-    const fd = h?.fd ?? node.backing?.fd;
-    const st = fd !== undefined ? fstat(fd) : lstat(p);
-    this.afterChange(node);
-    return { attr: toAttr(st), ttlMs: this.ttlMs };
   }
 
   readlink(ctx: RequestContext, nodeid: number): string {
@@ -304,7 +364,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   symlink(ctx: RequestContext, parent: number, name: string, target: string): Entry {
     const dir = this.node(parent);
     const p = this.storage.abs(this.childRel(dir, name));
-    fs.symlinkSync(target, p);
+    this.maybeAsCaller(ctx, () => fs.symlinkSync(target, p));
     this.own(ctx, dir, p);
     return this.entryFor(dir, name, lstat(p));
   }
@@ -316,7 +376,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
       // Node has no mknod(2); regular files are all a DMD holds.
       throw new DyadError('DYAD_EPERM', errnos.EPERM, `${name}: only regular files can be created with mknod`);
     }
-    fs.closeSync(fs.openSync(p, O_CREAT | O_EXCL | O_WRONLY, mode & 0o7777));
+    fs.closeSync(this.maybeAsCaller(ctx, () => fs.openSync(p, O_CREAT | O_EXCL | O_WRONLY, mode & 0o7777)));
     this.own(ctx, dir, p);
     return this.entryFor(dir, name, lstat(p));
   }
@@ -324,7 +384,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   mkdir(ctx: RequestContext, parent: number, name: string, mode: number): Entry {
     const dir = this.node(parent);
     const p = this.storage.abs(this.childRel(dir, name));
-    fs.mkdirSync(p, { mode: mode & 0o7777 });
+    this.maybeAsCaller(ctx, () => fs.mkdirSync(p, { mode: mode & 0o7777 }));
     this.own(ctx, dir, p);
     return this.entryFor(dir, name, lstat(p));
   }
@@ -353,11 +413,11 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   }
 
   unlink(ctx: RequestContext, parent: number, name: string): void | Promise<void> {
-    return this.removeName(this.node(parent), name, (p) => fs.unlinkSync(p));
+    return this.removeName(this.node(parent), name, (p) => this.maybeAsCaller(ctx, () => fs.unlinkSync(p)));
   }
 
   rmdir(ctx: RequestContext, parent: number, name: string): void | Promise<void> {
-    return this.removeName(this.node(parent), name, (p) => fs.rmdirSync(p));
+    return this.removeName(this.node(parent), name, (p) => this.maybeAsCaller(ctx, () => fs.rmdirSync(p)));
   }
 
   private removeName(dir: Node, name: string, op: (p: string) => void): void | Promise<void> {
@@ -392,9 +452,12 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     } catch {
       /* no target */
     }
-    fs.renameSync(src, dst);
+    this.maybeAsCaller(ctx, () => fs.renameSync(src, dst));
     if (replaced && replaced.ino !== st.ino) this.dropName(to, newName, replaced);
     const node = this.byIno.get(Number(st.ino));
+    // The kernel moves its cached name, with the time it may keep it: into
+    // a directory closed to some users, it must not keep it (entryTtl).
+    if (this.entryTtl(to) === 0) void this.session?.notifyInvalEntry(to.id, newName);
     if (node) {
       const alias = node.aliases?.find((a) => a.parent === from && a.name === name);
       if (alias) {
@@ -412,7 +475,8 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     const node = this.node(nodeid);
     const to = this.node(newParent);
     const dst = this.storage.abs(this.childRel(to, newName));
-    fs.linkSync(this.abs(node), dst);
+    const src = this.abs(node);
+    this.maybeAsCaller(ctx, () => fs.linkSync(src, dst));
     return this.entryFor(to, newName, lstat(dst));
   }
 
@@ -479,7 +543,11 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
-    return this.openHandle(ctx, node, this.abs(node), flags, false);
+    const p = this.abs(node);
+    // The descriptor behind the open is the daemon's (shared per inode with
+    // passthrough): the check is made apart, as the caller.
+    if (this.checksPermissions) checkAccess(ctx, p, accessMask(flags), `open ${this.rel(node)}`);
+    return this.openHandle(ctx, node, p, flags, false);
   }
 
   create(ctx: RequestContext, parent: number, name: string, mode: number, flags: number): CreateReply {
@@ -489,7 +557,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     // passthrough (root) the descriptor is opened read-write and becomes the
     // backing file; otherwise the handle is opened the normal way.
     const access = this.passthrough ? O_RDWR : O_WRONLY;
-    let fd: number | undefined = fs.openSync(p, O_CREAT | access | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW, mode & 0o7777);
+    let fd: number | undefined = this.maybeAsCaller(ctx, () => fs.openSync(p, O_CREAT | access | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW, mode & 0o7777));
     if (!this.passthrough) {
       fs.closeSync(fd);
       fd = undefined;
@@ -579,6 +647,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   opendir(ctx: RequestContext, nodeid: number, flags?: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
     const p = this.abs(node);
+    if (this.checksPermissions) checkAccess(ctx, p, R_OK, `opendir ${this.rel(node) || '/'}`);
     const entries: ListedEntry[] = [
       { name: '.', mode: S_IFDIR, ino: node.ino },
       { name: '..', mode: S_IFDIR, ino: node.parent?.ino ?? node.ino },
@@ -650,7 +719,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   }
 
   access(ctx: RequestContext, nodeid: number, mask: number): void {
-    fs.accessSync(this.abs(this.node(nodeid)), mask);
+    const node = this.node(nodeid);
+    if (this.checksPermissions && ctx.uid !== 0) return checkAccess(ctx, this.abs(node), mask, `access ${this.rel(node) || '/'}`);
+    fs.accessSync(this.abs(node), mask);
   }
 
   // ---- hooks for the DMD layer ------------------------------------------
@@ -687,3 +758,16 @@ function zeroAttr() {
   return { ino: 0, size: 0, blocks: 0, atimeNs: 0n, mtimeNs: 0n, ctimeNs: 0n, mode: 0, nlink: 0, uid: 0, gid: 0, rdev: 0, blksize: 0 };
 }
 
+/** What an open with `flags` needs: execve's open needs execute permission only. */
+function accessMask(flags: number): number {
+  if (flags & FMODE_EXEC) return X_OK;
+  const acc = flags & O_ACCMODE;
+  let mask = acc === O_WRONLY ? W_OK : acc === O_RDWR ? R_OK | W_OK : R_OK;
+  if (flags & O_TRUNC) mask |= W_OK;
+  return mask;
+}
+
+/** Do all three classes (owner, group, others) have search permission? */
+function allSearch(mode: bigint | number): boolean {
+  return (Number(mode) & 0o111) === 0o111;
+}

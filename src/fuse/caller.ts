@@ -216,6 +216,34 @@ export function holdsDescriptorOn(pid: number, file: string): boolean | undefine
   return n < 0 ? undefined : n > 0;
 }
 
+// The caller's /proc/<tid>/status, for its supplementary groups (groups()),
+// kept per thread like the syscall file.
+const statusFds = new Map<number, number>();
+const statusBuf = Buffer.alloc(4096);
+const NO_GROUPS = new Uint32Array(0);
+
+/**
+ * The supplementary groups of thread `tid` (the "Groups:" line of its
+ * status), which the FUSE request header does not carry. None when /proc
+ * cannot tell: the caller then counts as a member of its own group only,
+ * which can refuse but never grant more than it has.
+ */
+export function callerGroups(tid: number): Uint32Array {
+  const n = tid ? readProc(statusFds, tid, 'status', statusBuf, 0) : undefined;
+  if (n === undefined) return NO_GROUPS;
+  const text = statusBuf.toString('latin1', 0, n);
+  const at = text.indexOf('\nGroups:');
+  if (at < 0) return NO_GROUPS;
+  const end = text.indexOf('\n', at + 1);
+  const ids = text
+    .slice(at + 8, end < 0 ? undefined : end)
+    .trim()
+    .split(/\s+/)
+    .filter((f) => f !== '')
+    .map(Number);
+  return ids.every((g) => Number.isInteger(g) && g >= 0) ? Uint32Array.from(ids) : NO_GROUPS;
+}
+
 /** Are two thread ids threads of one process? */
 export function sameProcess(tid: number, other: number): boolean {
   return tid === other || fs.existsSync(`/proc/${tid}/task/${other}`);

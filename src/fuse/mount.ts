@@ -17,6 +17,8 @@ export interface MountOptions {
   subtype?: string;
   /** Let users other than the mounter in (root mounts: on by default). */
   allowOther?: boolean;
+  /** Let the kernel check permissions from the attributes we report (default); false: the file system does. */
+  defaultPermissions?: boolean;
   devicePath?: string;
 }
 
@@ -144,7 +146,7 @@ export function mount(mountpoint: string, opts: MountOptions = {}): Mounted {
       `rootmode=${(st.mode & 0o170000).toString(8)}`,
       'user_id=0',
       'group_id=0',
-      'default_permissions',
+      ...(opts.defaultPermissions === false ? [] : ['default_permissions']),
       ...(opts.allowOther === false ? [] : ['allow_other']),
     ].join(',');
     const rc = native.mount(fsname, mountpoint, `fuse.${subtype}`, MS_NOSUID | MS_NODEV, data);
@@ -162,7 +164,12 @@ export function mount(mountpoint: string, opts: MountOptions = {}): Mounted {
       `mounting as a non-root user needs fusermount3 (apt-get install fuse3), or run as root`,
     );
   }
-  const options = [`fsname=${fsname}`, `subtype=${subtype}`, 'default_permissions', ...(opts.allowOther ? ['allow_other'] : [])].join(',');
+  const options = [
+    `fsname=${fsname}`,
+    `subtype=${subtype}`,
+    ...(opts.defaultPermissions === false ? [] : ['default_permissions']),
+    ...(opts.allowOther ? ['allow_other'] : []),
+  ].join(',');
   const fd = native.fusermountMount(helper, mountpoint, options);
   if (fd < 0) throw new DyadError('DYAD_EMOUNT', -fd, `fusermount3 could not mount ${mountpoint}: ${errnoName(-fd)}`);
   return { fd, mountpoint, method: 'fusermount3' };

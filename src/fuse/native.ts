@@ -52,6 +52,12 @@ export interface NativeAddon {
   /** A short attribute's value (at most 255 bytes), or -errno (-ENODATA: not set). */
   lgetxattr(path: string, name: string): string | number;
   lsetxattr(path: string, name: string, value: Buffer): number;
+  /** This thread's fsuid, fsgid and supplementary groups become the caller's; 0 or -errno. */
+  actAs(uid: number, gid: number, groups: Uint32Array): number;
+  /** Back to the daemon's own identity; 0 or -errno. */
+  actAsSelf(): number;
+  /** faccessat2(path, mask, AT_EACCESS | AT_SYMLINK_NOFOLLOW) with this thread's identity; 0 or -errno. */
+  accessAs(path: string, mask: number): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

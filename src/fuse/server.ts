@@ -27,7 +27,7 @@ export class FuseServer extends EventEmitter {
 
   async start(onSession?: (s: FuseSession) => void): Promise<NegotiatedInit> {
     this.staleCleared = clearStaleMount(this.mountpoint);
-    this.mounted = mount(this.mountpoint, this.opts);
+    this.mounted = mount(this.mountpoint, { ...this.opts, defaultPermissions: !this.fs.checksPermissions });
     const session = new FuseSession(this.mounted.fd, this.fs, this.opts);
     this.session = session;
     onSession?.(session);

@@ -128,6 +128,12 @@ export class Refusal {
 }
 
 export interface FileSystem {
+  /**
+   * The file system checks permissions itself, so the mount is made without
+   * default_permissions (the kernel then checks only execute bits and asks
+   * with ACCESS for access(2) and chdir).
+   */
+  readonly checksPermissions?: boolean;
   init?(info: { passthrough: boolean; minor: number }): void;
   destroy?(): void;
   lookup(ctx: RequestContext, parent: number, name: string): MaybePromise<Entry | Refusal>;

@@ -29,6 +29,8 @@ export interface DaemonOptions {
   passthrough: 'auto' | 'off';
   ttlMs: number;
   spinUs: number;
+  /** Leave permission checks to the kernel (default_permissions) even as root. */
+  kernelPermissions?: boolean;
   /** fdatasync the served KVS's journal before acknowledging. */
   kvsFsync?: boolean;
   /** A served KVS drops ranks not renewed for this long. */
@@ -232,6 +234,7 @@ export class Daemon {
     const fsys = new DmdFs(this.storage, {
       passthrough: wantPassthrough,
       ttlMs: this.opts.ttlMs,
+      kernelPermissions: this.opts.kernelPermissions,
       mountpoint: this.mountpoint,
       kvs: this.kvs,
       ns,
@@ -280,7 +283,7 @@ export class Daemon {
       (err: Error) => log.warn(`storage scan failed: ${err.message}`),
     );
     log.info(
-      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''}${evicts(cache) ? `, copies kept up to ${cache.capacityBytes} B (${cache.policy})` : ''})`,
+      `serving ${this.mountpoint} from ${storageDir} (FUSE 7.${info.minor}, passthrough ${reason}, permissions checked by ${fsys.checksPermissions ? 'the daemon as each caller' : 'the kernel'}; rank ${cfg.rank.value}, namespace ${ns}${cfg.sharedStorage.value ? ', shared storage' : ''}${origin ? `, origin ${origin}` : ''}${evicts(cache) ? `, copies kept up to ${cache.capacityBytes} B (${cache.policy})` : ''})`,
     );
   }
 

@@ -1,0 +1,86 @@
+// A daemon that checks permissions itself (mounted without
+// default_permissions) lets the storage check them: around each system call
+// it makes for a caller, it takes on that caller's file system identity
+// (fsuid, fsgid, supplementary groups), so that the storage's own rules
+// apply exactly: modes, ACLs, sticky directories, setgid inheritance, who
+// may chown.
+//
+// Only the calling thread changes. glibc's setgroups() and setfsuid()
+// wrappers are avoided on purpose: setgroups() in particular is applied to
+// every thread of the process (the libuv pool would act as the caller too),
+// while the raw system calls change the current thread alone. Dropping the
+// fsuid from 0 clears the file system capabilities (CAP_CHOWN,
+// CAP_DAC_OVERRIDE, CAP_FOWNER...) from the effective set, and setting it
+// back to 0 restores them: the kernel's rule for fsuid changes.
+#include "creds.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <vector>
+
+namespace {
+
+// The daemon's own identity, taken once: what ActAsSelf returns to.
+struct Self {
+  uid_t uid = geteuid();
+  gid_t gid = getegid();
+  std::vector<gid_t> groups;
+  Self() {
+    int n = getgroups(0, nullptr);
+    if (n > 0) {
+      groups.resize(n);
+      n = getgroups(n, groups.data());
+      groups.resize(n > 0 ? n : 0);
+    }
+  }
+};
+
+Self& self() {
+  static Self s;
+  return s;
+}
+
+// setfsuid/setfsgid report no error: asking for -1 returns the current
+// value, which tells whether the change took.
+int SetIds(uid_t uid, gid_t gid, const gid_t* groups, size_t n) {
+  if (syscall(SYS_setgroups, n, groups) < 0) return -errno;
+  syscall(SYS_setfsgid, gid);
+  if (static_cast<gid_t>(syscall(SYS_setfsgid, -1)) != gid) return -EPERM;
+  syscall(SYS_setfsuid, uid);
+  if (static_cast<uid_t>(syscall(SYS_setfsuid, -1)) != uid) return -EPERM;
+  return 0;
+}
+
+}  // namespace
+
+// actAs(uid, gid, groups: Uint32Array) -> 0 | -errno
+Napi::Value ActAs(const Napi::CallbackInfo& info) {
+  self();  // taken before the first change
+  uid_t uid = info[0].As<Napi::Number>().Uint32Value();
+  gid_t gid = info[1].As<Napi::Number>().Uint32Value();
+  Napi::Uint32Array groups = info[2].As<Napi::Uint32Array>();
+  int rc = SetIds(uid, gid, reinterpret_cast<const gid_t*>(groups.Data()), groups.ElementLength());
+  return Napi::Number::New(info.Env(), rc);
+}
+
+// actAsSelf() -> 0 | -errno: back to the daemon's own identity. The fsuid
+// goes first: it brings back the capabilities the other two may need.
+Napi::Value ActAsSelf(const Napi::CallbackInfo& info) {
+  Self& s = self();
+  syscall(SYS_setfsuid, s.uid);
+  int rc = SetIds(s.uid, s.gid, s.groups.data(), s.groups.size());
+  return Napi::Number::New(info.Env(), rc);
+}
+
+// accessAs(path, mask) -> 0 | -errno: faccessat2 with AT_EACCESS, which
+// checks with the thread's file system identity (access(2) and Node's
+// fs.access check with the real uid, which stays root).
+Napi::Value AccessAs(const Napi::CallbackInfo& info) {
+  std::string path = info[0].As<Napi::String>().Utf8Value();
+  int mask = info[1].As<Napi::Number>().Int32Value();
+  int rc = syscall(SYS_faccessat2, AT_FDCWD, path.c_str(), mask, AT_EACCESS | AT_SYMLINK_NOFOLLOW);
+  return Napi::Number::New(info.Env(), rc < 0 ? -errno : 0);
+}
