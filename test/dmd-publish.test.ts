@@ -163,6 +163,21 @@ t.test('an execve that closes a file open for writing neither waits nor keeps it
   t.equal(r2.stdout, 'a\nb\n', `published once the parent closed it, with all it wrote (${r2.stderr})`);
 });
 
+t.test('publishing reads the file without touching its atime; a reader\'s read does touch it', async (t) => {
+  const c = await cluster(t, 1);
+  const [p] = c.nodes as [(typeof c.nodes)[0]];
+  const file = path.join(p.mnt, 'atime.txt');
+  const stored = path.join(p.storage, 'atime.txt');
+  fs.writeFileSync(file, 'some bytes\n');
+  // close() returned after the publication, which read the file for its digest.
+  const after = fs.statSync(stored, { bigint: true });
+  t.ok(after.atimeNs < after.mtimeNs, `the atime is still the creation's, before the writes (${after.atimeNs} < ${after.mtimeNs})`);
+  // relatime: the first read after a write updates the atime.
+  t.equal((await sh(`cat ${file}`)).stdout, 'some bytes\n');
+  const read = fs.statSync(stored, { bigint: true });
+  t.ok(read.atimeNs >= read.mtimeNs, 'a reader through the mount updates it');
+});
+
 t.test('bytes written through a mapping after close() are published again when the mapping goes (no passthrough)', async (t) => {
   // With passthrough the mapping holds the storage file itself, and the
   // kernel sends no RELEASE at munmap (docs/SEMANTICS.md, Publishing).

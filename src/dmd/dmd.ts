@@ -475,7 +475,9 @@ export class DmdFs extends MirrorFs {
     // Cannot tell (no /proc): leave it to the last RELEASE.
     if (holdsDescriptorOn(ctx.pid, mine) !== false) return;
     this.finished(h.node, h.fd);
-    const p = this.publishSoon(h.node, fstat(h.fd));
+    // With passthrough the handle's descriptor is the node's backing file,
+    // readable and opened with O_NOATIME: the digest reads through it.
+    const p = this.publishSoon(h.node, fstat(h.fd), h.passthrough ? h.fd : undefined);
     return p && untilInterrupted(p, ctx);
   }
 
@@ -520,9 +522,9 @@ export class DmdFs extends MirrorFs {
     return n;
   }
 
-  /** `st`: the file as its writer left it, from the writer's descriptor. */
-  private publishSoon(node: Node, st: fs.BigIntStats): Promise<void> | undefined {
-    const p = this.publish(this.rel(node), true, st);
+  /** `st`: the file as its writer left it, from the writer's descriptor; `fd`: one to read it through. */
+  private publishSoon(node: Node, st: fs.BigIntStats, fd?: number): Promise<void> | undefined {
+    const p = this.publish(this.rel(node), true, st, fd);
     if (!this.o.asyncPublish) return p;
     p.catch(() => undefined);
     return undefined;
@@ -532,11 +534,12 @@ export class DmdFs extends MirrorFs {
    * Publishes a local file unless this exact version is published already.
    * `push`: a file just written may travel with its publication (small ones only).
    * `st`: the file as its writer left it, taken through the writer's
-   * descriptor, which spares walking its path. Its bytes are still read
-   * through a descriptor of our own: one opened with O_NOATIME, as reading
-   * must not touch the atime.
+   * descriptor, which spares walking its path. Its bytes are read through
+   * a descriptor opened with O_NOATIME, as reading must not touch the
+   * atime: `fd`, a small file's when it has one (which spares an open and
+   * a close), else one of our own.
    */
-  async publish(upath: string, push = false, st?: fs.BigIntStats): Promise<void> {
+  async publish(upath: string, push = false, st?: fs.BigIntStats, fd?: number): Promise<void> {
     const abs = this.storage.abs(upath);
     // Set before the record goes to the KVS: a failure after it is the KVS's.
     let atKvs = false;
@@ -557,7 +560,7 @@ export class DmdFs extends MirrorFs {
       }
       if (this.o.fsyncWrite) fsyncPath(abs);
       // Small files: one synchronous read beats three thread-pool round trips.
-      const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs, Number(before.size)) : await digestLarge(abs);
+      const { digest, size, data } = before.size <= SMALL_FILE ? digestSmall(abs, Number(before.size), fd) : await digestLarge(abs);
       const pushIt = push && data !== undefined && size <= this.o.pushMaxBytes && !this.o.sharedStorage;
       atKvs = true;
       await this.putRecord(upath, stamp, { size, mode: Number(before.mode), mtimeMs: Number(before.mtimeNs / 1_000_000n), digest }, pushIt ? data : undefined);
@@ -928,16 +931,31 @@ function untilInterrupted(p: Promise<void>, ctx: RequestContext): Promise<void> 
   });
 }
 
-/** `expected`: the size just seen, so one read usually does (a file that grew since is read whole). */
-function digestSmall(p: string, expected: number): { digest: string; size: number; data: Buffer } {
-  const fd = openNoatime(p);
+/**
+ * `expected`: the size just seen, so one read usually does (a file that
+ * grew since is read whole). `given`: a descriptor to read through, left open.
+ */
+function digestSmall(p: string, expected: number, given?: number): { digest: string; size: number; data: Buffer } {
+  const fd = given ?? openNoatime(p);
   try {
     const buf = Buffer.allocUnsafe(expected + 1);
     const n = fs.readSync(fd, buf, 0, buf.length, 0);
-    const data = n <= expected ? buf.subarray(0, n) : fs.readFileSync(fd);
+    const data = n <= expected ? buf.subarray(0, n) : readWhole(fd);
     return { digest: digestBuffer(data), size: data.length, data };
   } finally {
-    fs.closeSync(fd);
+    if (given === undefined) fs.closeSync(fd);
+  }
+}
+
+/** All of a file from offset 0, whatever its descriptor's position. */
+function readWhole(fd: number): Buffer {
+  const chunks: Buffer[] = [];
+  for (let pos = 0; ; ) {
+    const buf = Buffer.allocUnsafe(64 * 1024);
+    const n = fs.readSync(fd, buf, 0, buf.length, pos);
+    if (n === 0) return Buffer.concat(chunks);
+    chunks.push(buf.subarray(0, n));
+    pos += n;
   }
 }
 

@@ -493,10 +493,14 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     if (opened !== undefined) {
       fd = opened;
     } else {
+      // O_NOATIME: the daemon reads through it (a digest at publication)
+      // and must not touch the atime. The kernel opens its own file for
+      // each passthrough open, with the caller's flags, so the caller's
+      // reads still do.
       try {
-        fd = fs.openSync(p, O_RDWR | O_NOFOLLOW);
+        fd = fs.openSync(p, O_RDWR | O_NOFOLLOW | O_NOATIME);
       } catch {
-        fd = fs.openSync(p, O_RDONLY | O_NOFOLLOW);
+        fd = fs.openSync(p, O_RDONLY | O_NOFOLLOW | O_NOATIME);
       }
     }
     try {
@@ -556,8 +560,18 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     // Create with the caller's flags (O_EXCL decides EEXIST). With
     // passthrough (root) the descriptor is opened read-write and becomes the
     // backing file; otherwise the handle is opened the normal way.
-    const access = this.passthrough ? O_RDWR : O_WRONLY;
-    let fd: number | undefined = this.maybeAsCaller(ctx, () => fs.openSync(p, O_CREAT | access | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW, mode & 0o7777));
+    // (O_NOATIME as in backingFor; refused for a file someone else owns, a
+    // name created meanwhile by another: then without it.)
+    const access = this.passthrough ? O_RDWR | O_NOATIME : O_WRONLY;
+    const how = O_CREAT | (flags & (O_EXCL | O_TRUNC)) | O_NOFOLLOW;
+    let fd: number | undefined = this.maybeAsCaller(ctx, () => {
+      try {
+        return fs.openSync(p, how | access, mode & 0o7777);
+      } catch (err) {
+        if ((err as NodeJS.ErrnoException).code !== 'EPERM' || !(access & O_NOATIME)) throw err;
+        return fs.openSync(p, how | (access & ~O_NOATIME), mode & 0o7777);
+      }
+    });
     if (!this.passthrough) {
       fs.closeSync(fd);
       fd = undefined;
