@@ -22,6 +22,8 @@
  * sleeping (a wake-up costs tens of microseconds on the project VM).
  * (d) also from a program holding 256 more descriptors (a publishing close()
  * looks at each), and with --async-publish, which skips that.
+ * (a), (c), (d) with --kernel-permissions too: the kernel checking
+ * permissions asks for a directory's attributes after each file created.
  *
  * --dtl ucx [--tls tcp|shm]: the same workloads over the TCP transport and
  * then over UCX, with ucx_perftest tag_bw between two processes on the same
@@ -298,6 +300,20 @@ function spinRows(p: PulledSmall, f: Figures, small: number): Row[] {
 }
 
 /**
+ * The kernel checking permissions (default_permissions) instead of the
+ * daemon: it then asks for a directory's attributes again after every file
+ * created in it.
+ */
+function kernelPermissionRows(k: PulledSmall, f: Figures, small: number): Row[] {
+  const base = 'the daemon checking (default)';
+  return [
+    { what: `(d) producer write + publish per 4 KiB file with --kernel-permissions, median`, value: k.dMount.medianUs / 1000, unit: 'ms', baseline: { name: base, value: f.dMount.medianUs / 1000 }, better: 'lower' },
+    { what: `(a) remote 4 KiB open-to-close with --kernel-permissions, median`, value: k.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: base, value: f.aRemote.medianUs / 1000 }, better: 'lower' },
+    { what: `(c) consumer first, ${small} × 4 KiB with --kernel-permissions`, value: k.cSmallS, unit: 's', baseline: { name: base, value: f.cSmallS }, better: 'lower' },
+  ];
+}
+
+/**
  * A publishing close() reads each of the closer's descriptors from /proc (to
  * know whether more writes may follow); --async-publish publishes at the last
  * release instead and skips that.
@@ -365,10 +381,12 @@ async function runAll(o: { dtl: string; ucx: boolean; tls: string; small: number
     const pulled = await measure(dtl, small, bigCount, bigMiB, tools, ['--push-max', '0']);
     const spun = await measure(dtl, small, bigCount, bigMiB, tools, ['--spin', '100']);
     const async = await measure(dtl, small, bigCount, bigMiB, tools, ['--async-publish']);
+    const kernel = await measure(dtl, small, bigCount, bigMiB, tools, ['--kernel-permissions']);
     printTable(`Transfer (${dtl})`, transportRows(f, small, bigCount));
     printTable(`Small files without --push-max (${dtl}, same run)`, pulledRows(pulled, f, small, ''));
     printTable(`Small files with --spin 100 (${dtl}, same run)`, spinRows(spun, f, small));
     printTable(`A producer holding many descriptors, and --async-publish (${dtl}, same run)`, manyFdsRows(async, f, small));
+    printTable(`Permissions checked by the kernel (${dtl}, same run)`, kernelPermissionRows(kernel, f, small));
     return;
   }
   // Two daemons on one machine: without these UCX would pick shared memory

@@ -35,6 +35,7 @@ static Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("actAs", Napi::Function::New(env, ActAs));
   exports.Set("actAsSelf", Napi::Function::New(env, ActAsSelf));
   exports.Set("accessAs", Napi::Function::New(env, AccessAs));
+  exports.Set("canActAs", Napi::Function::New(env, CanActAs));
   exports.Set("crc32c", Napi::Function::New(env, Crc32cJs));
   return exports;
 }

@@ -5,3 +5,4 @@
 Napi::Value ActAs(const Napi::CallbackInfo& info);
 Napi::Value ActAsSelf(const Napi::CallbackInfo& info);
 Napi::Value AccessAs(const Napi::CallbackInfo& info);
+Napi::Value CanActAs(const Napi::CallbackInfo& info);

@@ -37,7 +37,7 @@ import {
   type StatFs,
 } from '../fuse/types.js';
 import { callerOf, type Caller } from '../fuse/caller.js';
-import { asCaller, checkAccess } from '../fuse/identity.js';
+import { asCaller, canActAsCallers, checkAccess } from '../fuse/identity.js';
 import { DyadError, errnos } from '../errors.js';
 import { Storage, fstat, lstat, lstatIfExists, toAttr } from './storage.js';
 
@@ -131,9 +131,9 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     super();
     this.ttlMs = opts.ttlMs ?? 60_000;
     this.wantPassthrough = opts.passthrough ?? true;
-    // Only root can take on another user's identity; a daemon running as
-    // a user keeps the kernel's checks.
-    this.checksPermissions = this.isRoot && opts.kernelPermissions !== true;
+    // Only root, allowed to change its file system identity, can act as
+    // another user; any other daemon keeps the kernel's checks.
+    this.checksPermissions = opts.kernelPermissions !== true && canActAsCallers();
     // The directory itself (storage.root is the /proc link that reaches it).
     const st = lstat(storage.abs(''));
     const root: Node = {

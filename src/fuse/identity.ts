@@ -16,11 +16,21 @@ import { native } from './native.js';
 import type { RequestContext } from './types.js';
 import { DyadError, errnoName, errnos } from '../errors.js';
 
-const daemonIsRoot = process.geteuid?.() === 0;
+let usable: boolean | undefined;
+
+/**
+ * Can this daemon act as its callers: root (with CAP_SETUID and
+ * CAP_SETGID, which a container may have dropped) on Linux 5.8 or later
+ * (faccessat2)? Otherwise the kernel must keep checking permissions.
+ */
+export function canActAsCallers(): boolean {
+  usable ??= process.geteuid?.() === 0 && native.canActAs() === 0;
+  return usable;
+}
 
 /** Does a request from `ctx` need checking at all? Root may do anything the kernel leaves to us. */
 export function needsCheck(ctx: RequestContext): boolean {
-  return daemonIsRoot && ctx.uid !== 0;
+  return ctx.uid !== 0 && canActAsCallers();
 }
 
 /**

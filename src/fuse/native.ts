@@ -58,6 +58,8 @@ export interface NativeAddon {
   actAsSelf(): number;
   /** faccessat2(path, mask, AT_EACCESS | AT_SYMLINK_NOFOLLOW) with this thread's identity; 0 or -errno. */
   accessAs(path: string, mask: number): number;
+  /** Whether actAs and accessAs work here (root with CAP_SETUID and CAP_SETGID, Linux 5.8+); 0 or -errno. */
+  canActAs(): number;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
