@@ -178,6 +178,18 @@ t.test('publishing reads the file without touching its atime; a reader\'s read d
   t.ok(read.atimeNs >= read.mtimeNs, 'a reader through the mount updates it');
 });
 
+t.test('an open for writing that another user may not make leaves the file published', async (t) => {
+  const c = await cluster(t, 2);
+  const [p, q] = c.nodes as [(typeof c.nodes)[0], (typeof c.nodes)[0]];
+  fs.chmodSync(c.base, 0o755); // the test user must reach the mounts
+  fs.writeFileSync(path.join(p.mnt, 'mine.txt'), 'root wrote this\n', { mode: 0o644 });
+  const w = await sh(`setpriv --reuid=1002 --regid=1002 --clear-groups -- bash -c 'echo more >> ${path.join(p.mnt, 'mine.txt')}'`);
+  t.match(w.stderr, /Permission denied/, 'the write is refused');
+  // A rewrite withdraws the publication until the writer closes: a refused one must not.
+  const r = await sh(`timeout 10 cat ${path.join(q.mnt, 'mine.txt')}`, { timeoutMs: 20_000 });
+  t.equal(r.stdout, 'root wrote this\n', `still published: another node reads it (${r.stderr})`);
+});
+
 t.test('bytes written through a mapping after close() are published again when the mapping goes (no passthrough)', async (t) => {
   // With passthrough the mapping holds the storage file itself, and the
   // kernel sends no RELEASE at munmap (docs/SEMANTICS.md, Publishing).

@@ -367,6 +367,8 @@ export class DmdFs extends MirrorFs {
         return super.open(ctx, nodeid, flags);
       });
     }
+    // Before anything is done for it (a rewrite withdraws the publication).
+    this.checkOpen(ctx, node, flags);
     const reading = (flags & 3) === fs.constants.O_RDONLY;
     if (this.o.sharedStorage && reading) {
       // Shared storage: the file may be there while its producer still writes

@@ -126,6 +126,8 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   private readonly isRoot = process.getuid?.() === 0;
   /** Mounted without default_permissions: this file system checks them (see the header). */
   readonly checksPermissions: boolean;
+  /** OPEN requests already checked (checkOpen). */
+  private readonly openChecked = new WeakSet<RequestContext>();
 
   constructor(readonly storage: Storage, opts: MirrorOptions = {}) {
     super();
@@ -547,11 +549,22 @@ export class MirrorFs extends EventEmitter implements FileSystem {
 
   open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
-    const p = this.abs(node);
-    // The descriptor behind the open is the daemon's (shared per inode with
-    // passthrough): the check is made apart, as the caller.
-    if (this.checksPermissions) checkAccess(ctx, p, accessMask(flags), `open ${this.rel(node)}`);
-    return this.openHandle(ctx, node, p, flags, false);
+    this.checkOpen(ctx, node, flags);
+    return this.openHandle(ctx, node, this.abs(node), flags, false);
+  }
+
+  /**
+   * Refuses an open the caller may not make (when this file system checks
+   * permissions). The descriptor behind the open is the daemon's (shared
+   * per inode with passthrough), so the check is made apart, as the
+   * caller. A subclass that acts before opening (the DMD withdraws a
+   * published file opened for writing) checks first; one request is
+   * checked once.
+   */
+  protected checkOpen(ctx: RequestContext, node: Node, flags: number): void {
+    if (!this.checksPermissions || this.openChecked.has(ctx)) return;
+    checkAccess(ctx, this.abs(node), accessMask(flags), `open ${this.rel(node)}`);
+    this.openChecked.add(ctx);
   }
 
   create(ctx: RequestContext, parent: number, name: string, mode: number, flags: number): CreateReply {
