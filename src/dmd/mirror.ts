@@ -444,7 +444,8 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     if (flags & RENAME_EXCHANGE) {
       throw new DyadError('DYAD_EINVAL', errnos.EINVAL, 'RENAME_EXCHANGE is not supported');
     }
-    if (flags & RENAME_NOREPLACE && fs.existsSync(dst)) {
+    // As the caller: the answer must not tell it about names it may not see.
+    if (flags & RENAME_NOREPLACE && this.maybeAsCaller(ctx, () => fs.existsSync(dst))) {
       throw new DyadError('DYAD_EEXIST', errnos.EEXIST, `${newName} exists`);
     }
     const st = lstat(src);
