@@ -216,7 +216,7 @@ export function holdsDescriptorOn(pid: number, file: string): boolean | undefine
   return n < 0 ? undefined : n > 0;
 }
 
-// The caller's /proc/<tid>/status, for its supplementary groups (groups()),
+// The caller's /proc/<tid>/status, for its supplementary groups (callerGroups),
 // kept per thread like the syscall file.
 const statusFds = new Map<number, number>();
 const statusBuf = Buffer.alloc(4096);
