@@ -373,11 +373,11 @@ export class DmdFs extends MirrorFs {
     if (this.o.sharedStorage && reading) {
       // Shared storage: the file may be there while its producer still writes
       // it on another node; a reader waits for the publication.
-      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => super.open(ctx, nodeid, flags));
+      return this.fetcher.ensureLocal(upath, { signal: ctx.signal, timeoutMs: this.o.waitTimeoutMs }).then(() => this.openNode(ctx, node, flags));
     }
-    if (!reading && (this.published.has(upath) || this.o.sharedStorage)) return this.withdrawForRewrite(upath).then(() => super.open(ctx, nodeid, flags));
+    if (!reading && (this.published.has(upath) || this.o.sharedStorage)) return this.withdrawForRewrite(upath).then(() => this.openNode(ctx, node, flags));
     if (reading) this.cache.touch(upath);
-    return super.open(ctx, nodeid, flags);
+    return this.openNode(ctx, node, flags);
   }
 
   protected override hidden(name: string): boolean {
@@ -457,7 +457,7 @@ export class DmdFs extends MirrorFs {
     // file may be cut anywhere, and publishing it would hand readers a torn
     // copy as if complete (DYAD, whose close() is never called, publishes
     // nothing either). It stays unpublished, local to this node.
-    if (closer !== 'running' && closer !== 'exec' && killedBySignal(ctx.pid)) {
+    if ((closer === 'exiting' || closer === undefined) && killedBySignal(ctx.pid)) {
       this.torn.set(h.node, ctx.pid);
       return;
     }

@@ -126,8 +126,6 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   private readonly isRoot = process.getuid?.() === 0;
   /** Mounted without default_permissions: this file system checks them (see the header). */
   readonly checksPermissions: boolean;
-  /** OPEN requests already checked (checkOpen). */
-  private readonly openChecked = new WeakSet<RequestContext>();
 
   constructor(readonly storage: Storage, opts: MirrorOptions = {}) {
     super();
@@ -270,7 +268,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     // exception (and its stack trace) for them.
     const p = this.storage.abs(this.childRel(dir, name));
     // As the caller: a directory on the way it may not search gives EACCES.
-    const st = this.checksPermissions ? asCaller(ctx, () => lstatIfExists(p)) : lstatIfExists(p);
+    const st = this.maybeAsCaller(ctx, () => lstatIfExists(p));
     if (st === undefined) {
       const caller = callerOf(ctx.pid);
       if (missingChannel.hasSubscribers) missingChannel.publish({ path: this.childRel(dir, name), caller, pid: ctx.pid });
@@ -551,6 +549,11 @@ export class MirrorFs extends EventEmitter implements FileSystem {
   open(ctx: RequestContext, nodeid: number, flags: number): OpenReply | Promise<OpenReply> {
     const node = this.node(nodeid);
     this.checkOpen(ctx, node, flags);
+    return this.openNode(ctx, node, flags);
+  }
+
+  /** An open already checked (checkOpen). */
+  protected openNode(ctx: RequestContext, node: Node, flags: number): OpenReply {
     return this.openHandle(ctx, node, this.abs(node), flags, false);
   }
 
@@ -559,13 +562,10 @@ export class MirrorFs extends EventEmitter implements FileSystem {
    * permissions). The descriptor behind the open is the daemon's (shared
    * per inode with passthrough), so the check is made apart, as the
    * caller. A subclass that acts before opening (the DMD withdraws a
-   * published file opened for writing) checks first; one request is
-   * checked once.
+   * published file opened for writing) checks first, then calls openNode.
    */
   protected checkOpen(ctx: RequestContext, node: Node, flags: number): void {
-    if (!this.checksPermissions || this.openChecked.has(ctx)) return;
-    checkAccess(ctx, this.abs(node), accessMask(flags), `open ${this.rel(node)}`);
-    this.openChecked.add(ctx);
+    if (this.checksPermissions) checkAccess(ctx, this.abs(node), accessMask(flags), `open ${this.rel(node)}`);
   }
 
   create(ctx: RequestContext, parent: number, name: string, mode: number, flags: number): CreateReply {

@@ -89,8 +89,6 @@ function readHow(tid: number, addr: bigint): number | undefined {
 // thread harmlessly: reads then fail with ESRCH, and a new thread that got
 // the same id is opened afresh. The line is at most a syscall number and
 // six arguments, with the stack and program counters.
-const syscallBuf = Buffer.alloc(512);
-const syscallFds = new Map<number, number>();
 const MAX_CACHED_FDS = 32;
 
 function forgetFd(cache: Map<number, number>, tid: number): void {
@@ -138,10 +136,17 @@ function readMem(tid: number, addr: bigint, buf: Buffer): number | undefined {
   return readProc(memFds, tid, 'mem', buf, addr);
 }
 
-function readSyscall(tid: number): string | undefined {
-  const n = readProc(syscallFds, tid, 'syscall', syscallBuf, 0);
-  return n === undefined ? undefined : syscallBuf.toString('latin1', 0, n);
+/** A reader of /proc/<tid>/<file> as text (at most `size` bytes), its descriptors kept per thread as above. */
+function procText(file: string, size: number): (tid: number) => string | undefined {
+  const fds = new Map<number, number>();
+  const buf = Buffer.alloc(size);
+  return (tid) => {
+    const n = readProc(fds, tid, file, buf, 0);
+    return n === undefined ? undefined : buf.toString('latin1', 0, n);
+  };
 }
+
+const readSyscall = procText('syscall', 512);
 
 /** Classifies the system call thread `tid` is blocked in. */
 export function callerOf(tid: number): Caller {
@@ -216,10 +221,7 @@ export function holdsDescriptorOn(pid: number, file: string): boolean | undefine
   return n < 0 ? undefined : n > 0;
 }
 
-// The caller's /proc/<tid>/status, for its supplementary groups (callerGroups),
-// kept per thread like the syscall file.
-const statusFds = new Map<number, number>();
-const statusBuf = Buffer.alloc(4096);
+const readStatus = procText('status', 4096);
 const NO_GROUPS = new Uint32Array(0);
 
 /**
@@ -229,9 +231,8 @@ const NO_GROUPS = new Uint32Array(0);
  * which can refuse but never grant more than it has.
  */
 export function callerGroups(tid: number): Uint32Array {
-  const n = tid ? readProc(statusFds, tid, 'status', statusBuf, 0) : undefined;
-  if (n === undefined) return NO_GROUPS;
-  const text = statusBuf.toString('latin1', 0, n);
+  const text = tid ? readStatus(tid) : undefined;
+  if (text === undefined) return NO_GROUPS;
   const at = text.indexOf('\nGroups:');
   if (at < 0) return NO_GROUPS;
   const end = text.indexOf('\n', at + 1);
@@ -249,9 +250,7 @@ export function sameProcess(tid: number, other: number): boolean {
   return tid === other || fs.existsSync(`/proc/${tid}/task/${other}`);
 }
 
-// The closing thread's /proc/<tid>/statm, kept per thread like the syscall file.
-const statmFds = new Map<number, number>();
-const statmBuf = Buffer.alloc(128);
+const readStatm = procText('statm', 128);
 
 /**
  * What the thread closing a file is doing, from /proc/<tid>/statm (the only
@@ -269,10 +268,9 @@ const statmBuf = Buffer.alloc(128);
  * takes no such lock.
  */
 export function closerState(tid: number): 'exiting' | 'exec' | 'running' | undefined {
-  const n = readProc(statmFds, tid, 'statm', statmBuf, 0);
-  if (n === undefined) return undefined;
   // size resident shared text lib data dt, in pages
-  const fields = statmBuf.toString('latin1', 0, n).trim().split(' ');
+  const fields = readStatm(tid)?.trim().split(' ');
+  if (!fields) return undefined;
   const size = Number(fields[0]);
   const text = Number(fields[3]);
   if (!Number.isInteger(size) || !Number.isInteger(text)) return undefined;
@@ -280,9 +278,7 @@ export function closerState(tid: number): 'exiting' | 'exec' | 'running' | undef
   return text === 0 ? 'exec' : 'running';
 }
 
-// The closing thread's /proc/<tid>/stat, kept per thread like the syscall file.
-const statFds = new Map<number, number>();
-const statBuf = Buffer.alloc(1024);
+const readStat = procText('stat', 1024);
 const PF_EXITING = 0x4;
 
 /**
@@ -294,9 +290,8 @@ const PF_EXITING = 0x4;
  * carries the group's exit status too. Undefined when /proc cannot tell.
  */
 export function killedBySignal(tid: number): boolean | undefined {
-  const n = readProc(statFds, tid, 'stat', statBuf, 0);
-  if (n === undefined) return undefined;
-  const text = statBuf.toString('latin1', 0, n).trimEnd();
+  const text = readStat(tid)?.trimEnd();
+  if (text === undefined) return undefined;
   // exit_code is the last field (52): 0 for a thread that is not exiting,
   // which spares parsing the rest on every close().
   const exitCode = Number(text.slice(text.lastIndexOf(' ') + 1));
