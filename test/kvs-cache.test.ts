@@ -159,6 +159,8 @@ t.test('over an in-process store', async (t) => {
 
 t.test('known(): what the cache can answer without asking, uncounted', async (t) => {
   const store = MemoryKvs.open('');
+  // Answers only when asked, as a store in another process: what the cache knows shows.
+  Object.defineProperty(store, 'known', { value: undefined });
   const cache = new CachedKvs(store);
   const noNeg = new CachedKvs(store, { cacheNegative: false });
   t.teardown(() => Promise.all([cache.close(), noNeg.close()]));
@@ -177,6 +179,43 @@ t.test('known(): what the cache can answer without asking, uncounted', async (t)
   cache.known('k', 'x');
   cache.known('k', 'y');
   t.same(cache.stats(), before, 'neither a hit nor a miss');
+});
+
+t.test('known(): a store in this process is asked at once, for absences too', async (t) => {
+  const store = MemoryKvs.open('');
+  const cache = new CachedKvs(store);
+  t.teardown(() => cache.close());
+  await store.createNamespace('k');
+  t.equal(await cache.watching('k'), true);
+  t.equal(cache.known('k', 'x'), undefined, 'never looked up, and known absent');
+  await store.publish('k', 'd/x', rec(4));
+  t.match(cache.known('k', 'd/x'), { kind: 'file', size: 4 });
+  t.match(cache.known('k', 'd'), { kind: 'dir' });
+  t.equal(cache.known('nope', 'x'), null, 'no such namespace: only a lookup can say why');
+  await store.close();
+  t.equal(store.known('k', 'd/x'), null, 'a closed handle knows nothing');
+});
+
+t.test('an in-process store sends a publisher\'s own watchers its change without the pushed bytes', async (t) => {
+  const name = `own-bytes-${process.pid}`;
+  t.teardown(() => MemoryKvs.dropShared(name));
+  const writer = MemoryKvs.open(name);
+  const reader = MemoryKvs.open(name);
+  await writer.createNamespace('p');
+  const seen = (kvs: MemoryKvs) => {
+    const got: Array<Uint8Array | undefined> = [];
+    void kvs.watch('p', (ev) => {
+      if (ev.type === 'change') for (const c of ev.changes) if (c.upath === 'f') got.push(c.content);
+    });
+    return got;
+  };
+  const mine = seen(writer);
+  const theirs = seen(reader);
+  await writer.publish('p', 'f', rec(3), { content: Buffer.from('abc') });
+  t.same(mine, [undefined], 'not back to the publisher');
+  t.same(theirs.map((c) => c && Buffer.from(c).toString()), ['abc'], 'another handle on the store gets them');
+  await reader.publish('p', 'f', rec(3), { content: Buffer.from('xyz') });
+  t.same(mine.map((c) => c && Buffer.from(c).toString()), [undefined, 'xyz'], 'and the publisher gets the next one, made by another');
 });
 
 t.test('fallback without change notifications', async (t) => {

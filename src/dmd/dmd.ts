@@ -169,6 +169,10 @@ export class DmdFs extends MirrorFs {
       // not known (link, rename and symlink name two paths; /proc may be
       // unreadable) the name may be either, so a published directory is
       // shown: right on the way, and as on every node at the end (EEXIST).
+      // Nothing published under it, and no origin: nothing to show either
+      // way. Known at once where the KVS is in this process (this daemon
+      // serves it), which spares reading the caller's path.
+      if (!this.origin && this.o.kvs.known?.(this.o.ns, upath) === undefined) return NO_ENTRY;
       if (this.createsInside(caller, upath) === 'last') return NO_ENTRY;
       return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
         if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
@@ -480,7 +484,18 @@ export class DmdFs extends MirrorFs {
     // With passthrough the handle's descriptor is the node's backing file,
     // readable and opened with O_NOATIME: the digest reads through it.
     const p = this.publishSoon(h.node, fstat(h.fd), h.passthrough ? h.fd : undefined);
-    return p && untilInterrupted(p, ctx);
+    if (!p) return;
+    // No other descriptor shares this open, and with passthrough no write
+    // comes through us: what RELEASE would stat is what was just
+    // published. (Without passthrough a mapping of the file keeps the open
+    // alive and may still write: RELEASE looks then.)
+    if (h.passthrough) {
+      p.then(
+        () => (h.settled = true),
+        () => undefined,
+      );
+    }
+    return untilInterrupted(p, ctx);
   }
 
   protected override afterWriteClose(node: Node, h: Handle, st: fs.BigIntStats): void | Promise<void> {

@@ -89,6 +89,12 @@ export interface Handle {
   writable: boolean;
   /** Thread that opened it (0 when unknown): a close by another process is one of a shared descriptor. */
   opener: number;
+  /**
+   * Its writes are all accounted for before RELEASE (a subclass handled
+   * the last close at FLUSH, and with passthrough nothing can write
+   * through it after): RELEASE skips the stat and afterWriteClose.
+   */
+  settled?: boolean;
 }
 
 /** A directory entry as opendir snapshots it; `extra` marks entries not in storage. */
@@ -628,7 +634,7 @@ export class MirrorFs extends EventEmitter implements FileSystem {
     const node = h.node;
     // How the writer left the file, through its descriptor before that may
     // close: cheaper than walking the path afterwards, and right after a rename.
-    const st = h.writable ? fstat(h.fd) : undefined;
+    const st = h.writable && !h.settled ? fstat(h.fd) : undefined;
     if (h.passthrough) {
       // The backing registration stays until FORGET while other opens use it.
       if (node.backing && --node.backing.refs === 0) {

@@ -141,7 +141,8 @@ export class CachedKvs implements Kvs {
 
   known(ns: string, upath: string): FileRecord | undefined | null {
     // Not counted: the lookup that usually follows counts once.
-    return this.cachedRecord(this.state(ns), ns, upath, false, false);
+    const hit = this.cachedRecord(this.state(ns), ns, upath, false, false);
+    return hit !== null || !this.inner.known ? hit : this.inner.known(ns, upath);
   }
 
   async wait(ns: string, upath: string, opts?: WaitOptions): Promise<FileRecord> {

@@ -8,7 +8,7 @@ import { ConfigError } from '../errors.js';
 import type { DyadError } from '../errors.js';
 import { closedError, interrupted, invalidArgument, timedOut } from './errors.js';
 import { KvsStore, type StoreOptions, type Waiter } from './embedded/store.js';
-import type { DirEntry, FileRecord, KvsWatchListener, PublishInput, PublishOptions, RankInfo, WaitOptions, WatchableKvs } from './types.js';
+import type { DirEntry, FileRecord, KvsWatchEvent, KvsWatchListener, PublishInput, PublishOptions, RankInfo, WaitOptions, WatchableKvs } from './types.js';
 
 const shared = new Map<string, KvsStore>();
 
@@ -16,6 +16,8 @@ export class MemoryKvs implements WatchableKvs {
   private closed = false;
   private readonly waits = new Set<{ cancel(err: DyadError): void }>();
   private readonly watches = new Set<{ ns: string; listener: KvsWatchListener; stop(): void }>();
+  /** The upath this handle is publishing with pushed bytes, while the store announces it. */
+  private pushing: string | undefined;
 
   constructor(readonly store: KvsStore = new KvsStore()) {}
 
@@ -42,12 +44,30 @@ export class MemoryKvs implements WatchableKvs {
 
   async publish(ns: string, upath: string, rec: PublishInput, opts?: PublishOptions): Promise<FileRecord> {
     this.checkOpen();
-    return this.store.publish(ns, upath, rec, opts?.content);
+    // The store announces the change before its call returns: to this
+    // handle's own watchers without the bytes pushed, as the embedded
+    // server leaves them out for the session that pushed them.
+    if (opts?.content !== undefined) this.pushing = upath;
+    try {
+      return this.store.publish(ns, upath, rec, opts?.content);
+    } finally {
+      this.pushing = undefined;
+    }
   }
 
   async lookup(ns: string, upath: string): Promise<FileRecord | undefined> {
     this.checkOpen();
     return this.store.lookup(ns, upath);
+  }
+
+  /** The store is in this process: what it holds is known, without a round trip. */
+  known(ns: string, upath: string): FileRecord | undefined | null {
+    if (this.closed) return null;
+    try {
+      return this.store.lookup(ns, upath);
+    } catch {
+      return null; // no such namespace, a bad path: a lookup will say so
+    }
   }
 
   wait(ns: string, upath: string, opts: WaitOptions = {}): Promise<FileRecord> {
@@ -140,7 +160,7 @@ export class MemoryKvs implements WatchableKvs {
 
   async watch(ns: string, listener: KvsWatchListener): Promise<() => void> {
     this.checkOpen();
-    const stop = this.store.watch(ns, listener);
+    const stop = this.store.watch(ns, (ev) => listener(this.pushing === undefined ? ev : withoutPushed(ev, this.pushing)));
     const w = { ns, listener, stop };
     this.watches.add(w);
     return () => {
@@ -164,4 +184,10 @@ export class MemoryKvs implements WatchableKvs {
   private checkOpen(): void {
     if (this.closed) throw closedError('KVS handle');
   }
+}
+
+/** `ev` without the pushed bytes of `upath`. */
+function withoutPushed(ev: KvsWatchEvent, upath: string): KvsWatchEvent {
+  if (ev.type !== 'change') return ev;
+  return { ...ev, changes: ev.changes.map((c) => (c.upath === upath && c.content !== undefined ? { upath: c.upath, record: c.record } : c)) };
 }

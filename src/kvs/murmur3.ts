@@ -84,6 +84,32 @@ function fmix64(h: number, l: number): void {
   R[1] = l;
 }
 
+/** k *= 5, as k + (k << 2). */
+function times5(h: number, l: number): void {
+  add64(h, l, ((h << 2) | (l >>> 30)) >>> 0, (l << 2) >>> 0);
+}
+
+// The last block mixed: its four input words, then k1 (high, low) and k2
+// (high, low) after mixing. The mix does not depend on the seed or on the
+// blocks around it, and DYAD pads every key's path to 128 bytes with '@':
+// most blocks hashed are that same padding block, for every path and at
+// every level of the key, so it is mixed once, not three times per block.
+const LAST = new Uint32Array(8);
+mixBlock(0, 0, 0, 0);
+
+function mixBlock(w0: number, w1: number, w2: number, w3: number): void {
+  LAST[0] = w0;
+  LAST[1] = w1;
+  LAST[2] = w2;
+  LAST[3] = w3;
+  mixK1(w1, w0);
+  LAST[4] = R[0]!;
+  LAST[5] = R[1]!;
+  mixK2(w3, w2);
+  LAST[6] = R[0]!;
+  LAST[7] = R[1]!;
+}
+
 function u32le(b: Uint8Array, i: number): number {
   return (b[i]! | (b[i + 1]! << 8) | (b[i + 2]! << 16) | (b[i + 3]! << 24)) >>> 0;
 }
@@ -108,22 +134,25 @@ export function murmur3x64_128Words(
 
   for (let i = 0; i < nblocks; i++) {
     const o = i << 4;
-    mixK1(u32le(data, o + 4), u32le(data, o));
-    h1h = (h1h ^ R[0]!) >>> 0;
-    h1l = (h1l ^ R[1]!) >>> 0;
+    const w0 = u32le(data, o);
+    const w1 = u32le(data, o + 4);
+    const w2 = u32le(data, o + 8);
+    const w3 = u32le(data, o + 12);
+    if (w0 !== LAST[0] || w1 !== LAST[1] || w2 !== LAST[2] || w3 !== LAST[3]) mixBlock(w0, w1, w2, w3);
+    h1h = (h1h ^ LAST[4]!) >>> 0;
+    h1l = (h1l ^ LAST[5]!) >>> 0;
     rotl64(h1h, h1l, 27);
     add64(R[0]!, R[1]!, h2h, h2l);
-    mul64(R[0]!, R[1]!, 0, 5);
+    times5(R[0]!, R[1]!);
     add64(R[0]!, R[1]!, 0, 0x52dce729);
     h1h = R[0]!;
     h1l = R[1]!;
 
-    mixK2(u32le(data, o + 12), u32le(data, o + 8));
-    h2h = (h2h ^ R[0]!) >>> 0;
-    h2l = (h2l ^ R[1]!) >>> 0;
+    h2h = (h2h ^ LAST[6]!) >>> 0;
+    h2l = (h2l ^ LAST[7]!) >>> 0;
     rotl64(h2h, h2l, 31);
     add64(R[0]!, R[1]!, h1h, h1l);
-    mul64(R[0]!, R[1]!, 0, 5);
+    times5(R[0]!, R[1]!);
     add64(R[0]!, R[1]!, 0, 0x38495ab5);
     h2h = R[0]!;
     h2l = R[1]!;
