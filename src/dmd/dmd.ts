@@ -172,7 +172,7 @@ export class DmdFs extends MirrorFs {
       // Nothing published under it, and no origin: nothing to show either
       // way. Known at once where the KVS is in this process (this daemon
       // serves it), which spares reading the caller's path.
-      if (!this.origin && this.o.kvs.known?.(this.o.ns, upath) === undefined) return NO_ENTRY;
+      if (!this.origin && this.knownRecord(upath) === undefined) return NO_ENTRY;
       if (this.createsInside(caller, upath) === 'last') return NO_ENTRY;
       return this.o.kvs.lookup(this.o.ns, upath).then((rec) => {
         if (rec?.kind === 'dir') return this.localOrRemote(dir, name, rec);
@@ -181,8 +181,9 @@ export class DmdFs extends MirrorFs {
         return NO_ENTRY;
       });
     }
-    if (caller.kind === 'open' && caller.flags !== undefined && !this.origin && this.o.kvs.known?.(this.o.ns, upath) === null) {
-      // A reader, and this node knows nothing of the name. Its open waits
+    const known = caller.kind === 'open' && caller.flags !== undefined && !this.origin ? this.knownRecord(upath) : false;
+    if (known === null || known === undefined) {
+      // A reader, and this node knows of no record for the name. Its open waits
       // for it anyway, and that wait answers at once if the name is
       // published: asking the KVS here too would cost a second round trip,
       // on every file a consumer opens before (or just as) it is published.
@@ -210,6 +211,12 @@ export class DmdFs extends MirrorFs {
       const wantsDir = where === 'inner' || ((caller.flags ?? 0) & O_DIRECTORY) !== 0;
       return this.remoteEntry(dir, name, undefined, wantsDir);
     });
+  }
+
+  /** What this node knows of upath's record without asking: the record, undefined (none), or null (only a lookup can tell). */
+  private knownRecord(upath: string): FileRecord | undefined | null {
+    const kvs = this.o.kvs;
+    return kvs.known ? kvs.known(this.o.ns, upath) : null;
   }
 
   /**
