@@ -93,7 +93,7 @@ function times5(h: number, l: number): void {
 // (high, low) after mixing. The mix does not depend on the seed or on the
 // blocks around it, and DYAD pads every key's path to 128 bytes with '@':
 // most blocks hashed are that same padding block, for every path and at
-// every level of the key, so it is mixed once, not three times per block.
+// every level of the key: its mix is computed once and reused.
 const LAST = new Uint32Array(8);
 mixBlock(0, 0, 0, 0);
 
