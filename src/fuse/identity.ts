@@ -35,7 +35,10 @@ export function needsCheck(ctx: RequestContext): boolean {
 
 /**
  * Runs `fn`, which must be synchronous and make only the caller's storage
- * calls, with the caller's identity; root callers run it as is.
+ * calls, with the caller's identity; root callers run it as is. Afterwards
+ * the thread has the daemon's fsuid and fsgid again, but keeps the
+ * caller's supplementary groups until another caller needs others (they
+ * decide nothing for root: native/src/creds.cc).
  */
 export function asCaller<T>(ctx: RequestContext, fn: () => T): T {
   if (!needsCheck(ctx)) return fn();
