@@ -142,12 +142,18 @@ t.test('over the embedded server', async (t) => {
   t.match(await cache.lookup('c', 'd/b'), { size: 2 });
 });
 
-t.test('over an in-process store', async (t) => {
+/** A cache over a new in-process store, subscribed to namespace `ns` of it. */
+async function cacheOverMemory(t: { teardown(fn: () => unknown): void; equal(found: unknown, wanted: unknown): void }, ns: string): Promise<{ store: MemoryKvs; cache: CachedKvs }> {
   const store = MemoryKvs.open('');
   const cache = new CachedKvs(store);
   t.teardown(() => cache.close());
-  await store.createNamespace('m');
-  t.equal(await cache.watching('m'), true);
+  await store.createNamespace(ns);
+  t.equal(await cache.watching(ns), true);
+  return { store, cache };
+}
+
+t.test('over an in-process store', async (t) => {
+  const { store, cache } = await cacheOverMemory(t, 'm');
   t.equal(await cache.lookup('m', 'x'), undefined);
   await store.publish('m', 'x', rec(1)); // events are synchronous in-process
   const m0 = cache.stats().misses;
@@ -182,11 +188,7 @@ t.test('known(): what the cache can answer without asking, uncounted', async (t)
 });
 
 t.test('known(): a store in this process is asked at once, for absences too', async (t) => {
-  const store = MemoryKvs.open('');
-  const cache = new CachedKvs(store);
-  t.teardown(() => cache.close());
-  await store.createNamespace('k');
-  t.equal(await cache.watching('k'), true);
+  const { store, cache } = await cacheOverMemory(t, 'k');
   t.equal(cache.known('k', 'x'), undefined, 'never looked up, and known absent');
   await store.publish('k', 'd/x', rec(4));
   t.match(cache.known('k', 'd/x'), { kind: 'file', size: 4 });
