@@ -24,6 +24,9 @@
  * looks at each), and with --async-publish, which skips that.
  * (a), (c), (d) with --kernel-permissions too: the kernel checking
  * permissions asks for a directory's attributes after each file created.
+ * (a), (c), (d) once more with each daemon and the programs using its mount
+ * kept on one CPU (taskset), against the same placed by the scheduler: a
+ * program woken at a reply on another, idle vCPU waits for that vCPU too.
  *
  * --dtl ucx [--tls tcp|shm]: the same workloads over the TCP transport and
  * then over UCX, with ucx_perftest tag_bw between two processes on the same
@@ -65,13 +68,18 @@ function parseFiles(out: string): Files {
 
 const mountBin = path.join(repoRoot, 'bin', 'dyad-mount.js');
 
-function startNode(base: string, rank: 0 | 1, hosts: Hosts, kvsArgs: string[], extra: string[]): Node {
+/** `cmd args` kept on one CPU (taskset) when `cpu` is given, else as they are. */
+function onCpu(cpu: number | undefined, cmd: string, args: string[]): [string, string[]] {
+  return cpu === undefined ? [cmd, args] : ['taskset', ['-c', String(cpu), cmd, ...args]];
+}
+
+function startNode(base: string, rank: 0 | 1, hosts: Hosts, kvsArgs: string[], extra: string[], cpu?: number): Node {
   const mnt = path.join(base, `n${rank}`);
   const storage = path.join(base, `s${rank}`);
   fs.mkdirSync(mnt);
   fs.mkdirSync(storage);
   const log = `${mnt}.log`;
-  const said = runOn(hosts.enter[rank], process.execPath, [mountBin, '--background', '--log', log, '--storage', storage, '--rank', String(rank), '--listen', `${hosts.addr[rank]}:0`, ...kvsArgs, ...extra, mnt]);
+  const said = runOn(hosts.enter[rank], ...onCpu(cpu, process.execPath, [mountBin, '--background', '--log', log, '--storage', storage, '--rank', String(rank), '--listen', `${hosts.addr[rank]}:0`, ...kvsArgs, ...extra, mnt]));
   const pid = Number(/daemon pid (\d+)/.exec(said)?.[1]);
   if (!Number.isInteger(pid)) throw new Error(`no daemon pid in what dyad-mount printed: ${said}`);
   return { mnt, storage, log, pid };
@@ -182,17 +190,26 @@ function meanPulled(runs: PulledSmall[]): PulledSmall {
 
 /** Two daemons (node 0 serves the KVS) pulling over `dtl`; the workloads (a)-(d) and their baselines. */
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools): Promise<Figures>;
-async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith: string[]): Promise<PulledSmall>;
-async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith?: string[]): Promise<Figures | PulledSmall> {
+/**
+ * `cpus`: node 0's daemon and the programs writing on it run on the first
+ * CPU, node 1's and the programs reading there on the second (taskset; the
+ * small files only).
+ */
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith: string[], cpus?: [number, number]): Promise<PulledSmall>;
+async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith?: string[], cpus?: [number, number]): Promise<Figures | PulledSmall> {
   const { files, hosts } = tools;
+  const [at0, at1] = cpus ?? [undefined, undefined];
+  // A producer on node 0, a consumer on node 1.
+  const write = (args: string[], opts?: { env?: NodeJS.ProcessEnv }) => run(...onCpu(at0, files, ['write', ...args]), opts);
+  const read = (args: string[]) => run(...onCpu(at1, files, ['read', ...args]));
   const daemonArgs = ['--dtl', dtl, ...(smallOnlyWith ?? [])];
   const base = fs.mkdtempSync(path.join(os.tmpdir(), 'dyadfs-xfer-'));
   const nodes: Node[] = [];
   try {
-    const n0 = startNode(base, 0, hosts, ['--kvs-serve', `${hosts.addr[0]}:0`, '--kvs-data', path.join(base, 'kvs')], daemonArgs);
+    const n0 = startNode(base, 0, hosts, ['--kvs-serve', `${hosts.addr[0]}:0`, '--kvs-data', path.join(base, 'kvs')], daemonArgs, at0);
     nodes.push(n0);
     const url = /serving the embedded KVS at (dyad:\/\/\S+)/.exec(fs.readFileSync(n0.log, 'utf8'))![1]!;
-    const n1 = startNode(base, 1, hosts, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], daemonArgs);
+    const n1 = startNode(base, 1, hosts, ['--kvs', url, '--secret-file', path.join(base, 'kvs', 'secrets', 'dyad.secret')], daemonArgs, at1);
     nodes.push(n1);
     const direct = path.join(base, 'direct');
     for (const d of ['small', 'small-warm', 'small-many', 'big', 'c-small', 'c-big']) fs.mkdirSync(path.join(n0.mnt, d));
@@ -200,28 +217,28 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
     fs.mkdirSync(path.join(direct, 'big'), { recursive: true });
 
     // (d) write + publish, beside the same writes straight to a local directory.
-    const dDirect = parseFiles(run(files, ['write', path.join(direct, 'small'), 'f', String(small), '4096']));
-    const dMount = parseFiles(run(files, ['write', path.join(n0.mnt, 'small'), 'f', String(small), '4096']));
+    const dDirect = parseFiles(write([path.join(direct, 'small'), 'f', String(small), '4096']));
+    const dMount = parseFiles(write([path.join(n0.mnt, 'small'), 'f', String(small), '4096']));
     // The same again: the first run above also pays for the daemons' start
     // (code compiled on first use, caches filling), which a producer node
     // pays once per job, not per file.
     const cpu0 = mainThreadCpuUs(n0.pid);
-    const dWarm = parseFiles(run(files, ['write', path.join(n0.mnt, 'small-warm'), 'f', String(small), '4096']));
+    const dWarm = parseFiles(write([path.join(n0.mnt, 'small-warm'), 'f', String(small), '4096']));
     const cpu1 = mainThreadCpuUs(n0.pid);
     const dWarmCpuUs = { user: (cpu1.user - cpu0.user) / small, sys: (cpu1.sys - cpu0.sys) / small };
-    const dMany = parseFiles(run(files, ['write', path.join(n0.mnt, 'small-many'), 'f', String(small), '4096'], { env: { ...process.env, FILES_EXTRA_FDS: String(MANY_FDS) } }));
+    const dMany = parseFiles(write([path.join(n0.mnt, 'small-many'), 'f', String(small), '4096'], { env: { ...process.env, FILES_EXTRA_FDS: String(MANY_FDS) } }));
     // (a) consume what was produced, beside a local read of the same files.
-    const aLocal = parseFiles(run(files, ['read', path.join(direct, 'small'), 'f', String(small)]));
-    const aRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'small'), 'f', String(small)]));
-    const aAgain = parseFiles(run(files, ['read', path.join(n1.mnt, 'small'), 'f', String(small)]));
+    const aLocal = parseFiles(read([path.join(direct, 'small'), 'f', String(small)]));
+    const aRemote = parseFiles(read([path.join(n1.mnt, 'small'), 'f', String(small)]));
+    const aAgain = parseFiles(read([path.join(n1.mnt, 'small'), 'f', String(small)]));
 
     // (c) consumer first, both sizes (run below).
     const consumerFirst = async (dir: string, count: number, size: number) => {
-      const cons = spawn(files, ['read', path.join(n1.mnt, dir), 'f', String(count)]);
+      const cons = spawn(...onCpu(at1, files, ['read', path.join(n1.mnt, dir), 'f', String(count)]));
       await new Promise((r) => setTimeout(r, 500)); // let it block on the first open
       const t0 = process.hrtime.bigint();
       const done = new Promise<void>((resolve, reject) => cons.on('exit', (code) => (code === 0 ? resolve() : reject(new Error(`consumer exited ${code}`)))));
-      run(files, ['write', path.join(n0.mnt, dir), 'f', String(count), String(size)]);
+      write([path.join(n0.mnt, dir), 'f', String(count), String(size)]);
       await done;
       return Number(process.hrtime.bigint() - t0) / 1e9;
     };
@@ -229,14 +246,14 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
 
     // (b) big files produced first.
     prefault(bigCount * bigMiB * 2);
-    run(files, ['write', path.join(n0.mnt, 'big'), 'b', String(bigCount), String(bigMiB << 20)]);
+    write([path.join(n0.mnt, 'big'), 'b', String(bigCount), String(bigMiB << 20)]);
     prefault(bigCount * bigMiB * 2);
     // What a consumer must at least pay: writing the bytes into local storage.
-    const bWrite = parseFiles(run(files, ['write', path.join(direct, 'big'), 'b', String(bigCount), String(bigMiB << 20)]));
+    const bWrite = parseFiles(write([path.join(direct, 'big'), 'b', String(bigCount), String(bigMiB << 20)]));
     const rawGBps = await rawTcp(bigCount * bigMiB, hosts);
     prefault(bigCount * bigMiB * 2);
-    const bRemote = parseFiles(run(files, ['read', path.join(n1.mnt, 'big'), 'b', String(bigCount)]));
-    const bLocal = parseFiles(run(files, ['read', path.join(direct, 'big'), 'b', String(bigCount)]));
+    const bRemote = parseFiles(read([path.join(n1.mnt, 'big'), 'b', String(bigCount)]));
+    const bLocal = parseFiles(read([path.join(direct, 'big'), 'b', String(bigCount)]));
     prefault(bigCount * bigMiB * 2);
     const pipeDir = path.join(base, 'pipeline');
     fs.mkdirSync(pipeDir);
@@ -326,6 +343,23 @@ function manyFdsRows(a: PulledSmall, f: Figures, small: number): Row[] {
   ];
 }
 
+/**
+ * Each daemon kept on one CPU with the programs using its mount (taskset),
+ * against the same workloads placed by the scheduler, in the order free,
+ * kept, kept, free (each figure the mean of its two runs). A program waiting
+ * on the daemon sleeps, and is woken at every reply: on another CPU, an idle
+ * one on this VM, that wake-up costs both sides tens of microseconds.
+ */
+function placementRows(kept: PulledSmall, free: PulledSmall, small: number): Row[] {
+  const base = 'placed by the scheduler (mean of 2 runs)';
+  return [
+    { what: `(d) producer on its daemon's CPU, first ${small} files after start, median (mean of 2 runs)`, value: kept.dMount.medianUs / 1000, unit: 'ms', baseline: { name: base, value: free.dMount.medianUs / 1000 }, better: 'lower' },
+    { what: `(d) producer on its daemon's CPU, first ${small} files after start, p99 (mean of 2 runs)`, value: kept.dMount.p99Us / 1000, unit: 'ms', baseline: { name: base, value: free.dMount.p99Us / 1000 }, better: 'lower' },
+    { what: `(a) consumer on its daemon's CPU, remote 4 KiB open-to-close, median (mean of 2 runs)`, value: kept.aRemote.medianUs / 1000, unit: 'ms', baseline: { name: base, value: free.aRemote.medianUs / 1000 }, better: 'lower' },
+    { what: `(c) consumer first, ${small} × 4 KiB, each program on its daemon's CPU (mean of 2 runs)`, value: kept.cSmallS, unit: 's', baseline: { name: base, value: free.cSmallS }, better: 'lower' },
+  ];
+}
+
 /** UCX beside the TCP transport and ucx_perftest, all from the same run. */
 function ucxRows(u: Figures, tcp: Figures, uPulled: PulledSmall, tcpPulled: PulledSmall, perftest: { tuned: number; plain: number }, tls: string, small: number, bigCount: number): Row[] {
   const dyadUcx = 0.337;
@@ -382,11 +416,16 @@ async function runAll(o: { dtl: string; ucx: boolean; tls: string; small: number
     const spun = await measure(dtl, small, bigCount, bigMiB, tools, ['--spin', '100']);
     const async = await measure(dtl, small, bigCount, bigMiB, tools, ['--async-publish']);
     const kernel = await measure(dtl, small, bigCount, bigMiB, tools, ['--kernel-permissions']);
+    const placed: Record<'free' | 'kept', PulledSmall[]> = { free: [], kept: [] };
+    if (os.cpus().length >= 2) {
+      for (const how of ['free', 'kept', 'kept', 'free'] as const) placed[how].push(await measure(dtl, small, bigCount, bigMiB, tools, [], how === 'kept' ? [0, 1] : undefined));
+    }
     printTable(`Transfer (${dtl})`, transportRows(f, small, bigCount));
     printTable(`Small files without --push-max (${dtl}, same run)`, pulledRows(pulled, f, small, ''));
     printTable(`Small files with --spin 100 (${dtl}, same run)`, spinRows(spun, f, small));
     printTable(`A producer holding many descriptors, and --async-publish (${dtl}, same run)`, manyFdsRows(async, f, small));
     printTable(`Permissions checked by the kernel (${dtl}, same run)`, kernelPermissionRows(kernel, f, small));
+    if (placed.kept.length) printTable(`Each program on its daemon's CPU (${dtl}, same run)`, placementRows(meanPulled(placed.kept), meanPulled(placed.free), small));
     return;
   }
   // Two daemons on one machine: without these UCX would pick shared memory
