@@ -68,6 +68,15 @@ function parseFiles(out: string): Files {
 
 const mountBin = path.join(repoRoot, 'bin', 'dyad-mount.js');
 
+/** The CPUs this process may run on (Cpus_allowed_list: "0-3,6"), in order. */
+function allowedCpus(): number[] {
+  const line = /^Cpus_allowed_list:\s*(\S+)/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1] ?? '';
+  return line.split(',').filter((part) => part !== '').flatMap((part) => {
+    const [lo, hi = lo] = part.split('-').map(Number);
+    return lo === undefined || !Number.isInteger(lo) || !Number.isInteger(hi) ? [] : Array.from({ length: hi! - lo + 1 }, (_, i) => lo + i);
+  });
+}
+
 /** `cmd args` kept on one CPU (taskset) when `cpu` is given, else as they are. */
 function onCpu(cpu: number | undefined, cmd: string, args: string[]): [string, string[]] {
   return cpu === undefined ? [cmd, args] : ['taskset', ['-c', String(cpu), cmd, ...args]];
@@ -191,9 +200,9 @@ function meanPulled(runs: PulledSmall[]): PulledSmall {
 /** Two daemons (node 0 serves the KVS) pulling over `dtl`; the workloads (a)-(d) and their baselines. */
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools): Promise<Figures>;
 /**
- * `cpus`: node 0's daemon and the programs writing on it run on the first
- * CPU, node 1's and the programs reading there on the second (taskset; the
- * small files only).
+ * `cpus`: node 0's daemon and the programs writing on it run on the first of
+ * these CPUs, node 1's and the programs reading there on the second
+ * (taskset; the small files only).
  */
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith: string[], cpus?: [number, number]): Promise<PulledSmall>;
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith?: string[], cpus?: [number, number]): Promise<Figures | PulledSmall> {
@@ -417,8 +426,9 @@ async function runAll(o: { dtl: string; ucx: boolean; tls: string; small: number
     const async = await measure(dtl, small, bigCount, bigMiB, tools, ['--async-publish']);
     const kernel = await measure(dtl, small, bigCount, bigMiB, tools, ['--kernel-permissions']);
     const placed: Record<'free' | 'kept', PulledSmall[]> = { free: [], kept: [] };
-    if (os.cpus().length >= 2) {
-      for (const how of ['free', 'kept', 'kept', 'free'] as const) placed[how].push(await measure(dtl, small, bigCount, bigMiB, tools, [], how === 'kept' ? [0, 1] : undefined));
+    const [cpuA, cpuB] = allowedCpus();
+    if (cpuA !== undefined && cpuB !== undefined) {
+      for (const how of ['free', 'kept', 'kept', 'free'] as const) placed[how].push(await measure(dtl, small, bigCount, bigMiB, tools, [], how === 'kept' ? [cpuA, cpuB] : undefined));
     }
     printTable(`Transfer (${dtl})`, transportRows(f, small, bigCount));
     printTable(`Small files without --push-max (${dtl}, same run)`, pulledRows(pulled, f, small, ''));
