@@ -208,7 +208,7 @@ async function measure(dtl: string, small: number, bigCount: number, bigMiB: num
 async function measure(dtl: string, small: number, bigCount: number, bigMiB: number, tools: Tools, smallOnlyWith?: string[], cpus?: [number, number]): Promise<Figures | PulledSmall> {
   const { files, hosts } = tools;
   const [at0, at1] = cpus ?? [undefined, undefined];
-  // A producer on node 0, a consumer on node 1.
+  // Programs that write run beside node 0's daemon, programs that read beside node 1's.
   const write = (args: string[], opts?: { env?: NodeJS.ProcessEnv }) => run(...onCpu(at0, files, ['write', ...args]), opts);
   const read = (args: string[]) => run(...onCpu(at1, files, ['read', ...args]));
   const daemonArgs = ['--dtl', dtl, ...(smallOnlyWith ?? [])];
