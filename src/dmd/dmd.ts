@@ -181,8 +181,8 @@ export class DmdFs extends MirrorFs {
         return NO_ENTRY;
       });
     }
-    const known = caller.kind === 'open' && caller.flags !== undefined && !this.origin ? this.knownRecord(upath) : false;
-    if (known === null || known === undefined) {
+    // knownRecord: a record is an object; none (undefined) and "ask" (null) are both falsy.
+    if (caller.kind === 'open' && caller.flags !== undefined && !this.origin && !this.knownRecord(upath)) {
       // A reader, and this node knows of no record for the name. Its open waits
       // for it anyway, and that wait answers at once if the name is
       // published: asking the KVS here too would cost a second round trip,
